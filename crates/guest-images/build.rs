@@ -1,0 +1,103 @@
+//! Builds the `guests/` workspace for `x86_64-unknown-none` with a nested cargo, once with the
+//! PVH note (PVH + multiboot ELFs) and once without (multiboot-only ELFs), and wraps each PVH
+//! ELF as a bzImage (Linux boot-protocol setup header + flat image, 64-bit entry at +0x200).
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use object::{Object, ObjectSegment};
+
+const GUESTS: &[&str] = &["demo", "boot_info", "smp", "devices", "exit", "pio_loop"];
+const LOAD_ADDRESS: u64 = 0x10_0000;
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let guests = manifest.join("../../guests").canonicalize().expect("guests/ directory");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed={}", guests.join("src").display());
+    println!("cargo:rerun-if-changed={}", guests.join("Cargo.toml").display());
+    println!("cargo:rerun-if-changed={}", guests.join("link.ld").display());
+    println!("cargo:rerun-if-changed={}", guests.join(".cargo/config.toml").display());
+
+    let pvh = build_guests(&guests, &out.join("target-pvh"), &[]);
+    let multiboot = build_guests(&guests, &out.join("target-multiboot"), &["--no-default-features"]);
+    for name in GUESTS {
+        let elf = fs::read(pvh.join(name)).expect("guest ELF");
+        fs::write(out.join(format!("{name}.elf")), &elf).unwrap();
+        fs::write(out.join(format!("{name}.bzimage")), bzimage(&elf)).unwrap();
+        fs::copy(multiboot.join(name), out.join(format!("{name}.multiboot.elf"))).unwrap();
+    }
+}
+
+fn build_guests(guests: &Path, target_dir: &Path, extra: &[&str]) -> PathBuf {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(guests)
+        .args(["build", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+        .arg(target_dir)
+        .args(extra);
+    // The host build's flags and target settings must not leak into the guest build.
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+        command.env_remove(var);
+    }
+    for (key, _) in env::vars() {
+        if key.starts_with("CARGO_FEATURE_") || key.starts_with("CARGO_CFG_") {
+            command.env_remove(key);
+        }
+    }
+    let status = command.status().expect("running cargo for guests/");
+    if !status.success() {
+        panic!(
+            "building guests/ failed; is the guest target installed? \
+             Run: rustup target add x86_64-unknown-none"
+        );
+    }
+    target_dir.join("x86_64-unknown-none/release")
+}
+
+/// Lays the ELF's loadable segments out flat from `LOAD_ADDRESS` and prepends a boot sector and
+/// one setup sector carrying a Linux boot-protocol 2.15 header.
+fn bzimage(elf: &[u8]) -> Vec<u8> {
+    let file = object::File::parse(elf).expect("guest ELF parses");
+    let mut flat = Vec::new();
+    let mut memory_end = LOAD_ADDRESS;
+    for segment in file.segments() {
+        let data = segment.data().expect("segment data");
+        let start = segment.address();
+        memory_end = memory_end.max(start + segment.size());
+        if data.is_empty() {
+            continue;
+        }
+        let offset = (start - LOAD_ADDRESS) as usize;
+        if flat.len() < offset + data.len() {
+            flat.resize(offset + data.len(), 0);
+        }
+        flat[offset..offset + data.len()].copy_from_slice(data);
+    }
+
+    const SETUP_SECTS: u8 = 1;
+    let mut image = vec![0u8; 512 * (1 + SETUP_SECTS as usize)];
+    let put = |image: &mut Vec<u8>, offset: usize, bytes: &[u8]| {
+        image[offset..offset + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut image, 0x1f1, &[SETUP_SECTS]);
+    put(&mut image, 0x1f4, &(flat.len().div_ceil(16) as u32).to_le_bytes()); // syssize
+    put(&mut image, 0x1fa, &0xffffu16.to_le_bytes()); // vid_mode: normal
+    put(&mut image, 0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
+    put(&mut image, 0x200, &[0xeb, 0x66]); // jmp to end of header (never used in 64-bit boot)
+    put(&mut image, 0x202, b"HdrS");
+    put(&mut image, 0x206, &0x020fu16.to_le_bytes()); // protocol 2.15
+    put(&mut image, 0x211, &[0x01]); // loadflags: LOADED_HIGH
+    put(&mut image, 0x214, &(LOAD_ADDRESS as u32).to_le_bytes()); // code32_start
+    put(&mut image, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    put(&mut image, 0x230, &0x1000u32.to_le_bytes()); // kernel_alignment
+    put(&mut image, 0x236, &0x0001u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    put(&mut image, 0x238, &0xffffu32.to_le_bytes()); // cmdline_size
+    put(&mut image, 0x258, &LOAD_ADDRESS.to_le_bytes()); // pref_address
+    put(&mut image, 0x260, &((memory_end - LOAD_ADDRESS) as u32).to_le_bytes()); // init_size
+    image.extend_from_slice(&flat);
+    image
+}
