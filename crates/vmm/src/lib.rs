@@ -1,1 +1,20 @@
-pub fn x(){}
+//! carve's virtual machine monitor: a KVM microVM built from the rust-vmm crates.
+//!
+//! - [`memory`]: guest RAM and the e820 map; [`layout`]: where everything sits.
+//! - [`boot`]: bzImage, PVH and multiboot loaders and the boot vCPU's starting state.
+//! - [`cpuid`]: CPUID normalisation and CPU templates; [`mptable`]: SMP discovery.
+//! - [`devices`]: serial, i8042, debug-exit, fw_cfg, pc-testdev, and the buses.
+//! - [`vcpu`]: the KVM_RUN loop; [`exit`]: how a VM ends; [`vm`]: the builder that wires it.
+
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod vm;
+
+pub use exit::VmExit;
+pub use vm::{KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome};

@@ -1,0 +1,111 @@
+//! The Linux x86 64-bit boot protocol: a zero page (`boot_params`) with the image's setup
+//! header, e820 map, command line and initrd, entered in long mode at the 64-bit entry.
+
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::{KernelLoader, KernelLoaderResult};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
+use crate::layout::{CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
+use crate::memory::e820_map;
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+const XLF_KERNEL_64: u16 = 1;
+const E820_RAM: u32 = 1;
+/// The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
+const STARTUP_64_OFFSET: u64 = 0x200;
+/// initrd_addr_max for boot protocols before 2.03.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+pub(super) fn load_bzimage<K: Image, I: Image>(
+    mem: &GuestMemoryMmap,
+    kernel: &mut K,
+    cmdline: &str,
+    initrd: Option<&mut I>,
+) -> Result<BootSetup, BootError> {
+    let result = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))?;
+    let header = result.setup_header.expect("the bzImage loader returns the setup header");
+    if header.version >= 0x020c && header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::Load(linux_loader::loader::Error::Bzimage(
+            linux_loader::loader::bzimage::Error::InvalidBzImage,
+        )));
+    }
+    let entry = result.kernel_load.0 + STARTUP_64_OFFSET;
+    finish(mem, &result, Some(header), entry, KernelFormat::BzImage, cmdline, initrd)
+}
+
+pub(super) fn configure_elf<I: Image>(
+    mem: &GuestMemoryMmap,
+    result: &KernelLoaderResult,
+    cmdline: &str,
+    initrd: Option<&mut I>,
+) -> Result<BootSetup, BootError> {
+    finish(mem, result, None, result.kernel_load.0, KernelFormat::LinuxElf, cmdline, initrd)
+}
+
+fn finish<I: Image>(
+    mem: &GuestMemoryMmap,
+    result: &KernelLoaderResult,
+    image_header: Option<setup_header>,
+    entry: u64,
+    format: KernelFormat,
+    cmdline: &str,
+    initrd: Option<&mut I>,
+) -> Result<BootSetup, BootError> {
+    let mut params = boot_params::default();
+    if let Some(header) = image_header {
+        params.hdr = header;
+    } else {
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    let cmdline_max = match image_header {
+        Some(h) if h.version >= 0x0206 => h.cmdline_size as usize,
+        Some(_) => 255,
+        None => usize::MAX,
+    };
+    check_cmdline(cmdline, cmdline_max)?;
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    write_cmdline(mem, cmdline)?;
+
+    let initrd_max = match image_header {
+        Some(h) if h.version >= 0x0203 => h.initrd_addr_max as u64 + 1,
+        _ => DEFAULT_INITRD_ADDR_MAX + 1,
+    };
+    let initrd = load_initrd(mem, initrd, result.kernel_end, initrd_max)?;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+
+    let map = e820_map(crate::boot::mem_size(mem));
+    for (slot, range) in params.e820_table.iter_mut().zip(&map) {
+        *slot = boot_e820_entry { addr: range.base, size: range.size, r#type: E820_RAM };
+    }
+    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+
+    let zero_page = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&zero_page, mem)?;
+    Ok(BootSetup {
+        format,
+        entry: EntryState::Long64 { rip: entry, rsi: ZERO_PAGE_START },
+        kernel_end: result.kernel_end,
+        initrd,
+    })
+}
+
+/// Writes a NUL-terminated command line at [`CMDLINE_START`].
+pub(super) fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE_START))?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE_START + cmdline.len() as u64))?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The Xen PVH boot protocol: `hvm_start_info` with command line, e820-style memory map and
+//! the initrd as module 0, entered in flat 32-bit mode with EBX pointing at the start info.
+
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::KernelLoaderResult;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::linux::write_cmdline;
+use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
+use crate::layout::{BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_GAP_START};
+use crate::memory::e820_map;
+
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+const MODLIST_START: u64 = BOOT_INFO_START + 0x40;
+const MEMMAP_START: u64 = BOOT_INFO_START + 0x100;
+const E820_RAM: u32 = 1;
+
+pub(super) fn configure<I: Image>(
+    mem: &GuestMemoryMmap,
+    result: &KernelLoaderResult,
+    entry: GuestAddress,
+    cmdline: &str,
+    initrd: Option<&mut I>,
+) -> Result<BootSetup, BootError> {
+    check_cmdline(cmdline, CMDLINE_MAX_SIZE)?;
+    write_cmdline(mem, cmdline)?;
+    let initrd = load_initrd(mem, initrd, result.kernel_end, MMIO_GAP_START)?;
+
+    let memmap: Vec<_> = e820_map(super::mem_size(mem))
+        .into_iter()
+        .map(|r| hvm_memmap_table_entry { addr: r.base, size: r.size, type_: E820_RAM, reserved: 0 })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        nr_modules: initrd.is_some() as u32,
+        modlist_paddr: if initrd.is_some() { MODLIST_START } else { 0 },
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(BOOT_INFO_START));
+    params.set_sections(&memmap, GuestAddress(MEMMAP_START));
+    if let Some((paddr, size)) = initrd {
+        let module = hvm_modlist_entry { paddr, size, ..Default::default() };
+        params.set_modules(&[module], GuestAddress(MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)?;
+    Ok(BootSetup {
+        format: KernelFormat::PvhElf,
+        entry: EntryState::Protected32 { eip: entry.0, eax: 0, ebx: BOOT_INFO_START as u32 },
+        kernel_end: result.kernel_end,
+        initrd,
+    })
+}

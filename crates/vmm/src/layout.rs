@@ -1,0 +1,30 @@
+//! The guest-physical address map carve builds for every VM.
+//!
+//! ```text
+//! 0x0000_0500  GDT                        0x0000_9000  PML4, PDPT, 4 PDs (64-bit boot)
+//! 0x0000_0520  IDT (empty)                0x0002_0000  kernel command line (64 KiB max)
+//! 0x0000_6000  PVH start_info / multiboot 0x0009_fc00  MP table (EBDA)
+//! 0x0000_7000  Linux zero page            0x0010_0000  kernel
+//! 0x0000_8ff0  boot stack top             0xc000_0000  MMIO gap up to 4 GiB; RAM beyond
+//! ```
+
+pub const GDT_START: u64 = 0x500;
+pub const IDT_START: u64 = 0x520;
+pub const BOOT_INFO_START: u64 = 0x6000;
+pub const ZERO_PAGE_START: u64 = 0x7000;
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const PML4_START: u64 = 0x9000;
+pub const PDPT_START: u64 = 0xa000;
+pub const PD_START: u64 = 0xb000;
+pub const CMDLINE_START: u64 = 0x2_0000;
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+pub const EBDA_START: u64 = 0x9_fc00;
+pub const HIMEM_START: u64 = 0x10_0000;
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// KVM's real-mode TSS (three pages) on Intel hosts without unrestricted guest.
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// ISA IRQ lines routed through the IOAPIC.
+pub const SERIAL_IRQ: u32 = 4;

@@ -1,0 +1,247 @@
+//! vCPU configuration (CPUID, MSRs, LAPIC) and the KVM_RUN loop each vCPU thread runs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::bus::Bus;
+use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Accesses no device claimed: ignored, reads answered with all ones.
+#[derive(Default)]
+pub struct IoStats {
+    pub pio_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+    pub ignored_pio: AtomicU64,
+    pub ignored_mmio: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStatsSnapshot {
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub ignored_pio: u64,
+    pub ignored_mmio: u64,
+}
+
+impl IoStats {
+    pub fn snapshot(&self) -> IoStatsSnapshot {
+        IoStatsSnapshot {
+            pio_exits: self.pio_exits.load(Ordering::Relaxed),
+            mmio_exits: self.mmio_exits.load(Ordering::Relaxed),
+            ignored_pio: self.ignored_pio.load(Ordering::Relaxed),
+            ignored_mmio: self.ignored_mmio.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Boot MSRs: fast strings on, MTRRs enabled with write-back default (as firmware leaves them).
+pub fn boot_msrs() -> Msrs {
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    Msrs::from_entries(&[
+        entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
+    ])
+    .expect("two MSR entries fit")
+}
+
+/// Routes LINT0 as ExtINT (the PIC) and LINT1 as NMI, as the MP table describes.
+pub fn configure_lapic(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    let mut lapic = vcpu.get_lapic()?;
+    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|&b| b as u8).collect();
+        let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let value = (value & !0x700) | (mode << 8);
+        for (slot, byte) in lapic.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
+            *slot = byte as _;
+        }
+    }
+    vcpu.set_lapic(&lapic)
+}
+
+/// What a vCPU thread shares with the rest of the VM.
+pub struct VcpuContext {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<ExitSignal>,
+    pub stats: IoStats,
+    pub mem: GuestMemoryMmap,
+}
+
+pub struct Vcpu {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub context: Arc<VcpuContext>,
+}
+
+/// What a single exit asks of the loop (computed while `kvm_run` is borrowed).
+enum Step {
+    Continue,
+    Stop(VmExit),
+    Crash(CrashKind, String),
+    InternalError,
+}
+
+impl Vcpu {
+    /// Runs until the VM is asked to exit, by this vCPU, another one, or the VMM.
+    pub fn run(mut self) {
+        while !self.context.exit.is_requested() {
+            let step = self.run_once();
+            let exit = match step {
+                Step::Continue => continue,
+                Step::Stop(exit) => exit,
+                Step::Crash(kind, what) => self.crash(kind, what),
+                Step::InternalError => {
+                    let what = self.internal_error_detail();
+                    self.crash(CrashKind::InternalError, what)
+                }
+            };
+            self.context.exit.request(exit);
+        }
+    }
+
+    fn run_once(&mut self) -> Step {
+        let context = &self.context;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                context.stats.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !context.pio.read(port.into(), data) {
+                    context.stats.ignored_pio.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                context.stats.pio_exits.fetch_add(1, Ordering::Relaxed);
+                if !context.pio.write(port.into(), data) {
+                    context.stats.ignored_pio.fetch_add(1, Ordering::Relaxed);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                context.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !context.mmio.read(addr, data) {
+                    context.stats.ignored_mmio.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                context.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !context.mmio.write(addr, data) {
+                    context.stats.ignored_mmio.fetch_add(1, Ordering::Relaxed);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::Shutdown) => Step::Crash(
+                CrashKind::TripleFault,
+                "triple-faulted (KVM_EXIT_SHUTDOWN): an exception arrived while the CPU was \
+                 delivering a double fault, which resets a real machine. Usual causes: no valid \
+                 IDT, a bad stack pointer, or a page fault in the guest's own page tables"
+                    .into(),
+            ),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Crash(
+                CrashKind::FailedEntry,
+                format!(
+                    "failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU \
+                     {cpu}): {}",
+                    describe_entry_failure(reason)
+                ),
+            ),
+            Ok(VcpuExit::InternalError) => Step::InternalError,
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmExit::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Step::Stop(VmExit::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Step::Crash(
+                    CrashKind::UnexpectedExit,
+                    "reported a crash (KVM_SYSTEM_EVENT_CRASH)".into(),
+                ),
+                other => Step::Crash(CrashKind::UnexpectedExit, format!("raised unknown system event {other}")),
+            },
+            Ok(other) => Step::Crash(CrashKind::UnexpectedExit, format!("exited with {other:?}, which carve does not handle")),
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
+                self.fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
+        }
+    }
+
+    fn internal_error_detail(&mut self) -> String {
+        // SAFETY: KVM filled the `internal` member of the union for KVM_EXIT_INTERNAL_ERROR.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let (name, meaning) = match internal.suberror {
+            1 => (
+                "emulation failure",
+                "KVM could not emulate an instruction: usually an instruction fetch from MMIO or \
+                 unbacked memory, or an instruction the host's emulator lacks (nested hosts miss \
+                 XSAVE, POPCNT, STAC/CLAC and INT3)",
+            ),
+            2 => ("simultaneous exceptions", "an exception arrived while another was being delivered"),
+            3 => ("event delivery failure", "delivering an interrupt or exception needed an exit KVM cannot handle there, often an IDT or stack in MMIO"),
+            4 => ("unexpected exit reason", "the hardware exited for a reason KVM does not expect"),
+            _ => ("unknown suberror", "KVM reported an internal error carve does not know"),
+        };
+        let data: Vec<String> = internal.data.iter().take(internal.ndata.min(16) as usize).map(|d| format!("{d:#x}")).collect();
+        format!(
+            "hit a KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {}: {name}): {meaning}; data [{}]",
+            internal.suberror,
+            data.join(", ")
+        )
+    }
+
+    fn crash(&self, kind: CrashKind, what: String) -> VmExit {
+        let explanation = format!("vCPU {} {what}. {}", self.index, self.describe_state());
+        VmExit::Crash(CrashReport { kind, vcpu: self.index, explanation })
+    }
+
+    /// The registers and, when readable, the bytes at RIP.
+    fn describe_state(&self) -> String {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return "Registers unavailable.".into();
+        };
+        let mut bytes = String::from("unavailable");
+        if let Ok(t) = self.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)) {
+            let mut code = [0u8; 15];
+            if t.valid != 0 && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok() {
+                bytes = code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+            }
+        }
+        let seg = |name: &str, s: &kvm_bindings::kvm_segment| {
+            format!("{name}={:#06x}(base {:#x} limit {:#x} type {} l {} db {})", s.selector, s.base, s.limit, s.type_, s.l, s.db)
+        };
+        format!(
+            "Registers: RIP={:#018x} RSP={:#018x} RFLAGS={:#x} RAX={:#x} RBX={:#x} RCX={:#x} \
+             RDX={:#x} RSI={:#x} RDI={:#x} CR0={:#x} CR2={:#x} CR3={:#x} CR4={:#x} EFER={:#x} {} {} \
+             {} GDT={:#x}/{:#x} IDT={:#x}/{:#x}; code at RIP: {bytes}",
+            regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
+            sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer,
+            seg("CS", &sregs.cs), seg("SS", &sregs.ss), seg("TR", &sregs.tr),
+            sregs.gdt.base, sregs.gdt.limit, sregs.idt.base, sregs.idt.limit,
+        )
+    }
+}
+
+/// Decodes the VMX basic exit reason of a failed entry.
+fn describe_entry_failure(reason: u64) -> &'static str {
+    match reason & 0xffff {
+        33 => "the hardware found invalid guest state (segment registers, CR0/CR4/EFER, RFLAGS or \
+               descriptor tables break the SDM's VM-entry checks)",
+        34 => "loading MSRs on VM entry failed",
+        41 => "a machine-check event occurred during VM entry",
+        _ => "the hardware refused to enter the guest with this state",
+    }
+}

@@ -1,0 +1,373 @@
+//! Wiring a VM in one readable place (`Vm::build`) and running it to its end (`Vm::run`).
+
+use std::fs::File;
+use std::io::{Cursor, Read};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::thread;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
+use crate::cpuid::{self, CpuTemplate};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{IrqEventFd, SerialOutput, SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::testdev::{Testdev, TestdevHost, IOMEM_BASE, IOMEM_LEN};
+use crate::exit::{ExitSignal, VmExit};
+use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
+use crate::memory::{self, MemoryError};
+use crate::mptable::{self, MpTableError};
+use crate::vcpu::{self, IoStatsSnapshot, Vcpu, VcpuContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {source}{hint}", hint = kvm_hint(*source))]
+    KvmUnavailable { source: kvm_ioctls::Error },
+    #[error("cannot read kernel {path}: {source}")]
+    OpenKernel { path: PathBuf, source: std::io::Error },
+    #[error("cannot read initrd {path}: {source}")]
+    OpenInitrd { path: PathBuf, source: std::io::Error },
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    #[error("{requested} vCPUs requested, but this host's KVM allows at most {max}")]
+    TooManyVcpus { requested: u32, max: u32 },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    CpuState(#[from] boot::cpu_state::CpuStateError),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("cannot map a device: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot open the serial output {path}: {source}")]
+    SerialOutput { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the VM's threads or event loop: {0}")]
+    Host(String),
+}
+
+fn kvm_hint(error: kvm_ioctls::Error) -> &'static str {
+    match error.errno() {
+        libc::ENOENT => " (is KVM enabled in firmware and the kvm module loaded?)",
+        libc::EACCES | libc::EPERM => " (add your user to the 'kvm' group or run as root)",
+        _ => "",
+    }
+}
+
+fn kvm_error(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where the guest's serial console goes.
+pub enum SerialSink {
+    Stdout,
+    File(PathBuf),
+    None,
+    Writer(SerialOutput),
+}
+
+/// The kernel to boot.
+pub enum KernelSpec {
+    Path(PathBuf),
+    Embedded { name: &'static str, image: &'static [u8] },
+}
+
+pub struct VmConfig {
+    pub kernel: KernelSpec,
+    pub cmdline: String,
+    pub initrd: Option<PathBuf>,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub cpu_template: CpuTemplate,
+    pub serial: SerialSink,
+    /// Forward the process's standard input to the serial port.
+    pub serial_input: bool,
+    /// Map QEMU's pc-testdev (for kvm-unit-tests).
+    pub testdev: bool,
+}
+
+impl VmConfig {
+    pub fn new(kernel: KernelSpec) -> VmConfig {
+        VmConfig {
+            kernel,
+            cmdline: String::new(),
+            initrd: None,
+            memory_mib: 128,
+            vcpus: 1,
+            cpu_template: CpuTemplate::named("host").expect("the host template is built in"),
+            serial: SerialSink::Stdout,
+            serial_input: false,
+            testdev: false,
+        }
+    }
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug)]
+pub struct VmOutcome {
+    pub exit: VmExit,
+    pub io: IoStatsSnapshot,
+}
+
+/// A built VM, ready to run. Field order is drop order: vCPUs and the VM fd go before memory.
+pub struct Vm {
+    vcpus: Vec<Vcpu>,
+    context: Arc<VcpuContext>,
+    serial: Arc<Mutex<SerialPort>>,
+    serial_input: bool,
+    boot: BootSetup,
+    _vm_fd: Arc<VmFd>,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    pub fn build(config: VmConfig) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable { source })?;
+        let max_vcpus = (kvm.get_max_vcpus() as u32).min(mptable::MAX_CPUS as u32);
+        match config.vcpus {
+            0 => return Err(VmError::NoVcpus),
+            n if n > max_vcpus => return Err(VmError::TooManyVcpus { requested: n, max: max_vcpus }),
+            _ => {}
+        }
+        let vcpu_count = config.vcpus as u8;
+
+        let mut kernel = open_kernel(&config.kernel)?;
+        let mut initrd = match &config.initrd {
+            Some(path) => Some(File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?),
+            None => None,
+        };
+        let serial_output = open_serial(config.serial)?;
+
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
+        vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_error("set the TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_error("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm_error("create the in-kernel PIT"))?;
+
+        let mem = memory::create(config.memory_mib)?;
+        memory::register(&vm_fd, &mem)?;
+        let kernel_name = kernel_name(&config.kernel);
+        let boot = boot::load(
+            &mem,
+            BootSource { kernel: &mut kernel, kernel_name: &kernel_name, cmdline: &config.cmdline, initrd: initrd.as_mut() },
+        )?;
+        mptable::write(&mem, vcpu_count)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Host(e.to_string()))?;
+        vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_error("route the serial IRQ"))?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(IrqEventFd(serial_irq), serial_output)));
+
+        let mut pio = Bus::default();
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_BASE, I8042_LEN)?;
+        pio.insert(Arc::new(Mutex::new(DebugExit(exit.clone()))), DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)?;
+        let fw_cfg = FwCfg::new(vcpu_count.into(), max_vcpus as u16, config.memory_mib << 20);
+        pio.insert(Arc::new(Mutex::new(fw_cfg)), FW_CFG_BASE, FW_CFG_LEN)?;
+        let mut mmio = Bus::default();
+        if config.testdev {
+            let host = Box::new(VmTestdevHost { vm: vm_fd.clone(), mem: mem.clone() });
+            let testdev = Arc::new(Mutex::new(Testdev::new(host)));
+            for (base, len) in Testdev::pio_ranges() {
+                pio.insert(testdev.clone(), base, len)?;
+            }
+            mmio.insert(testdev, IOMEM_BASE, IOMEM_LEN)?;
+        }
+        let context = Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone() });
+
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(vcpu_count.into());
+        for index in 0..vcpu_count {
+            let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
+            configure_vcpu(&fd, &supported, &config.cpu_template, index, vcpu_count)?;
+            if index == 0 {
+                boot::cpu_state::apply(&fd, &mem, boot.entry)?;
+            }
+            vcpus.push(Vcpu { index: index.into(), fd, context: context.clone() });
+        }
+
+        Ok(Vm { vcpus, context, serial, serial_input: config.serial_input, boot, _vm_fd: vm_fd, _kvm: kvm })
+    }
+
+    pub fn boot_setup(&self) -> &BootSetup {
+        &self.boot
+    }
+
+    /// The boot vCPU, before the VM runs (for inspecting or checking its state).
+    pub fn boot_vcpu(&self) -> &VcpuFd {
+        &self.vcpus[0].fd
+    }
+
+    /// Runs every vCPU on its own thread until the guest or carve ends the VM.
+    pub fn run(self) -> Result<VmOutcome, VmError> {
+        install_kick_handler();
+        let context = self.context.clone();
+        let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(|e| VmError::Host(e.to_string()))?;
+        let exit_event = context.exit.event().try_clone().map_err(|e| VmError::Host(e.to_string()))?;
+        events.add_subscriber(Box::new(ExitWatcher(exit_event)));
+        if self.serial_input {
+            events.add_subscriber(Box::new(ConsoleInput { serial: self.serial.clone() }));
+        }
+
+        let mut threads = Vec::new();
+        for vcpu in self.vcpus {
+            let name = format!("carve-vcpu{}", vcpu.index);
+            match thread::Builder::new().name(name).spawn(move || vcpu.run()) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    context.exit.request(VmExit::VmmFailure(format!("cannot start a vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+        while !context.exit.is_requested() {
+            if let Err(e) = events.run() {
+                context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));
+            }
+        }
+        // A vCPU may be inside KVM_RUN (or about to enter it): kick until every thread is out.
+        for handle in threads {
+            while !handle.is_finished() {
+                let _ = handle.kill(SIGRTMIN());
+                thread::sleep(Duration::from_micros(200));
+            }
+            let _ = handle.join();
+        }
+        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
+        let exit = context.exit.take().expect("the loop ends only once an exit was requested");
+        Ok(VmOutcome { exit, io: context.stats.snapshot() })
+    }
+}
+
+fn configure_vcpu(
+    fd: &VcpuFd,
+    supported: &kvm_bindings::CpuId,
+    template: &CpuTemplate,
+    index: u8,
+    count: u8,
+) -> Result<(), VmError> {
+    let mut cpuid = supported.clone();
+    let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
+    cpuid::normalize(&mut cpuid, index, count, tsc_khz);
+    template.apply(&mut cpuid);
+    fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
+    fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
+    vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;
+    Ok(())
+}
+
+fn open_kernel(spec: &KernelSpec) -> Result<KernelImage, VmError> {
+    match spec {
+        KernelSpec::Path(path) => {
+            let file = File::open(path).map_err(|source| VmError::OpenKernel { path: path.clone(), source })?;
+            match file.metadata() {
+                Ok(meta) if meta.is_dir() => Err(VmError::OpenKernel {
+                    path: path.clone(),
+                    source: std::io::Error::from_raw_os_error(libc::EISDIR),
+                }),
+                _ => Ok(KernelImage::File(file)),
+            }
+        }
+        KernelSpec::Embedded { image, .. } => Ok(KernelImage::Embedded(Cursor::new(image))),
+    }
+}
+
+fn kernel_name(spec: &KernelSpec) -> String {
+    match spec {
+        KernelSpec::Path(path) => path.display().to_string(),
+        KernelSpec::Embedded { name, .. } => name.to_string(),
+    }
+}
+
+fn open_serial(sink: SerialSink) -> Result<SerialOutput, VmError> {
+    Ok(match sink {
+        SerialSink::Stdout => Box::new(std::io::stdout()),
+        SerialSink::None => Box::new(std::io::sink()),
+        SerialSink::Writer(writer) => writer,
+        SerialSink::File(path) => {
+            Box::new(File::create(&path).map_err(|source| VmError::SerialOutput { path, source })?)
+        }
+    })
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        // Without a handler SIGRTMIN would kill the process; with one, KVM_RUN returns EINTR.
+        register_signal_handler(SIGRTMIN(), kick).expect("SIGRTMIN is a valid signal");
+    });
+}
+
+/// Wakes the event loop when a vCPU or device asks the VM to end.
+struct ExitWatcher(EventFd);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.0, EventSet::IN)).expect("a fresh eventfd registers");
+    }
+}
+
+/// Feeds standard input to the guest's serial port.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialPort>>,
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
+        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
+            let _ = ops.remove(events);
+            return;
+        }
+        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).enqueue_input(&buf[..n]);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Regular files and /dev/null cannot be polled; then there is simply no console input.
+        let _ = ops.add(Events::new(&std::io::stdin().as_raw_fd(), EventSet::IN));
+    }
+}
+
+/// pc-testdev's effects on the VM: ISA IRQ lines and page flushes.
+struct VmTestdevHost {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+}
+
+impl TestdevHost for VmTestdevHost {
+    fn set_irq_line(&self, line: u32, level: bool) {
+        let _ = self.vm.set_irq_line(line, level);
+    }
+
+    fn flush_page(&self, gpa: u64) {
+        let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) else { return };
+        let page = (host as usize & !0xfff) as *mut libc::c_void;
+        // SAFETY: `page` is a page of guest RAM mapped by `mem`, which outlives this call. Taking
+        // its access away and giving it back makes KVM drop and refault its mapping, as QEMU's
+        // testdev does; the contents are untouched.
+        unsafe {
+            libc::mprotect(page, 4096, libc::PROT_NONE);
+            libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE);
+        }
+    }
+}
