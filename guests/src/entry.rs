@@ -118,6 +118,8 @@ ap_trampoline_start:
     .code32
 ap_pm32:
     mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
     mov %ax, %ss
     mov $(ap_tmp_stack - ap_trampoline_start + {trampoline}), %esp
     mov $enable_long_mode32, %eax      // absolute: this code runs from its copy

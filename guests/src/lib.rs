@@ -68,6 +68,11 @@ pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// Whether a bare word (no `=`) appears on the command line.
+pub fn flag(cmdline: &str, name: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|word| word == name)
+}
+
 /// Parses a decimal or 0x-prefixed hexadecimal number.
 pub fn parse_u64(text: &str) -> Option<u64> {
     match text.strip_prefix("0x") {

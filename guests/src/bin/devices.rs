@@ -4,7 +4,7 @@
 #![no_main]
 
 use carve_guests::io::{inb, inl, inw, outb, outl, outw, read_phys, write_phys};
-use carve_guests::{check, exit, fw_cfg, guest_main, param, parse_u64, BootInfo};
+use carve_guests::{check, exit, flag, fw_cfg, guest_main, param, parse_u64, BootInfo};
 
 guest_main!(main);
 
@@ -32,7 +32,7 @@ fn main(boot: &BootInfo) -> ! {
     check!(read_phys::<u32>(hole) == 0xffff_ffff, "unbacked MMIO reads all ones");
     check!(read_phys::<u8>(hole + 3) == 0xff, "unbacked MMIO byte reads 0xff");
 
-    if param(boot.cmdline, "testdev").is_some() {
+    if flag(boot.cmdline, "testdev") {
         outl(0xe0, 0xdead_beef);
         check!(inl(0xe0) == 0xdead_beef, "testdev dword latch");
         check!(inb(0xe1) == 0xbe, "testdev latch by byte offset");

@@ -1,0 +1,160 @@
+//! `carve vm run` against carve's own bare-metal test guests on the real /dev/kvm.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn every_boot_format_passes_cmdline_memory_map_and_initrd() {
+    if !kvm_usable("every_boot_format_passes_cmdline_memory_map_and_initrd") {
+        return;
+    }
+    let initrd = bytes(300_001, 7);
+    let initrd_path = temp_path("initrd.bin");
+    std::fs::write(&initrd_path, &initrd).unwrap();
+    for format in Format::ALL {
+        let kernel = guest("boot_info", format);
+        let cmdline = format!(
+            "token=carve-boot-test expect_protocol={} expect_ram=0x6000000 expect_module_len={} expect_module_fnv={:#x}",
+            format.protocol(),
+            initrd.len(),
+            fnv1a(&initrd)
+        );
+        let out = carve(&[
+            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--memory", "96",
+            "--initrd", initrd_path.to_str().unwrap(), "--cmdline", &cmdline,
+        ]);
+        assert_guest_passed(&out);
+        let serial = stdout(&out);
+        assert!(serial.contains(&format!("protocol: {}", format.protocol())), "{serial}");
+        if format == Format::Multiboot {
+            // Multiboot's command line starts with the kernel path, as kvm-unit-tests expects.
+            assert!(serial.contains(&format!("cmdline: {} token=", kernel.display())), "{serial}");
+        }
+    }
+}
+
+#[test]
+fn boots_without_initrd_and_with_large_memory() {
+    if !kvm_usable("boots_without_initrd_and_with_large_memory") {
+        return;
+    }
+    for format in Format::ALL {
+        let kernel = guest("boot_info", format);
+        let out = carve(&[
+            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--memory", "3200",
+            "--cmdline", "token=carve-boot-test",
+        ]);
+        assert_guest_passed(&out);
+        // 3200 MiB: RAM below the MMIO gap ends at 3 GiB, the rest sits above 4 GiB.
+        assert!(stdout(&out).contains("0x0100000000-0x0108000000 type 1"), "{}", stdout(&out));
+    }
+}
+
+#[test]
+fn application_processors_start_through_init_sipi() {
+    if !kvm_usable("application_processors_start_through_init_sipi") {
+        return;
+    }
+    for (vcpus, format) in [("1", Format::Pvh), ("2", Format::Multiboot), ("4", Format::BzImage)] {
+        let kernel = guest("smp", format);
+        let out = carve(&[
+            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--vcpus", vcpus,
+            "--cmdline", &format!("expect_cpus={vcpus}"),
+        ]);
+        assert_guest_passed(&out);
+    }
+}
+
+#[test]
+fn devices_answer_and_unclaimed_accesses_are_ignored_and_counted() {
+    if !kvm_usable("devices_answer_and_unclaimed_accesses_are_ignored_and_counted") {
+        return;
+    }
+    let kernel = guest("devices", Format::Pvh);
+    let kernel = kernel.to_str().unwrap();
+    let with = carve(&[
+        "vm", "run", "--kernel", kernel, "--testdev", "--stats", "--vcpus", "2",
+        "--cmdline", "testdev expect_ram=0x8000000 expect_cpus=2",
+    ]);
+    assert_guest_passed(&with);
+    let without = carve(&["vm", "run", "--kernel", kernel, "--stats", "--cmdline", "expect_ram=0x8000000"]);
+    assert_guest_passed(&without);
+    let counters = |out: &std::process::Output| -> (u64, u64) {
+        let line = stderr(out).lines().find(|l| l.starts_with("carve: exits:")).unwrap().to_string();
+        let field = |name: &str| -> u64 {
+            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            line[start..].split_whitespace().next().unwrap().parse().unwrap()
+        };
+        (field("ignored_pio"), field("ignored_mmio"))
+    };
+    // 0x80, 0x1234 written; 0x1230 read three times; two reads and a write of unbacked MMIO.
+    assert_eq!(counters(&with), (5, 3));
+    // Without the testdev its latch read is ignored too.
+    assert_eq!(counters(&without), (6, 3));
+}
+
+#[test]
+fn exit_statuses_follow_the_documented_convention() {
+    if !kvm_usable("exit_statuses_follow_the_documented_convention") {
+        return;
+    }
+    let kernel = guest("exit", Format::BzImage);
+    let kernel = kernel.to_str().unwrap();
+    let run = |mode: &str| carve(&["vm", "run", "--kernel", kernel, "--cmdline", &format!("mode={mode}")]);
+
+    assert_eq!(run("code:0").status.code(), Some(1));
+    assert_eq!(run("code:0x21").status.code(), Some(0x43));
+    assert_eq!(run("code:0x7f").status.code(), Some(0xff));
+    assert_eq!(run("reset").status.code(), Some(0));
+
+    let triple = run("triple");
+    assert_eq!(triple.status.code(), Some(6));
+    let report = stderr(&triple);
+    assert!(report.contains("vCPU 0 triple-faulted (KVM_EXIT_SHUTDOWN)"), "{report}");
+    assert!(report.contains("RIP=") && report.contains("IDT=0x0/0x0"), "{report}");
+    assert_eq!(report.lines().count(), 1, "one paragraph: {report}");
+
+    let mmio = run("exec-mmio");
+    assert_eq!(mmio.status.code(), Some(6));
+    let report = stderr(&mmio);
+    assert!(report.contains("KVM_EXIT_INTERNAL_ERROR, suberror 1: emulation failure"), "{report}");
+    assert!(report.contains("RIP=0x00000000d0000000"), "{report}");
+}
+
+#[test]
+fn demo_guest_runs_from_the_binary() {
+    if !kvm_usable("demo_guest_runs_from_the_binary") {
+        return;
+    }
+    let out = carve(&["vm", "run", "--demo", "--vcpus", "2", "--memory", "64"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let serial = stdout(&out);
+    assert!(serial.contains("Hello from the carve demo guest!"), "{serial}");
+    assert!(serial.contains("memory:        63 MiB usable of 64 MiB"), "{serial}");
+    assert!(serial.contains("vCPUs:         2"), "{serial}");
+}
+
+#[test]
+fn serial_goes_to_a_file_or_nowhere() {
+    if !kvm_usable("serial_goes_to_a_file_or_nowhere") {
+        return;
+    }
+    let log = temp_path("serial.log");
+    let out = carve(&["vm", "run", "--demo", "--serial", &format!("file:{}", log.display())]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).is_empty());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("Demo guest done"));
+    let out = carve(&["vm", "run", "--demo", "--serial", "none"]);
+    assert_eq!((out.status.code(), stdout(&out).is_empty()), (Some(0), true));
+}
+
+#[test]
+fn cpu_templates_are_listed() {
+    let out = carve(&["vm", "cpu-templates"]);
+    assert!(out.status.success());
+    let names: Vec<_> = stdout(&out).lines().map(|l| l.split_whitespace().next().unwrap().to_string()).collect();
+    assert_eq!(names, ["host", "baseline"]);
+    let json = stdout(&carve(&["vm", "cpu-templates", "--json"]));
+    assert!(json.contains("\"xsave\"") && json.contains("\"0xd\""), "{json}");
+}
