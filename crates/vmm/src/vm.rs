@@ -153,13 +153,14 @@ impl Vm {
         let serial_output = open_serial(config.serial)?;
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
+        // Memory first: registering slots once the irqchip exists costs KVM far more.
+        let mem = memory::create(config.memory_mib)?;
+        memory::register(&vm_fd, &mem)?;
         vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_error("set the TSS address"))?;
         vm_fd.create_irq_chip().map_err(kvm_error("create the in-kernel irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm_error("create the in-kernel PIT"))?;
 
-        let mem = memory::create(config.memory_mib)?;
-        memory::register(&vm_fd, &mem)?;
         let kernel_name = kernel_name(&config.kernel);
         let boot = boot::load(
             &mem,

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs what building and testing carve needs on a Debian/Ubuntu machine with rustup.
+set -euo pipefail
+rustup target add x86_64-unknown-none >/dev/null
+if [[ ! -r /dev/kvm ]]; then
+    echo "setup: /dev/kvm is not usable here; KVM tests will say SKIPPED" >&2
+fi
