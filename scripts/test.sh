@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 CARVE_LINUX_KERNEL=$(scripts/build-linux.sh)
 export CARVE_LINUX_KERNEL
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "carve tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"
