@@ -14,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
     let mut initrd = Cursor::new(&data[split..]);
     let _ = boot::load(
         &mem,
-        BootSource { kernel: &mut kernel, kernel_name: "fuzz", cmdline: "console=ttyS0", initrd: Some(&mut initrd) },
+        BootSource {
+            kernel: &mut kernel,
+            kernel_name: "fuzz",
+            cmdline: "console=ttyS0",
+            initrd: Some(&mut initrd),
+        },
     );
 });

@@ -90,12 +90,7 @@ impl BootInfo {
 
     /// The end of the highest usable RAM range.
     pub fn ram_end(&self) -> u64 {
-        self.memory_map()
-            .iter()
-            .filter(|r| r.kind == 1)
-            .map(|r| r.base + r.size)
-            .max()
-            .unwrap_or(0)
+        self.memory_map().iter().filter(|r| r.kind == 1).map(|r| r.base + r.size).max().unwrap_or(0)
     }
 
     pub fn usable_bytes(&self) -> u64 {
@@ -168,18 +163,18 @@ impl BootInfo {
     /// boot_params ("zero page"): e820 table, setup header's cmdline and ramdisk fields.
     fn parse_linux(&mut self, zero_page: u64) {
         self.protocol = Protocol::Linux64;
-        let cmdline = read_phys::<u32>(zero_page + 0x228) as u64
-            | (read_phys::<u32>(zero_page + 0x0c8) as u64) << 32;
+        let cmdline =
+            read_phys::<u32>(zero_page + 0x228) as u64 | (read_phys::<u32>(zero_page + 0x0c8) as u64) << 32;
         self.cmdline = phys_cstr(cmdline);
         let entries = read_phys::<u8>(zero_page + 0x1e8);
         for i in 0..entries as u64 {
             let entry = zero_page + 0x2d0 + i * 20;
             self.push_range(read_phys(entry), read_phys(entry + 8), read_phys(entry + 16));
         }
-        let image = read_phys::<u32>(zero_page + 0x218) as u64
-            | (read_phys::<u32>(zero_page + 0x0c0) as u64) << 32;
-        let size = read_phys::<u32>(zero_page + 0x21c) as u64
-            | (read_phys::<u32>(zero_page + 0x0c4) as u64) << 32;
+        let image =
+            read_phys::<u32>(zero_page + 0x218) as u64 | (read_phys::<u32>(zero_page + 0x0c0) as u64) << 32;
+        let size =
+            read_phys::<u32>(zero_page + 0x21c) as u64 | (read_phys::<u32>(zero_page + 0x0c4) as u64) << 32;
         if size != 0 {
             self.push_module(image, size);
         }

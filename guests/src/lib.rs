@@ -83,8 +83,7 @@ pub fn parse_u64(text: &str) -> Option<u64> {
 
 /// FNV-1a, 32 bits: a checksum the host side computes the same way.
 pub fn fnv1a(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }
 
 #[panic_handler]

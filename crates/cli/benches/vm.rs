@@ -50,7 +50,8 @@ fn main() {
 
     println!("## Process start to guest exit, tiny PVH guest (128 MiB, median of {RUNS})\n");
     let me = std::env::current_exe().unwrap();
-    let floor = median(RUNS, || time(|| run(me.to_str().unwrap(), &["raw-boot".into(), elf.display().to_string()])));
+    let floor =
+        median(RUNS, || time(|| run(me.to_str().unwrap(), &["raw-boot".into(), elf.display().to_string()])));
     let carve_boot = median(RUNS, || time(|| run(carve, &carve_args(&elf, 0))));
     println!("| | ms | × floor |\n|---|---|---|");
     println!("| raw KVM process (floor) | {:.2} | 1.00 |", floor * 1e3);
@@ -91,8 +92,20 @@ fn carve_args(elf: &Path, count: u64) -> Vec<String> {
 
 fn qemu_args(elf: &Path) -> Vec<String> {
     [
-        "-M", "microvm", "-accel", "kvm", "-m", "128", "-nodefaults", "-no-user-config",
-        "-display", "none", "-serial", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
         "-kernel",
     ]
     .iter()
@@ -118,7 +131,10 @@ fn ensure_qemu() -> Option<PathBuf> {
     let path = PathBuf::from("/usr/bin/qemu-system-x86_64");
     if !path.exists() {
         eprintln!("installing qemu-system-x86 for the side-by-side numbers");
-        let _ = Command::new("apt-get").args(["install", "-y", "-qq", "qemu-system-x86"]).env("DEBIAN_FRONTEND", "noninteractive").status();
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "qemu-system-x86"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
     }
     path.exists().then_some(path).or_else(|| {
         eprintln!("QEMU unavailable: its rows are left out");
@@ -127,7 +143,8 @@ fn ensure_qemu() -> Option<PathBuf> {
 }
 
 fn run(program: &str, args: &[String]) {
-    let status = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
+    let status =
+        Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap();
     assert!(status.code().is_some_and(|c| c == 1 || c == 0), "{program} {args:?} exited with {status}");
 }
 
@@ -220,7 +237,8 @@ fn raw_boot(elf: &Path) {
 
 /// Runs a command and reports its peak resident set size (KiB), from getrusage.
 fn peak_rss_kib(command: &[String]) -> i64 {
-    let _ = Command::new(&command[0]).args(&command[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ =
+        Command::new(&command[0]).args(&command[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };

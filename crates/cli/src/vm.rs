@@ -95,11 +95,7 @@ pub fn run(command: VmCommand) -> ExitCode {
 }
 
 fn template_json(template: &CpuTemplate) -> String {
-    let bits: Vec<String> = template
-        .clear_bits
-        .iter()
-        .map(|c| format!("\"{}\"", c.feature))
-        .collect();
+    let bits: Vec<String> = template.clear_bits.iter().map(|c| format!("\"{}\"", c.feature)).collect();
     let leaves: Vec<String> = template.remove_leaves.iter().map(|r| format!("\"{:#x}\"", r.leaf)).collect();
     format!(
         "{{\"name\": \"{}\", \"clears\": [{}], \"removes_leaves\": [{}]}}",

@@ -21,7 +21,8 @@ fn kernel() -> PathBuf {
         return path.into();
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/build-linux.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("build-linux.sh runs");
+    let out =
+        Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("build-linux.sh runs");
     assert!(out.status.success(), "scripts/build-linux.sh failed");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
@@ -31,7 +32,19 @@ fn initramfs() -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
         let header = format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            1, mode, 0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+            1,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
         );
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(name.as_bytes());

@@ -28,11 +28,27 @@ fn unusable_kernels_and_initrds_are_named() {
     let big_initrd = temp_path("big-initrd");
     std::fs::write(&big_initrd, bytes(12 << 20, 5)).unwrap();
 
-    assert_one_line_error(&["vm", "run", "--kernel", "/nonexistent/vmlinux"], 4, "cannot read kernel /nonexistent/vmlinux: No such file");
+    assert_one_line_error(
+        &["vm", "run", "--kernel", "/nonexistent/vmlinux"],
+        4,
+        "cannot read kernel /nonexistent/vmlinux: No such file",
+    );
     assert_one_line_error(&["vm", "run", "--kernel", "/tmp"], 4, "cannot read kernel /tmp");
-    assert_one_line_error(&["vm", "run", "--kernel", text.to_str().unwrap()], 4, "unrecognised kernel format");
-    assert_one_line_error(&["vm", "run", "--kernel", huge.to_str().unwrap(), "--memory", "8"], 4, "is larger than guest memory");
-    assert_one_line_error(&["vm", "run", "--kernel", demo, "--initrd", "/nonexistent/initrd"], 4, "cannot read initrd /nonexistent/initrd");
+    assert_one_line_error(
+        &["vm", "run", "--kernel", text.to_str().unwrap()],
+        4,
+        "unrecognised kernel format",
+    );
+    assert_one_line_error(
+        &["vm", "run", "--kernel", huge.to_str().unwrap(), "--memory", "8"],
+        4,
+        "is larger than guest memory",
+    );
+    assert_one_line_error(
+        &["vm", "run", "--kernel", demo, "--initrd", "/nonexistent/initrd"],
+        4,
+        "cannot read initrd /nonexistent/initrd",
+    );
     assert_one_line_error(
         &["vm", "run", "--kernel", demo, "--memory", "8", "--initrd", big_initrd.to_str().unwrap()],
         4,
@@ -46,10 +62,22 @@ fn unusable_machine_shapes_are_named() {
         return;
     }
     assert_one_line_error(&["vm", "run", "--demo", "--memory", "4"], 4, "guest memory of 4 MiB is too small");
-    assert_one_line_error(&["vm", "run", "--demo", "--vcpus", "5000"], 4, "5000 vCPUs requested, but this host's KVM allows at most");
+    assert_one_line_error(
+        &["vm", "run", "--demo", "--vcpus", "5000"],
+        4,
+        "5000 vCPUs requested, but this host's KVM allows at most",
+    );
     assert_one_line_error(&["vm", "run", "--demo", "--vcpus", "0"], 4, "at least one vCPU");
-    assert_one_line_error(&["vm", "run", "--demo", "--cpu-template", "c3"], 4, "unknown CPU template 'c3' (available: host, baseline)");
-    assert_one_line_error(&["vm", "run", "--demo", "--serial", "file:/nonexistent/dir/log"], 4, "cannot open the serial output");
+    assert_one_line_error(
+        &["vm", "run", "--demo", "--cpu-template", "c3"],
+        4,
+        "unknown CPU template 'c3' (available: host, baseline)",
+    );
+    assert_one_line_error(
+        &["vm", "run", "--demo", "--serial", "file:/nonexistent/dir/log"],
+        4,
+        "cannot open the serial output",
+    );
     assert_one_line_error(&["vm", "run", "--demo", "--memory", "99999999999"], 4, "cannot map");
 }
 

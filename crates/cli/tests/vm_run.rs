@@ -21,8 +21,16 @@ fn every_boot_format_passes_cmdline_memory_map_and_initrd() {
             fnv1a(&initrd)
         );
         let out = carve(&[
-            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--memory", "96",
-            "--initrd", initrd_path.to_str().unwrap(), "--cmdline", &cmdline,
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "96",
+            "--initrd",
+            initrd_path.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
         ]);
         assert_guest_passed(&out);
         let serial = stdout(&out);
@@ -42,8 +50,14 @@ fn boots_without_initrd_and_with_large_memory() {
     for format in Format::ALL {
         let kernel = guest("boot_info", format);
         let out = carve(&[
-            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--memory", "3200",
-            "--cmdline", "token=carve-boot-test",
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "3200",
+            "--cmdline",
+            "token=carve-boot-test",
         ]);
         assert_guest_passed(&out);
         // 3200 MiB: RAM below the MMIO gap ends at 3 GiB, the rest sits above 4 GiB.
@@ -59,8 +73,14 @@ fn application_processors_start_through_init_sipi() {
     for (vcpus, format) in [("1", Format::Pvh), ("2", Format::Multiboot), ("4", Format::BzImage)] {
         let kernel = guest("smp", format);
         let out = carve(&[
-            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--vcpus", vcpus,
-            "--cmdline", &format!("expect_cpus={vcpus}"),
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vcpus",
+            vcpus,
+            "--cmdline",
+            &format!("expect_cpus={vcpus}"),
         ]);
         assert_guest_passed(&out);
     }
@@ -74,8 +94,16 @@ fn devices_answer_and_unclaimed_accesses_are_ignored_and_counted() {
     let kernel = guest("devices", Format::Pvh);
     let kernel = kernel.to_str().unwrap();
     let with = carve(&[
-        "vm", "run", "--kernel", kernel, "--testdev", "--stats", "--vcpus", "2",
-        "--cmdline", "testdev expect_ram=0x8000000 expect_cpus=2",
+        "vm",
+        "run",
+        "--kernel",
+        kernel,
+        "--testdev",
+        "--stats",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "testdev expect_ram=0x8000000 expect_cpus=2",
     ]);
     assert_guest_passed(&with);
     let without = carve(&["vm", "run", "--kernel", kernel, "--stats", "--cmdline", "expect_ram=0x8000000"]);
@@ -153,7 +181,8 @@ fn serial_goes_to_a_file_or_nowhere() {
 fn cpu_templates_are_listed() {
     let out = carve(&["vm", "cpu-templates"]);
     assert!(out.status.success());
-    let names: Vec<_> = stdout(&out).lines().map(|l| l.split_whitespace().next().unwrap().to_string()).collect();
+    let names: Vec<_> =
+        stdout(&out).lines().map(|l| l.split_whitespace().next().unwrap().to_string()).collect();
     assert_eq!(names, ["host", "baseline"]);
     let json = stdout(&carve(&["vm", "cpu-templates", "--json"]));
     assert!(json.contains("\"xsave\"") && json.contains("\"0xd\""), "{json}");

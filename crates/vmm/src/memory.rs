@@ -67,10 +67,8 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(mib));
     }
-    let ranges: Vec<_> = ram_regions(mib << 20)
-        .into_iter()
-        .map(|r| (GuestAddress(r.base), r.size as usize))
-        .collect();
+    let ranges: Vec<_> =
+        ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 

@@ -3,7 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -165,13 +167,17 @@ impl Vcpu {
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmExit::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Step::Stop(VmExit::Reset),
-                KVM_SYSTEM_EVENT_CRASH => Step::Crash(
-                    CrashKind::UnexpectedExit,
-                    "reported a crash (KVM_SYSTEM_EVENT_CRASH)".into(),
-                ),
-                other => Step::Crash(CrashKind::UnexpectedExit, format!("raised unknown system event {other}")),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    Step::Crash(CrashKind::UnexpectedExit, "reported a crash (KVM_SYSTEM_EVENT_CRASH)".into())
+                }
+                other => {
+                    Step::Crash(CrashKind::UnexpectedExit, format!("raised unknown system event {other}"))
+                }
             },
-            Ok(other) => Step::Crash(CrashKind::UnexpectedExit, format!("exited with {other:?}, which carve does not handle")),
+            Ok(other) => Step::Crash(
+                CrashKind::UnexpectedExit,
+                format!("exited with {other:?}, which carve does not handle"),
+            ),
             Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
                 self.fd.set_kvm_immediate_exit(0);
                 Step::Continue
@@ -195,7 +201,8 @@ impl Vcpu {
             4 => ("unexpected exit reason", "the hardware exited for a reason KVM does not expect"),
             _ => ("unknown suberror", "KVM reported an internal error carve does not know"),
         };
-        let data: Vec<String> = internal.data.iter().take(internal.ndata.min(16) as usize).map(|d| format!("{d:#x}")).collect();
+        let data: Vec<String> =
+            internal.data.iter().take(internal.ndata.min(16) as usize).map(|d| format!("{d:#x}")).collect();
         format!(
             "hit a KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {}: {name}): {meaning}; data [{}]",
             internal.suberror,
@@ -216,21 +223,43 @@ impl Vcpu {
         let mut bytes = String::from("unavailable");
         if let Ok(t) = self.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)) {
             let mut code = [0u8; 15];
-            if t.valid != 0 && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok() {
+            if t.valid != 0
+                && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok()
+            {
                 bytes = code.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
             }
         }
         let seg = |name: &str, s: &kvm_bindings::kvm_segment| {
-            format!("{name}={:#06x}(base {:#x} limit {:#x} type {} l {} db {})", s.selector, s.base, s.limit, s.type_, s.l, s.db)
+            format!(
+                "{name}={:#06x}(base {:#x} limit {:#x} type {} l {} db {})",
+                s.selector, s.base, s.limit, s.type_, s.l, s.db
+            )
         };
         format!(
             "Registers: RIP={:#018x} RSP={:#018x} RFLAGS={:#x} RAX={:#x} RBX={:#x} RCX={:#x} \
              RDX={:#x} RSI={:#x} RDI={:#x} CR0={:#x} CR2={:#x} CR3={:#x} CR4={:#x} EFER={:#x} {} {} \
              {} GDT={:#x}/{:#x} IDT={:#x}/{:#x}; code at RIP: {bytes}",
-            regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi,
-            sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer,
-            seg("CS", &sregs.cs), seg("SS", &sregs.ss), seg("TR", &sregs.tr),
-            sregs.gdt.base, sregs.gdt.limit, sregs.idt.base, sregs.idt.limit,
+            regs.rip,
+            regs.rsp,
+            regs.rflags,
+            regs.rax,
+            regs.rbx,
+            regs.rcx,
+            regs.rdx,
+            regs.rsi,
+            regs.rdi,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            seg("CS", &sregs.cs),
+            seg("SS", &sregs.ss),
+            seg("TR", &sregs.tr),
+            sregs.gdt.base,
+            sregs.gdt.limit,
+            sregs.idt.base,
+            sregs.idt.limit,
         )
     }
 }
@@ -238,8 +267,10 @@ impl Vcpu {
 /// Decodes the VMX basic exit reason of a failed entry.
 fn describe_entry_failure(reason: u64) -> &'static str {
     match reason & 0xffff {
-        33 => "the hardware found invalid guest state (segment registers, CR0/CR4/EFER, RFLAGS or \
-               descriptor tables break the SDM's VM-entry checks)",
+        33 => {
+            "the hardware found invalid guest state (segment registers, CR0/CR4/EFER, RFLAGS or \
+               descriptor tables break the SDM's VM-entry checks)"
+        }
         34 => "loading MSRs on VM entry failed",
         41 => "a machine-check event occurred during VM entry",
         _ => "the hardware refused to enter the guest with this state",

@@ -147,7 +147,9 @@ impl Vm {
 
         let mut kernel = open_kernel(&config.kernel)?;
         let mut initrd = match &config.initrd {
-            Some(path) => Some(File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?),
+            Some(path) => {
+                Some(File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?)
+            }
             None => None,
         };
         let serial_output = open_serial(config.serial)?;
@@ -164,7 +166,12 @@ impl Vm {
         let kernel_name = kernel_name(&config.kernel);
         let boot = boot::load(
             &mem,
-            BootSource { kernel: &mut kernel, kernel_name: &kernel_name, cmdline: &config.cmdline, initrd: initrd.as_mut() },
+            BootSource {
+                kernel: &mut kernel,
+                kernel_name: &kernel_name,
+                cmdline: &config.cmdline,
+                initrd: initrd.as_mut(),
+            },
         )?;
         mptable::write(&mem, vcpu_count)?;
 
@@ -190,7 +197,8 @@ impl Vm {
         }
         let context = Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone() });
 
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+        let supported =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
             let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
@@ -217,7 +225,8 @@ impl Vm {
     pub fn run(self) -> Result<VmOutcome, VmError> {
         install_kick_handler();
         let context = self.context.clone();
-        let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(|e| VmError::Host(e.to_string()))?;
+        let mut events =
+            EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(|e| VmError::Host(e.to_string()))?;
         let exit_event = context.exit.event().try_clone().map_err(|e| VmError::Host(e.to_string()))?;
         events.add_subscriber(Box::new(ExitWatcher(exit_event)));
         if self.serial_input {
@@ -274,7 +283,8 @@ fn configure_vcpu(
 fn open_kernel(spec: &KernelSpec) -> Result<KernelImage, VmError> {
     match spec {
         KernelSpec::Path(path) => {
-            let file = File::open(path).map_err(|source| VmError::OpenKernel { path: path.clone(), source })?;
+            let file =
+                File::open(path).map_err(|source| VmError::OpenKernel { path: path.clone(), source })?;
             match file.metadata() {
                 Ok(meta) if meta.is_dir() => Err(VmError::OpenKernel {
                     path: path.clone(),

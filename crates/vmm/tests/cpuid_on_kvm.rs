@@ -14,7 +14,8 @@ fn kvm_usable() -> bool {
 }
 
 fn boot_cpuid(template: &str, vcpus: u32) -> kvm_bindings::CpuId {
-    let mut config = VmConfig::new(KernelSpec::Embedded { name: "demo", image: carve_guest_images::DEMO_ELF });
+    let mut config =
+        VmConfig::new(KernelSpec::Embedded { name: "demo", image: carve_guest_images::DEMO_ELF });
     config.cpu_template = CpuTemplate::named(template).unwrap();
     config.vcpus = vcpus;
     config.serial = SerialSink::None;

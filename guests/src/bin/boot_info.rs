@@ -30,10 +30,7 @@ fn main(boot: &BootInfo) -> ! {
     let map = boot.memory_map();
     check!(!map.is_empty(), "memory map present ({} ranges)", map.len());
     check!(map.iter().any(|r| r.base == 0 && r.kind == 1), "low memory is usable RAM");
-    check!(
-        map.iter().any(|r| r.base == 0x10_0000 && r.kind == 1),
-        "RAM from 1 MiB is usable"
-    );
+    check!(map.iter().any(|r| r.base == 0x10_0000 && r.kind == 1), "RAM from 1 MiB is usable");
     if let Some(ram) = expected(boot, "expect_ram") {
         check!(boot.ram_end() == ram, "RAM ends at {:#x} (map says {:#x})", ram, boot.ram_end());
         if boot.protocol == Protocol::Multiboot {

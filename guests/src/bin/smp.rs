@@ -12,7 +12,10 @@ fn main(boot: &BootInfo) -> ! {
     let table = smp::find_mp_table();
     check!(table.is_some(), "MP table found and checksums valid");
     let table = table.unwrap();
-    println!("MP table: {} CPUs, {} IOAPICs, {} interrupt sources", table.cpus, table.ioapics, table.interrupt_sources);
+    println!(
+        "MP table: {} CPUs, {} IOAPICs, {} interrupt sources",
+        table.cpus, table.ioapics, table.interrupt_sources
+    );
     check!(table.cpus == expected, "MP table lists {} CPUs", expected);
     check!(table.bsp_apic_id == Some(0), "BSP has APIC ID 0");
     check!(table.ioapics == 1, "one IOAPIC");

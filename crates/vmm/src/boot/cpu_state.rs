@@ -5,9 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PD_START, PDPT_START, PML4_START,
-};
+use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START};
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
@@ -73,13 +71,7 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 
 fn boot_gdt(long_mode: bool) -> [u64; 5] {
     let code = if long_mode { 0xa09b } else { 0xc09b };
-    [
-        0,
-        0,
-        gdt_entry(code, 0, 0xfffff),
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x008b, 0, 0x67),
-    ]
+    [0, 0, gdt_entry(code, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)]
 }
 
 /// Identity-maps the low 4 GiB with 2 MiB pages.
@@ -134,7 +126,8 @@ pub fn boot_sregs(
 }
 
 pub fn boot_regs(entry: EntryState) -> kvm_regs {
-    let mut regs = kvm_regs { rflags: 0x2, rsp: BOOT_STACK_POINTER, rbp: BOOT_STACK_POINTER, ..Default::default() };
+    let mut regs =
+        kvm_regs { rflags: 0x2, rsp: BOOT_STACK_POINTER, rbp: BOOT_STACK_POINTER, ..Default::default() };
     match entry {
         EntryState::Long64 { rip, rsi } => {
             regs.rip = rip;
@@ -178,13 +171,15 @@ mod tests {
     #[test]
     fn long_mode_state_enables_paging_on_the_identity_map() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let sregs = boot_sregs(&mem, EntryState::Long64 { rip: 0x100200, rsi: 0x7000 }, Default::default()).unwrap();
+        let sregs =
+            boot_sregs(&mem, EntryState::Long64 { rip: 0x100200, rsi: 0x7000 }, Default::default()).unwrap();
         assert_eq!(sregs.cr3, PML4_START);
         assert_ne!(sregs.cr0 & CR0_PG, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         let pde: u64 = mem.read_obj(GuestAddress(PD_START + 8 * 2047)).unwrap();
         assert_eq!(pde, (2047 << 21) | 0x83);
-        let flat = boot_sregs(&mem, EntryState::Protected32 { eip: 0, eax: 0, ebx: 0 }, Default::default()).unwrap();
+        let flat =
+            boot_sregs(&mem, EntryState::Protected32 { eip: 0, eax: 0, ebx: 0 }, Default::default()).unwrap();
         assert_eq!((flat.cr0 & CR0_PG, flat.efer, flat.cs.db, flat.cs.l), (0, 0, 1, 0));
     }
 }

@@ -39,7 +39,9 @@ pub enum BootError {
     KernelTooLarge { size: u64, memory: u64 },
     #[error("cannot load the kernel: {0}")]
     Load(#[from] linux_loader::loader::Error),
-    #[error("the initrd ({size} bytes) does not fit in guest memory above the kernel (room for {room} bytes)")]
+    #[error(
+        "the initrd ({size} bytes) does not fit in guest memory above the kernel (room for {room} bytes)"
+    )]
     InitrdTooLarge { size: u64, room: u64 },
     #[error("cannot read the initrd: {0}")]
     ReadInitrd(#[source] std::io::Error),

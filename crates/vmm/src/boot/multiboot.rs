@@ -7,7 +7,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::linux::write_cmdline;
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
-use crate::layout::{BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START};
+use crate::layout::{
+    BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START,
+};
 use crate::memory::{e820_map, low_ram_end};
 
 /// The header must lie entirely within the image's first 8192 bytes, 32-bit aligned.
@@ -109,7 +111,11 @@ pub(super) fn load<K: Image, I: Image>(
     write_info(mem, initrd)?;
     Ok(BootSetup {
         format: KernelFormat::Multiboot,
-        entry: EntryState::Protected32 { eip: loaded.entry, eax: BOOTLOADER_MAGIC, ebx: BOOT_INFO_START as u32 },
+        entry: EntryState::Protected32 {
+            eip: loaded.entry,
+            eax: BOOTLOADER_MAGIC,
+            ebx: BOOT_INFO_START as u32,
+        },
         kernel_end: loaded.end,
         initrd,
     })

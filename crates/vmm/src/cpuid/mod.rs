@@ -27,7 +27,8 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, tsc_khz: Option<u32>) 
         match entry.function {
             LEAF_FEATURES => {
                 entry.ecx |= ECX_HYPERVISOR;
-                entry.ebx = (entry.ebx & 0xffff) & !0xff00 | (8 << 8) | (count as u32) << 16 | (index as u32) << 24;
+                entry.ebx =
+                    (entry.ebx & 0xffff) & !0xff00 | (8 << 8) | (count as u32) << 16 | (index as u32) << 24;
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 }
@@ -57,7 +58,8 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, tsc_khz: Option<u32>) 
     }
     if let Some(khz) = tsc_khz {
         cpuid.retain(|e| e.function != LEAF_TIMING);
-        let timing = kvm_cpuid_entry2 { function: LEAF_TIMING, eax: khz, ebx: APIC_BUS_KHZ, ..Default::default() };
+        let timing =
+            kvm_cpuid_entry2 { function: LEAF_TIMING, eax: khz, ebx: APIC_BUS_KHZ, ..Default::default() };
         // A full table only loses the timing leaf; guests then calibrate the TSC themselves.
         let _ = cpuid.push(timing);
     }

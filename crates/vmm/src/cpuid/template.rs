@@ -6,10 +6,8 @@
 use kvm_bindings::CpuId;
 use serde::{Deserialize, Deserializer};
 
-const BUILT_IN: &[&str] = &[
-    include_str!("../../cpu-templates/host.json"),
-    include_str!("../../cpu-templates/baseline.json"),
-];
+const BUILT_IN: &[&str] =
+    &[include_str!("../../cpu-templates/host.json"), include_str!("../../cpu-templates/baseline.json")];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -65,9 +63,7 @@ fn hex_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 }
 
 fn opt_hex_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|s| parse_hex(&s).map_err(serde::de::Error::custom))
-        .transpose()
+    Option::<String>::deserialize(d)?.map(|s| parse_hex(&s).map_err(serde::de::Error::custom)).transpose()
 }
 
 impl CpuTemplate {
@@ -82,7 +78,10 @@ impl CpuTemplate {
     pub fn named(name: &str) -> Result<CpuTemplate, TemplateError> {
         let all = Self::all();
         let available = all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
-        all.iter().find(|t| t.name == name).cloned().ok_or(TemplateError::Unknown { name: name.into(), available })
+        all.iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .ok_or(TemplateError::Unknown { name: name.into(), available })
     }
 
     pub fn from_json(json: &str) -> Result<CpuTemplate, TemplateError> {
@@ -127,7 +126,9 @@ mod tests {
 
     #[test]
     fn baseline_hides_xsave_popcnt_smep_smap() {
-        let mut cpuid = CpuId::from_entries(&[entry(1, 0, !0), entry(7, 0, 0), entry(0xd, 0, 1), entry(0xd, 1, 1)]).unwrap();
+        let mut cpuid =
+            CpuId::from_entries(&[entry(1, 0, !0), entry(7, 0, 0), entry(0xd, 0, 1), entry(0xd, 1, 1)])
+                .unwrap();
         CpuTemplate::named("baseline").unwrap().apply(&mut cpuid);
         let leaves = cpuid.as_slice();
         assert_eq!(leaves.len(), 2, "leaf 0xd removed");

@@ -64,7 +64,13 @@ mod tests {
 
     fn read_item(dev: &mut FwCfg, key: u16, len: usize) -> Vec<u8> {
         dev.write(FW_CFG_BASE, 0, &key.to_le_bytes());
-        (0..len).map(|_| { let mut b = [0]; dev.read(FW_CFG_BASE, 1, &mut b); b[0] }).collect()
+        (0..len)
+            .map(|_| {
+                let mut b = [0];
+                dev.read(FW_CFG_BASE, 1, &mut b);
+                b[0]
+            })
+            .collect()
     }
 
     #[test]
