@@ -1,17 +1,21 @@
-//! `carve vm run` and `carve vm cpu-templates`.
+//! `carve vm run`, `carve vm check-state` and `carve vm cpu-templates`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
-use carve_vmm::{KernelSpec, SerialSink, Vm, VmConfig, VmExit};
+use carve_vmm::guest_state::file::StateFile;
+use carve_vmm::guest_state::{self, Platform};
+use carve_vmm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmExit};
 use clap::{ArgGroup, Args, Subcommand};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Boot a kernel (bzImage, PVH ELF or multiboot ELF) or the built-in demo guest.
     Run(RunArgs),
+    /// Check a vCPU state file against the VM-entry guest-state rules (status 1 if any break).
+    CheckState(CheckStateArgs),
     /// List the CPU templates `--cpu-template` accepts.
     CpuTemplates {
         /// Print the templates as JSON (the data carve applies).
@@ -53,6 +57,22 @@ pub struct RunArgs {
     /// Print exit counters to standard error when the VM ends.
     #[arg(long)]
     stats: bool,
+    /// Write vCPU 0's initial state (the `check-state` JSON format) to FILE before running.
+    #[arg(long, value_name = "FILE")]
+    dump_state: Option<PathBuf>,
+    /// Start vCPU 0 with the segment, control registers and RFLAGS of a state file.
+    #[arg(long, value_name = "FILE")]
+    load_state: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CheckStateArgs {
+    /// State file: segments (kvm_segment fields), gdt, idt, cr0, cr3, cr4, efer, rflags.
+    #[arg(long, value_name = "FILE.json")]
+    state: PathBuf,
+    /// Check as with or without VMX "unrestricted guest" (default: as this host's KVM).
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    unrestricted_guest: Option<bool>,
 }
 
 #[derive(Clone)]
@@ -81,6 +101,7 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 pub fn run(command: VmCommand) -> ExitCode {
     match command {
         VmCommand::Run(args) => run_vm(args),
+        VmCommand::CheckState(args) => check_state(args),
         VmCommand::CpuTemplates { json } => {
             for template in CpuTemplate::all() {
                 if json {
@@ -114,6 +135,10 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Some(path) => KernelSpec::Path(path),
         None => KernelSpec::Embedded { name: "carve-demo", image: carve_guest_images::DEMO_ELF },
     };
+    let load_state = match args.load_state.as_deref().map(read_state).transpose() {
+        Ok(state) => state,
+        Err(e) => return fail(e),
+    };
     let serial_to_stdout = matches!(args.serial, SerialArg::Stdout);
     let config = VmConfig {
         kernel,
@@ -129,8 +154,22 @@ fn run_vm(args: RunArgs) -> ExitCode {
         },
         serial_input: serial_to_stdout,
         testdev: args.testdev,
+        load_state,
+        entry_check: EntryCheck::default(),
     };
-    let outcome = match Vm::build(config).and_then(Vm::run) {
+    let vm = match Vm::build(config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    for warning in vm.entry_warnings() {
+        eprintln!("carve: warning: {warning}");
+    }
+    if let Some(path) = &args.dump_state {
+        if let Err(e) = dump_state(&vm, path) {
+            return fail(e);
+        }
+    }
+    let outcome = match vm.run() {
         Ok(outcome) => outcome,
         Err(e) => return fail(e),
     };
@@ -147,4 +186,47 @@ fn run_vm(args: RunArgs) -> ExitCode {
         _ => {}
     }
     ExitCode::from(outcome.exit.status() as u8)
+}
+
+fn read_state(path: &Path) -> Result<StateFile, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read state file {}: {e}", path.display()))?;
+    StateFile::parse(&text).map_err(|e| format!("state file {}: {e}", path.display()))
+}
+
+fn dump_state(vm: &Vm, path: &Path) -> Result<(), String> {
+    let vcpu = vm.boot_vcpu();
+    let read_failed = |e: kvm_ioctls::Error| format!("cannot read vCPU 0's state: {e}");
+    let sregs = vcpu.get_sregs().map_err(read_failed)?;
+    let regs = vcpu.get_regs().map_err(read_failed)?;
+    std::fs::write(path, StateFile::from_kvm(&sregs, regs.rflags).to_json())
+        .map_err(|e| format!("cannot write state file {}: {e}", path.display()))
+}
+
+fn check_state(args: CheckStateArgs) -> ExitCode {
+    let state = match read_state(&args.state) {
+        Ok(state) => state,
+        Err(e) => return fail(e),
+    };
+    let mut platform = host_platform();
+    if let Some(unrestricted) = args.unrestricted_guest {
+        platform.unrestricted_guest = unrestricted;
+    }
+    let violations = guest_state::check(&state.guest_state(&platform), &platform);
+    for violation in &violations {
+        println!("{violation}");
+    }
+    if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// This host as KVM presents it, or an Intel host with unrestricted guest when KVM is absent.
+fn host_platform() -> Platform {
+    kvm_ioctls::Kvm::new()
+        .and_then(|kvm| kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES))
+        .map(|cpuid| Platform::host(&cpuid))
+        .unwrap_or(Platform::intel(true))
 }

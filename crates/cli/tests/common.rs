@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+#[allow(unused_imports)]
 pub use carve_guest_images::{path as guest, Format};
 
 /// Whether /dev/kvm can be used here. Tests that need it print a clear SKIPPED line otherwise.

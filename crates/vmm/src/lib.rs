@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod guest_state;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
@@ -17,4 +18,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use exit::VmExit;
-pub use vm::{KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome};
+pub use vm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome};

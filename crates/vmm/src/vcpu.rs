@@ -4,13 +4,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msr_entry, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msr_entry, kvm_sregs, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
+use crate::guest_state::{self, GuestState, Platform};
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
@@ -80,6 +81,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     pub stats: IoStats,
     pub mem: GuestMemoryMmap,
+    /// What the VM-entry checks assume, for explaining a failed entry.
+    pub platform: Platform,
 }
 
 pub struct Vcpu {
@@ -93,6 +96,7 @@ enum Step {
     Continue,
     Stop(VmExit),
     Crash(CrashKind, String),
+    FailedEntry(u64, u32),
     InternalError,
 }
 
@@ -105,6 +109,15 @@ impl Vcpu {
                 Step::Continue => continue,
                 Step::Stop(exit) => exit,
                 Step::Crash(kind, what) => self.crash(kind, what),
+                Step::FailedEntry(reason, cpu) => {
+                    let what = format!(
+                        "failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU \
+                         {cpu}): {}; {}",
+                        describe_entry_failure(reason),
+                        self.broken_entry_rules()
+                    );
+                    self.crash(CrashKind::FailedEntry, what)
+                }
                 Step::InternalError => {
                     let what = self.internal_error_detail();
                     self.crash(CrashKind::InternalError, what)
@@ -155,14 +168,7 @@ impl Vcpu {
                  IDT, a bad stack pointer, or a page fault in the guest's own page tables"
                     .into(),
             ),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Crash(
-                CrashKind::FailedEntry,
-                format!(
-                    "failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU \
-                     {cpu}): {}",
-                    describe_entry_failure(reason)
-                ),
-            ),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::FailedEntry(reason, cpu),
             Ok(VcpuExit::InternalError) => Step::InternalError,
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmExit::PowerOff),
@@ -208,6 +214,14 @@ impl Vcpu {
             internal.suberror,
             data.join(", ")
         )
+    }
+
+    /// The VM-entry rules the vCPU's current state breaks, as one clause.
+    fn broken_entry_rules(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => broken_entry_rules(&sregs, regs.rflags, &self.context.platform),
+            _ => "the registers could not be read to check them".into(),
+        }
     }
 
     fn crash(&self, kind: CrashKind, what: String) -> VmExit {
@@ -264,8 +278,23 @@ impl Vcpu {
     }
 }
 
+/// What carve's guest-state checks say about a state KVM failed to enter.
+fn broken_entry_rules(sregs: &kvm_sregs, rflags: u64, platform: &Platform) -> String {
+    let violations = guest_state::check(&GuestState::from_kvm(sregs, rflags, platform), platform);
+    if violations.is_empty() {
+        return "carve's guest-state checks find no broken rule (on Intel, load kvm_intel with \
+                dump_invalid_vmcs=1 for the hardware's VMCS dump)"
+            .into();
+    }
+    let rules: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    format!("carve's guest-state checks find: {}", rules.join("; "))
+}
+
 /// Decodes the VMX basic exit reason of a failed entry.
 fn describe_entry_failure(reason: u64) -> &'static str {
+    if reason == u64::MAX {
+        return "VMRUN's consistency checks (AMD SVM) refused the guest state";
+    }
     match reason & 0xffff {
         33 => {
             "the hardware found invalid guest state (segment registers, CR0/CR4/EFER, RFLAGS or \
@@ -274,5 +303,25 @@ fn describe_entry_failure(reason: u64) -> &'static str {
         34 => "loading MSRs on VM entry failed",
         41 => "a machine-check event occurred during VM entry",
         _ => "the hardware refused to enter the guest with this state",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_entry_is_explained_by_the_rules_the_state_breaks() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let entry = crate::boot::cpu_state::EntryState::Long64 { rip: 0x100200, rsi: 0x7000 };
+        let mut sregs = crate::boot::cpu_state::boot_sregs(&mem, entry, Default::default()).unwrap();
+        let platform = Platform::intel(true);
+        assert!(broken_entry_rules(&sregs, 2, &platform).contains("find no broken rule"));
+        sregs.tr.selector |= 4;
+        let text =
+            format!("{}; {}", describe_entry_failure(0x8000_0021), broken_entry_rules(&sregs, 2, &platform));
+        assert!(text.starts_with("the hardware found invalid guest state"), "{text}");
+        assert!(text.contains("tr.selector = 0x24: the TI flag (bit 2) must be 0 [S1"), "{text}");
+        assert!(describe_entry_failure(u64::MAX).contains("AMD SVM"));
     }
 }

@@ -25,6 +25,8 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{IrqEventFd, SerialOutput, SerialPort, COM1_BASE, COM1_LEN};
 use crate::devices::testdev::{Testdev, TestdevHost, IOMEM_BASE, IOMEM_LEN};
 use crate::exit::{ExitSignal, VmExit};
+use crate::guest_state::file::{StateFile, StateFileError};
+use crate::guest_state::{self, GuestState, Platform, Violation};
 use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MpTableError};
@@ -58,6 +60,40 @@ pub enum VmError {
     SerialOutput { path: PathBuf, source: std::io::Error },
     #[error("cannot start the VM's threads or event loop: {0}")]
     Host(String),
+    #[error("cannot load the vCPU state: {0}")]
+    LoadState(#[from] StateFileError),
+    #[error("vCPU {vcpu}'s state breaks {} VM-entry rule(s): {}", violations.len(), join(violations))]
+    InvalidGuestState { vcpu: usize, violations: Vec<Violation> },
+    #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
+    StateRefused { source: kvm_ioctls::Error, violations: Vec<Violation> },
+}
+
+fn join(violations: &[Violation]) -> String {
+    if violations.is_empty() {
+        return "no broken rule".into();
+    }
+    violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// What a broken VM-entry rule in a vCPU's starting state does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryCheck {
+    /// Stop the start with [`VmError::InvalidGuestState`].
+    Refuse,
+    /// Start anyway and report the violations through [`Vm::entry_warnings`].
+    Warn,
+}
+
+impl Default for EntryCheck {
+    /// Debug builds refuse, so a boot path that builds a bad state fails its tests; release
+    /// builds warn, as the host may still accept what the SDM forbids.
+    fn default() -> Self {
+        if cfg!(debug_assertions) {
+            EntryCheck::Refuse
+        } else {
+            EntryCheck::Warn
+        }
+    }
 }
 
 fn kvm_hint(error: kvm_ioctls::Error) -> &'static str {
@@ -98,6 +134,9 @@ pub struct VmConfig {
     pub serial_input: bool,
     /// Map QEMU's pc-testdev (for kvm-unit-tests).
     pub testdev: bool,
+    /// Registers to start vCPU 0 with instead of the boot protocol's (`--load-state`).
+    pub load_state: Option<StateFile>,
+    pub entry_check: EntryCheck,
 }
 
 impl VmConfig {
@@ -112,6 +151,8 @@ impl VmConfig {
             serial: SerialSink::Stdout,
             serial_input: false,
             testdev: false,
+            load_state: None,
+            entry_check: EntryCheck::default(),
         }
     }
 }
@@ -130,6 +171,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialPort>>,
     serial_input: bool,
     boot: BootSetup,
+    entry_warnings: Vec<String>,
     _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
 }
@@ -195,21 +237,41 @@ impl Vm {
             }
             mmio.insert(testdev, IOMEM_BASE, IOMEM_LEN)?;
         }
-        let context = Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone() });
-
         let supported =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+        let platform = Platform::host(&supported);
+        let context =
+            Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone(), platform });
+
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
             let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
             configure_vcpu(&fd, &supported, &config.cpu_template, index, vcpu_count)?;
             if index == 0 {
                 boot::cpu_state::apply(&fd, &mem, boot.entry)?;
+                if let Some(state) = &config.load_state {
+                    load_state(&fd, state, &platform, config.entry_check)?;
+                }
             }
             vcpus.push(Vcpu { index: index.into(), fd, context: context.clone() });
         }
+        let entry_warnings = check_entry_states(&vcpus, &platform, config.entry_check)?;
 
-        Ok(Vm { vcpus, context, serial, serial_input: config.serial_input, boot, _vm_fd: vm_fd, _kvm: kvm })
+        Ok(Vm {
+            vcpus,
+            context,
+            serial,
+            serial_input: config.serial_input,
+            boot,
+            entry_warnings,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+        })
+    }
+
+    /// Rules the starting state breaks, when [`EntryCheck::Warn`] let it start anyway.
+    pub fn entry_warnings(&self) -> &[String] {
+        &self.entry_warnings
     }
 
     pub fn boot_setup(&self) -> &BootSetup {
@@ -277,6 +339,55 @@ fn configure_vcpu(
     fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
     vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;
+    Ok(())
+}
+
+/// Checks every vCPU that will enter with its current state (APs waiting for SIPI get theirs
+/// from KVM later) against the VM-entry rules.
+fn check_entry_states(
+    vcpus: &[Vcpu],
+    platform: &Platform,
+    policy: EntryCheck,
+) -> Result<Vec<String>, VmError> {
+    let mut warnings = Vec::new();
+    for vcpu in vcpus {
+        let mp_state = vcpu.fd.get_mp_state().map_err(kvm_error("read a vCPU's MP state"))?;
+        if mp_state.mp_state != kvm_bindings::KVM_MP_STATE_RUNNABLE {
+            continue;
+        }
+        let sregs = vcpu.fd.get_sregs().map_err(kvm_error("read a vCPU's special registers"))?;
+        let regs = vcpu.fd.get_regs().map_err(kvm_error("read a vCPU's registers"))?;
+        let violations = guest_state::check(&GuestState::from_kvm(&sregs, regs.rflags, platform), platform);
+        if violations.is_empty() {
+            continue;
+        }
+        if policy == EntryCheck::Refuse {
+            return Err(VmError::InvalidGuestState { vcpu: vcpu.index, violations });
+        }
+        warnings.extend(
+            violations.iter().map(|v| format!("vCPU {} state breaks a VM-entry rule: {v}", vcpu.index)),
+        );
+    }
+    Ok(warnings)
+}
+
+/// Replaces vCPU 0's registers with a state file's, checking it first.
+fn load_state(
+    fd: &VcpuFd,
+    state: &StateFile,
+    platform: &Platform,
+    policy: EntryCheck,
+) -> Result<(), VmError> {
+    let violations = guest_state::check(&state.guest_state(platform), platform);
+    if policy == EntryCheck::Refuse && !violations.is_empty() {
+        return Err(VmError::InvalidGuestState { vcpu: 0, violations });
+    }
+    let current = fd.get_sregs().map_err(kvm_error("read vCPU 0's special registers"))?;
+    let (sregs, rflags) = state.to_kvm(&current)?;
+    fd.set_sregs(&sregs).map_err(|source| VmError::StateRefused { source, violations })?;
+    let mut regs = fd.get_regs().map_err(kvm_error("read vCPU 0's registers"))?;
+    regs.rflags = rflags;
+    fd.set_regs(&regs).map_err(kvm_error("set vCPU 0's registers"))?;
     Ok(())
 }
 
