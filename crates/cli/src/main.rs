@@ -1,5 +1,10 @@
-//! `carve`: Nitro-Enclaves-style enclaves on any KVM host. This session's commands: `carve vm`.
+//! `carve`: Nitro-Enclaves-style enclaves on any KVM host. nitro-cli's image commands
+//! (`build-enclave`, `describe-eif`, `sign-eif`, `pcr`, `explain`) and `carve vm`.
 
+mod cpio;
+mod image;
+mod nitro_error;
+mod oci;
 mod vm;
 
 use std::process::ExitCode;
@@ -18,11 +23,33 @@ enum Command {
     /// Run and inspect plain microVMs (carve's VMM underneath enclaves).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Build an enclave image (EIF) from a kernel and ramdisks or from a container image archive.
+    BuildEnclave(image::BuildArgs),
+    /// Describe an EIF: version, measurements, signature, CRC and metadata.
+    DescribeEif(image::DescribeArgs),
+    /// Sign an EIF (replacing any signature) with a PEM key and certificate.
+    SignEif(image::SignArgs),
+    /// Print the PCR of a file's bytes, or PCR8 of a signing certificate.
+    Pcr(image::PcrArgs),
+    /// Explain a nitro-cli error code (Exx).
+    Explain {
+        #[arg(long, value_name = "Exx")]
+        error_code: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Vm(command) => vm::run(command),
+    let result = match cli.command {
+        Command::Vm(command) => return vm::run(command),
+        Command::Explain { error_code } => return nitro_error::explain(&error_code),
+        Command::BuildEnclave(args) => image::build_enclave(args),
+        Command::DescribeEif(args) => image::describe_eif(args),
+        Command::SignEif(args) => image::sign_eif(args),
+        Command::Pcr(args) => image::pcr(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => error.report(),
     }
 }

@@ -14,7 +14,7 @@ pub use header::{EifHeader, SectionType};
 pub use measure::{Measurements, Pcr};
 pub use reader::{read, read_file, EifSummary, SectionInfo, SectionSink};
 pub use signature::{SignatureError, SigningCertificate, SigningKey};
-pub use writer::{EifBuilder, SectionInput};
+pub use writer::{sign_image, EifBuilder, SectionInput};
 
 /// Why an EIF could not be read or written; each reads as a sentence about the image.
 #[derive(Debug, thiserror::Error)]

@@ -107,6 +107,49 @@ impl<'a> EifBuilder<'a> {
     }
 }
 
+/// Rewrites the image `source` (read and checked into `summary`) to `out` with a new signature
+/// for `key` and `certificate`: the other sections keep their order, an old signature is
+/// dropped and the new one appended.
+pub fn sign_image<R: Read + Seek, W: Write + Seek>(
+    source: &mut R,
+    summary: &crate::EifSummary,
+    key: &SigningKey,
+    certificate: &SigningCertificate,
+    out: &mut W,
+) -> Result<Measurements, EifError> {
+    let mut writer = SectionWriter {
+        out,
+        position: HEADER_LEN as u64,
+        crc: crc32fast::Hasher::new(),
+        hashers: ImageHashers::default(),
+        table: Vec::with_capacity(summary.sections.len() + 1),
+    };
+    writer.out.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(EifError::Output)?;
+    let mut ramdisks = 0;
+    for (index, section) in summary.sections.iter().enumerate() {
+        let measured = match section.section_type {
+            SectionType::Signature => continue,
+            SectionType::Metadata => None,
+            SectionType::Kernel | SectionType::Cmdline => Some(Measured::Boot),
+            SectionType::Ramdisk => {
+                ramdisks += 1;
+                Some(if ramdisks == 1 { Measured::FirstRamdisk } else { Measured::OtherRamdisk })
+            }
+        };
+        let name = format!("section {index} of the image");
+        source
+            .seek(SeekFrom::Start(section.data_offset()))
+            .map_err(|source| EifError::Input { name: name.clone(), source })?;
+        let mut input = SectionInput::new(name, (&mut *source).take(section.size), section.size);
+        writer.section(section.section_type, &mut input, measured)?;
+    }
+    let measurements = std::mem::take(&mut writer.hashers).finish(Some(certificate.pcr8()));
+    let signature = sign_section(&measurements.pcr0, key, certificate).map_err(EifError::BadSignature)?;
+    writer.section(SectionType::Signature, &mut SectionInput::bytes("signature", &signature), None)?;
+    writer.finish_with(summary.header.version.max(3), summary.header.flags)?;
+    Ok(measurements)
+}
+
 struct SectionWriter<'w, W> {
     out: &'w mut W,
     position: u64,
@@ -154,8 +197,12 @@ impl<W: Write + Seek> SectionWriter<'_, W> {
     }
 
     fn finish(self, flags: u16) -> Result<(), EifError> {
+        self.finish_with(CURRENT_VERSION, flags)
+    }
+
+    fn finish_with(self, version: u16, flags: u16) -> Result<(), EifError> {
         let mut header = EifHeader {
-            version: CURRENT_VERSION,
+            version,
             flags,
             default_mem: DEFAULT_MEM,
             default_cpus: DEFAULT_CPUS,

@@ -1,0 +1,366 @@
+//! nitro-cli's image commands: build-enclave, describe-eif, sign-eif and pcr, with its flags,
+//! JSON and E-codes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use carve_eif::measure::{hex, PcrHasher};
+use carve_eif::metadata::{
+    kernel_identity, rfc3339_now, BuildInfo, IdentityInfo, MetadataDescription, MAX_CUSTOM_METADATA,
+};
+use carve_eif::signature::CertificateInfo;
+use carve_eif::{EifBuilder, EifError, Measurements, SectionInput, SigningCertificate, SigningKey};
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::nitro_error::{ErrorCode, NitroError};
+use crate::oci;
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Container image to build from: its name in --oci-archive (carve never pulls images).
+    #[arg(long, value_name = "URI", conflicts_with = "kernel")]
+    docker_uri: Option<String>,
+    /// `docker save` output or an OCI image-layout tarball holding the image.
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
+    oci_archive: Option<PathBuf>,
+    /// Build from a Dockerfile directory (needs a container builder; not supported by carve).
+    #[arg(long, value_name = "DIR")]
+    docker_dir: Option<PathBuf>,
+    /// Kernel image (bzImage) for building without a container image.
+    #[arg(long, value_name = "PATH", requires_all = ["cmdline", "ramdisk"])]
+    kernel: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    cmdline: Option<String>,
+    /// Ramdisk (cpio or cpio.gz); repeat for more, in boot order (with --kernel).
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    ramdisk: Vec<PathBuf>,
+    /// Directory with bzImage, bzImage.config, cmdline, init and nsm.ko.
+    #[arg(long, value_name = "DIR", env = "NITRO_CLI_BLOBS")]
+    blobs_dir: Option<PathBuf>,
+    /// Where to write the image.
+    #[arg(long, value_name = "PATH")]
+    output_file: PathBuf,
+    /// PEM X.509 certificate to sign the image with.
+    #[arg(long, value_name = "PEM", requires = "private_key")]
+    signing_certificate: Option<PathBuf>,
+    /// PEM EC private key (P-256, P-384 or P-521) matching the certificate.
+    #[arg(long, value_name = "PATH", requires = "signing_certificate")]
+    private_key: Option<PathBuf>,
+    /// Image name recorded in the metadata.
+    #[arg(long = "name", value_name = "NAME")]
+    image_name: Option<String>,
+    /// Image version recorded in the metadata.
+    #[arg(long = "version", value_name = "VERSION")]
+    image_version: Option<String>,
+    /// JSON file of custom metadata (at most 4096 bytes).
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DescribeArgs {
+    #[arg(long, value_name = "PATH")]
+    eif_path: PathBuf,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["input", "signing_certificate"])))]
+pub struct PcrArgs {
+    /// A file whose bytes to measure.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// A PEM certificate whose DER encoding to measure (PCR8).
+    #[arg(long, value_name = "PEM")]
+    signing_certificate: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SignArgs {
+    #[arg(long, value_name = "PATH")]
+    eif_path: PathBuf,
+    #[arg(long, value_name = "PEM")]
+    signing_certificate: PathBuf,
+    #[arg(long, value_name = "PATH")]
+    private_key: PathBuf,
+}
+
+#[derive(Serialize)]
+struct BuildOutput {
+    #[serde(rename = "Measurements")]
+    measurements: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct DescribeOutput {
+    #[serde(rename = "EifVersion")]
+    version: u16,
+    #[serde(rename = "Measurements")]
+    measurements: BTreeMap<String, String>,
+    #[serde(rename = "IsSigned")]
+    is_signed: bool,
+    #[serde(rename = "SigningCertificate", skip_serializing_if = "Option::is_none")]
+    certificate: Option<CertificateInfo>,
+    #[serde(rename = "CheckCRC")]
+    crc_check: bool,
+    #[serde(rename = "SignatureCheck", skip_serializing_if = "Option::is_none")]
+    signature_check: Option<bool>,
+    #[serde(rename = "ImageName", skip_serializing_if = "Option::is_none")]
+    image_name: Option<String>,
+    #[serde(rename = "ImageVersion", skip_serializing_if = "Option::is_none")]
+    image_version: Option<String>,
+    #[serde(rename = "Metadata", skip_serializing_if = "Option::is_none")]
+    metadata: Option<MetadataDescription>,
+}
+
+fn print_json(value: &impl Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("command output always serializes"));
+}
+
+fn eif_error(code: ErrorCode, path: &Path, error: EifError) -> NitroError {
+    match error {
+        EifError::Io(e) => NitroError::file(path, "read", e),
+        EifError::Output(e) => NitroError::file(path, "write", e),
+        other => NitroError::new(code, format!("{}: {other}", path.display())),
+    }
+}
+
+pub fn describe_eif(args: DescribeArgs) -> Result<(), NitroError> {
+    let path = &args.eif_path;
+    let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
+    let identity = match &summary.metadata {
+        Some(bytes) => Some(IdentityInfo::parse(bytes).map_err(|e| {
+            NitroError::new(
+                ErrorCode::EIF_PARSING,
+                format!("{}: the metadata section is not valid: {e}", path.display()),
+            )
+        })?),
+        None => None,
+    };
+    let output = DescribeOutput {
+        version: summary.header.version,
+        measurements: summary.measurements.to_map(),
+        is_signed: summary.signature.is_some(),
+        certificate: summary.signature.as_ref().map(|s| s.certificate.describe()),
+        crc_check: summary.crc_ok(),
+        signature_check: summary.signature_check(),
+        image_name: identity.as_ref().map(|i| i.image_name.clone()),
+        image_version: identity.as_ref().map(|i| i.image_version.clone()),
+        metadata: identity.map(MetadataDescription::from),
+    };
+    print_json(&output);
+    Ok(())
+}
+
+/// `carve pcr`: one streaming pass over the file, in constant memory.
+pub fn pcr(args: PcrArgs) -> Result<(), NitroError> {
+    let mut output = BTreeMap::new();
+    if let Some(path) = &args.signing_certificate {
+        let pem = std::fs::read(path).map_err(|e| NitroError::file(path, "read", e))?;
+        let certificate = SigningCertificate::from_pem(&pem)
+            .map_err(|e| NitroError::new(ErrorCode::HASHER, format!("{}: {e}", path.display())))?;
+        output.insert("PCR8", hex(&certificate.pcr8()));
+    } else if let Some(path) = &args.input {
+        let mut file = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
+        let mut hasher = PcrHasher::default();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buffer[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(NitroError::file(path, "read", e)),
+            }
+        }
+        output.insert("PCR", hex(&hasher.finish()));
+    }
+    print_json(&output);
+    Ok(())
+}
+
+fn load_signer(
+    certificate: &Path,
+    key: &Path,
+    code: ErrorCode,
+) -> Result<(SigningKey, SigningCertificate), NitroError> {
+    let pem = std::fs::read(certificate).map_err(|e| NitroError::file(certificate, "read", e))?;
+    let certificate = SigningCertificate::from_pem(&pem)
+        .map_err(|e| NitroError::new(code, format!("{}: {e}", certificate.display())))?;
+    let key_text = std::fs::read_to_string(key).map_err(|e| NitroError::file(key, "read", e))?;
+    let key = SigningKey::from_pem(&key_text)
+        .map_err(|e| NitroError::new(code, format!("{}: {e}", key.display())))?;
+    Ok((key, certificate))
+}
+
+/// Writes through a temporary file renamed into place, so a failed build leaves nothing.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> Result<Measurements, NitroError>,
+) -> Result<Measurements, NitroError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.carve-{}", std::process::id()));
+    let mut file = File::create(&temporary).map_err(|e| NitroError::file(path, "create", e))?;
+    let result = write(&mut file).and_then(|m| {
+        file.sync_all().map_err(|e| NitroError::file(path, "write", e))?;
+        std::fs::rename(&temporary, path).map_err(|e| NitroError::file(path, "create", e))?;
+        Ok(m)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result
+}
+
+fn input_file(path: &Path) -> Result<SectionInput<'static>, NitroError> {
+    let file = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
+    let meta = file.metadata().map_err(|e| NitroError::file(path, "read", e))?;
+    if meta.is_dir() {
+        return Err(NitroError::file(path, "read", "it is a directory"));
+    }
+    Ok(SectionInput::new(path.display().to_string(), BufReader::with_capacity(1 << 20, file), meta.len()))
+}
+
+fn custom_metadata(path: Option<&Path>) -> Result<Value, NitroError> {
+    let Some(path) = path else { return Ok(Value::Null) };
+    let meta = std::fs::metadata(path).map_err(|e| NitroError::file(path, "read", e))?;
+    if !meta.is_file() || meta.len() > MAX_CUSTOM_METADATA {
+        let why = if meta.is_file() { "it is larger than 4096 bytes" } else { "it is not a file" };
+        return Err(NitroError::new(
+            ErrorCode::EIF_BUILDING,
+            format!("cannot use metadata file '{}': {why}", path.display()),
+        ));
+    }
+    let text = std::fs::read(path).map_err(|e| NitroError::file(path, "read", e))?;
+    serde_json::from_slice(&text).map_err(|e| {
+        NitroError::new(
+            ErrorCode::EIF_BUILDING,
+            format!("metadata file '{}' is not JSON: {e}", path.display()),
+        )
+    })
+}
+
+fn build_info(kernel: &Path) -> BuildInfo {
+    let config = std::fs::read_to_string(format!("{}.config", kernel.display())).unwrap_or_default();
+    let (operating_system, kernel_version) = kernel_identity(&config);
+    BuildInfo {
+        build_time: rfc3339_now(),
+        build_tool: "carve".into(),
+        build_tool_version: env!("CARGO_PKG_VERSION").into(),
+        operating_system,
+        kernel_version,
+    }
+}
+
+/// What goes into an image besides its signer: kernel, cmdline, ramdisks and identity.
+struct ImageParts {
+    kernel: PathBuf,
+    cmdline: String,
+    ramdisks: Vec<SectionInput<'static>>,
+    default_name: String,
+    default_version: String,
+    docker_info: Value,
+}
+
+pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
+    eprintln!("Start building the Enclave Image...");
+    let custom = custom_metadata(args.metadata.as_deref())?;
+    let signer = match (&args.signing_certificate, &args.private_key) {
+        (Some(certificate), Some(key)) => Some(load_signer(certificate, key, ErrorCode::EIF_BUILDING)?),
+        _ => None,
+    };
+    let parts = match &args.kernel {
+        Some(kernel) => ImageParts {
+            kernel: kernel.clone(),
+            cmdline: args.cmdline.clone().unwrap_or_default(),
+            ramdisks: args.ramdisk.iter().map(|p| input_file(p)).collect::<Result<_, _>>()?,
+            default_name: args
+                .output_file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            default_version: "1.0".into(),
+            docker_info: Value::Object(Default::default()),
+        },
+        None => container_parts(&args)?,
+    };
+    let identity = IdentityInfo {
+        image_name: args.image_name.clone().unwrap_or(parts.default_name),
+        image_version: args.image_version.clone().unwrap_or(parts.default_version),
+        build_info: build_info(&parts.kernel),
+        docker_info: parts.docker_info,
+        custom_metadata: custom,
+    };
+    let mut builder = EifBuilder::new(input_file(&parts.kernel)?, parts.cmdline.trim(), identity.to_json());
+    for ramdisk in parts.ramdisks {
+        builder = builder.ramdisk(ramdisk);
+    }
+    if let Some((key, certificate)) = &signer {
+        builder = builder.sign(key, certificate);
+    }
+    let output = &args.output_file;
+    let measurements = write_atomically(output, |file| {
+        builder.write(file).map_err(|e| eif_error(ErrorCode::EIF_BUILDING, output, e))
+    })?;
+    eprintln!("Enclave Image successfully created.");
+    print_json(&BuildOutput { measurements: measurements.to_map() });
+    Ok(())
+}
+
+/// Kernel, cmdline and bootstrap ramdisk from the blobs directory; the customer ramdisk from
+/// the container image.
+fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
+    if args.docker_dir.is_some() {
+        return Err(NitroError::new(
+            ErrorCode::DOCKER_IMAGE_BUILD,
+            "carve builds no container images (--docker-dir); build it with your tools, `docker save` it and pass --oci-archive",
+        ));
+    }
+    let Some(archive) = &args.oci_archive else {
+        return Err(NitroError::new(
+            ErrorCode::DOCKER_IMAGE_PULL,
+            "carve does not pull images from a registry or a Docker daemon; `docker save` the image and pass the archive with --oci-archive",
+        ));
+    };
+    let blobs = args.blobs_dir.clone().unwrap_or_else(|| PathBuf::from("/usr/share/nitro_enclaves/blobs"));
+    if !blobs.is_dir() {
+        return Err(NitroError::new(
+            ErrorCode::BLOBS_PATH_NOT_SET,
+            format!(
+                "blobs directory '{}' does not exist; set --blobs-dir or NITRO_CLI_BLOBS",
+                blobs.display()
+            ),
+        ));
+    }
+    let cmdline_path = blobs.join("cmdline");
+    let cmdline =
+        std::fs::read_to_string(&cmdline_path).map_err(|e| NitroError::file(&cmdline_path, "read", e))?;
+    let image = oci::Image::open(archive, args.docker_uri.as_deref())?;
+    let bootstrap = oci::bootstrap_ramdisk(&blobs)?;
+    let customer = image.customer_ramdisk()?;
+    Ok(ImageParts {
+        kernel: blobs.join("bzImage"),
+        cmdline,
+        ramdisks: vec![bootstrap, customer],
+        default_name: image.name(),
+        default_version: image.id_hex(),
+        docker_info: image.docker_info(),
+    })
+}
+
+pub fn sign_eif(args: SignArgs) -> Result<(), NitroError> {
+    let path = &args.eif_path;
+    let (key, certificate) = load_signer(&args.signing_certificate, &args.private_key, ErrorCode::SIGNING)?;
+    let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
+    let mut source = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
+    let measurements = write_atomically(path, |file| {
+        carve_eif::sign_image(&mut source, &summary, &key, &certificate, file)
+            .map_err(|e| eif_error(ErrorCode::SIGNING, path, e))
+    })?;
+    eprintln!("Enclave Image successfully signed.");
+    print_json(&BuildOutput { measurements: measurements.to_map() });
+    Ok(())
+}
