@@ -57,6 +57,8 @@ pub enum EifError {
     CrcMismatch { header: u32, computed: u32 },
     #[error("the signature section is invalid: {0}")]
     BadSignature(SignatureError),
+    #[error("cannot sign the image: {0}")]
+    Sign(SignatureError),
     #[error("cannot read {name}: {source}")]
     Input { name: String, source: std::io::Error },
     #[error("{name} changed while it was written: expected {expected} bytes")]

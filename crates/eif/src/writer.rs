@@ -98,8 +98,7 @@ impl<'a> EifBuilder<'a> {
         let pcr8 = self.signer.map(|(_, certificate)| certificate.pcr8());
         let measurements = std::mem::take(&mut writer.hashers).finish(pcr8);
         if let Some((key, certificate)) = self.signer {
-            let section =
-                sign_section(&measurements.pcr0, key, certificate).map_err(EifError::BadSignature)?;
+            let section = sign_section(&measurements.pcr0, key, certificate).map_err(EifError::Sign)?;
             writer.section(SectionType::Signature, &mut SectionInput::bytes("signature", &section), None)?;
         }
         writer.finish(self.flags)?;
@@ -144,7 +143,7 @@ pub fn sign_image<R: Read + Seek, W: Write + Seek>(
         writer.section(section.section_type, &mut input, measured)?;
     }
     let measurements = std::mem::take(&mut writer.hashers).finish(Some(certificate.pcr8()));
-    let signature = sign_section(&measurements.pcr0, key, certificate).map_err(EifError::BadSignature)?;
+    let signature = sign_section(&measurements.pcr0, key, certificate).map_err(EifError::Sign)?;
     writer.section(SectionType::Signature, &mut SectionInput::bytes("signature", &signature), None)?;
     writer.finish_with(summary.header.version.max(3), summary.header.flags)?;
     Ok(measurements)

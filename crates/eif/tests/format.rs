@@ -314,7 +314,7 @@ fn a_key_that_does_not_match_the_certificate_is_refused() {
     let err = builder.write(&mut Cursor::new(Vec::new())).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "the signature section is invalid: the private key does not match the signing certificate's public key"
+        "cannot sign the image: the private key does not match the signing certificate's public key"
     );
     assert!(
         SigningKey::from_pem("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n").is_err()

@@ -1,0 +1,467 @@
+//! nitro-cli's image commands through the `carve` binary: JSON shapes, stderr lines, E-codes,
+//! and container archives turned into ramdisks.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", stdout(out), stderr(out)))
+}
+
+fn dir(name: &str) -> PathBuf {
+    let dir = temp_path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Asserts nitro-cli's error shape: `[ Exx ] …` first, status = xx.
+fn assert_nitro_error(out: &Output, code: u8, expected: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(i32::from(code)), "{err}");
+    // build-enclave announces itself first, as nitro-cli does.
+    let first = err.lines().find(|l| l.starts_with("[ E")).unwrap_or_default();
+    assert!(first.starts_with(&format!("[ E{code:02} ] ")), "{err}");
+    assert!(first.contains(expected), "expected '{expected}' in: {err}");
+    assert!(err.contains(&format!("cli-errors.html#E{code:02}")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
+fn signer(dir: &Path, name: &str) -> (String, String) {
+    let key = dir.join(format!("{name}.key")).to_str().unwrap().to_string();
+    let cert = dir.join(format!("{name}.pem")).to_str().unwrap().to_string();
+    openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", &key]);
+    openssl(&[
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        &key,
+        "-out",
+        &cert,
+        "-days",
+        "7",
+        "-subj",
+        "/O=carve/CN=tests",
+    ]);
+    (key, cert)
+}
+
+fn build_kernel_image(dir: &Path, output: &Path, extra: &[&str]) -> Output {
+    let kernel = dir.join("bzImage");
+    let ramdisk = dir.join("ramdisk");
+    std::fs::write(&kernel, bytes(40_000, 1)).unwrap();
+    std::fs::write(&ramdisk, bytes(9_000, 2)).unwrap();
+    let mut args = vec![
+        "build-enclave",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 quiet",
+        "--ramdisk",
+        ramdisk.to_str().unwrap(),
+        "--ramdisk",
+        ramdisk.to_str().unwrap(),
+        "--output-file",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    carve(&args)
+}
+
+#[test]
+fn build_describe_sign_and_pcr_agree() {
+    let dir = dir("eif-commands");
+    let eif = dir.join("hello.eif");
+    let meta = dir.join("meta.json");
+    std::fs::write(&meta, r#"{"owner": "blue team", "build": 7}"#).unwrap();
+    let out = build_kernel_image(
+        &dir,
+        &eif,
+        &["--name", "hello", "--version", "2.0", "--metadata", meta.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "Start building the Enclave Image...\nEnclave Image successfully created.\n");
+    let built = json(&out);
+    assert!(stdout(&out)
+        .starts_with("{\n  \"Measurements\": {\n    \"HashAlgorithm\": \"Sha384 { ... }\",\n    \"PCR0\""));
+
+    let out = carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let described = json(&out);
+    let text = stdout(&out);
+    let keys: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("  \"")).map(|l| l.trim().split('"').nth(1).unwrap()).collect();
+    assert_eq!(
+        keys,
+        ["EifVersion", "Measurements", "IsSigned", "CheckCRC", "ImageName", "ImageVersion", "Metadata"]
+    );
+    assert_eq!(described["Measurements"], built["Measurements"]);
+    assert_eq!((described["EifVersion"].as_u64(), described["IsSigned"].as_bool()), (Some(4), Some(false)));
+    assert_eq!(
+        (described["ImageName"].as_str(), described["ImageVersion"].as_str()),
+        (Some("hello"), Some("2.0"))
+    );
+    assert_eq!(described["Metadata"]["owner"], "blue team");
+    assert_eq!(described["Metadata"]["BuildTool"], "carve");
+
+    // PCR2 is the measurement of the second ramdisk alone, which `carve pcr` computes too.
+    let out = carve(&["pcr", "--input", dir.join("ramdisk").to_str().unwrap()]);
+    assert_eq!(json(&out)["PCR"], described["Measurements"]["PCR2"]);
+
+    let (key, cert) = signer(&dir, "signer");
+    let out = carve(&[
+        "sign-eif",
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--signing-certificate",
+        &cert,
+        "--private-key",
+        &key,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "Enclave Image successfully signed.\n");
+    let signed = json(&out);
+    let pcr8 = json(&carve(&["pcr", "--signing-certificate", &cert]));
+    assert_eq!(signed["Measurements"]["PCR8"], pcr8["PCR8"]);
+    assert_eq!(signed["Measurements"]["PCR0"], built["Measurements"]["PCR0"]);
+
+    let described = json(&carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]));
+    assert_eq!(
+        (described["IsSigned"].as_bool(), described["SignatureCheck"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(described["CheckCRC"], true);
+    assert_eq!(described["SigningCertificate"]["IssuerName"]["commonName"], "tests");
+    assert_eq!(described["SigningCertificate"]["Algorithm"], "ecdsa-with-SHA256");
+
+    // Signing again replaces the signature rather than adding one.
+    let (key2, cert2) = signer(&dir, "second");
+    let out = carve(&[
+        "sign-eif",
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--signing-certificate",
+        &cert2,
+        "--private-key",
+        &key2,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let described = json(&carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]));
+    assert_eq!(
+        described["Measurements"]["PCR8"],
+        json(&carve(&["pcr", "--signing-certificate", &cert2]))["PCR8"]
+    );
+    assert_eq!(described["SignatureCheck"], true);
+
+    // A flipped byte: still described, CheckCRC false and the signature no longer matches.
+    let mut image = std::fs::read(&eif).unwrap();
+    image[600] ^= 0xff;
+    std::fs::write(&eif, image).unwrap();
+    let described = json(&carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]));
+    assert_eq!(
+        (described["CheckCRC"].as_bool(), described["SignatureCheck"].as_bool()),
+        (Some(false), Some(false))
+    );
+}
+
+#[test]
+fn signed_builds_check_the_key_against_the_certificate() {
+    let dir = dir("eif-signed-build");
+    let (key, cert) = signer(&dir, "a");
+    let (other_key, _) = signer(&dir, "b");
+    let eif = dir.join("signed.eif");
+    let out = build_kernel_image(&dir, &eif, &["--signing-certificate", &cert, "--private-key", &key]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(json(&out)["Measurements"]["PCR8"].is_string());
+    let described = json(&carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]));
+    assert_eq!(described["SignatureCheck"], true);
+
+    let mismatched = dir.join("mismatched.eif");
+    let out =
+        build_kernel_image(&dir, &mismatched, &["--signing-certificate", &cert, "--private-key", &other_key]);
+    assert_nitro_error(&out, 48, "the private key does not match the signing certificate's public key");
+    assert!(!mismatched.exists(), "a failed build leaves no file");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".carve-"))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    let out = carve(&[
+        "sign-eif",
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--signing-certificate",
+        &cert,
+        "--private-key",
+        &cert,
+    ]);
+    assert_nitro_error(&out, 60, "the private key is not a PEM EC key");
+    let out = carve(&[
+        "sign-eif",
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--signing-certificate",
+        &key,
+        "--private-key",
+        &key,
+    ]);
+    assert_nitro_error(&out, 60, "the signing certificate is not a PEM X.509 certificate");
+    let out = carve(&["pcr", "--signing-certificate", &key]);
+    assert_nitro_error(&out, 57, "the signing certificate is not a PEM X.509 certificate");
+}
+
+#[test]
+fn bad_images_and_paths_get_nitro_cli_codes() {
+    let dir = dir("eif-bad");
+    let eif = dir.join("good.eif");
+    assert_eq!(build_kernel_image(&dir, &eif, &[]).status.code(), Some(0));
+    let image = std::fs::read(&eif).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let describe = |path: &Path| carve(&["describe-eif", "--eif-path", path.to_str().unwrap()]);
+    assert_nitro_error(
+        &describe(&write("truncated.eif", &image[..image.len() / 2])),
+        35,
+        "past the end of the file",
+    );
+    assert_nitro_error(&describe(&write("text.eif", b"hello")), 35, "the image is truncated");
+    assert_nitro_error(&describe(&write("empty.eif", b"")), 35, "the image is truncated");
+    let mut magic = image.clone();
+    magic[0] = b'X';
+    assert_nitro_error(&describe(&write("magic.eif", &magic)), 35, "not an EIF");
+    assert_nitro_error(&describe(Path::new("/nonexistent/x.eif")), 19, "cannot read '/nonexistent/x.eif'");
+    assert_nitro_error(&describe(&dir), 19, "cannot read");
+    assert_nitro_error(
+        &carve(&["pcr", "--input", "/nonexistent/file"]),
+        19,
+        "cannot open '/nonexistent/file'",
+    );
+
+    let out = carve(&[
+        "build-enclave",
+        "--kernel",
+        "/nonexistent/bzImage",
+        "--cmdline",
+        "x",
+        "--ramdisk",
+        "/etc/hostname",
+        "--output-file",
+        dir.join("o.eif").to_str().unwrap(),
+    ]);
+    assert_nitro_error(&out, 19, "cannot open '/nonexistent/bzImage'");
+    let big = write("big.json", &vec![b' '; 5000]);
+    let out = build_kernel_image(&dir, &dir.join("o.eif"), &["--metadata", big.to_str().unwrap()]);
+    assert_nitro_error(&out, 48, "it is larger than 4096 bytes");
+    let bad = write("bad.json", b"{ nope");
+    let out = build_kernel_image(&dir, &dir.join("o.eif"), &["--metadata", bad.to_str().unwrap()]);
+    assert_nitro_error(&out, 48, "is not JSON");
+    let out = build_kernel_image(&dir, Path::new("/nonexistent/dir/o.eif"), &[]);
+    assert_nitro_error(&out, 19, "cannot create '/nonexistent/dir/o.eif'");
+
+    let out = carve(&["explain", "--error-code", "E35"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stderr(&out).starts_with("[ E35 ] EifParsingError: "), "{}", stderr(&out));
+    let out = carve(&["explain", "--error-code", "E99"]);
+    assert_eq!(stderr(&out), "No such error code E99\n");
+}
+
+/// A `docker save`-style archive: manifest.json, a config and two layers (the second gzipped,
+/// with a whiteout and an opaque directory).
+fn docker_archive(path: &Path) {
+    use tar::{Builder, EntryType, Header};
+    fn add(
+        builder: &mut Builder<Vec<u8>>,
+        path: &str,
+        kind: EntryType,
+        mode: u32,
+        data: &[u8],
+        link: Option<&str>,
+    ) {
+        let mut header = Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(data.len() as u64);
+        header.set_mtime(1_700_000_000);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        builder.append_data(&mut header, path, data).unwrap();
+    }
+    let mut lower = Builder::new(Vec::new());
+    add(&mut lower, "bin/", EntryType::Directory, 0o755, b"", None);
+    add(&mut lower, "bin/hello", EntryType::Regular, 0o755, b"#!/bin/sh\necho hello\n", None);
+    add(&mut lower, "bin/sh", EntryType::Symlink, 0o777, b"", Some("busybox"));
+    add(&mut lower, "etc/", EntryType::Directory, 0o755, b"", None);
+    add(&mut lower, "etc/removed", EntryType::Regular, 0o644, b"gone", None);
+    add(&mut lower, "var/cache/", EntryType::Directory, 0o755, b"", None);
+    add(&mut lower, "var/cache/old", EntryType::Regular, 0o644, b"old", None);
+    let lower = lower.into_inner().unwrap();
+    let mut upper = Builder::new(Vec::new());
+    add(&mut upper, "etc/.wh.removed", EntryType::Regular, 0o644, b"", None);
+    add(&mut upper, "var/cache/.wh..wh..opq", EntryType::Regular, 0o644, b"", None);
+    add(&mut upper, "var/cache/new", EntryType::Regular, 0o644, b"new", None);
+    add(&mut upper, "etc/motd", EntryType::Regular, 0o644, b"welcome\n", None);
+    let upper = upper.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &upper).unwrap();
+    let upper = gz.finish().unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Entrypoint": ["/bin/hello"], "Cmd": ["--loud", "world"], "Env": ["PATH=/bin", "MODE=enclave"]},
+        "rootfs": {"type": "layers"}
+    });
+    let manifest = serde_json::json!([{
+        "Config": "blobs/sha256/c0ffee.json", "RepoTags": ["hello-enclave:v1"],
+        "Layers": ["blobs/sha256/lower", "blobs/sha256/upper"]
+    }]);
+    let mut archive = Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
+        ("blobs/sha256/c0ffee.json", serde_json::to_vec(&config).unwrap()),
+        ("blobs/sha256/lower", lower),
+        ("blobs/sha256/upper", upper),
+    ] {
+        add(&mut archive, name, EntryType::Regular, 0o644, &data, None);
+    }
+    std::fs::write(path, archive.into_inner().unwrap()).unwrap();
+}
+
+/// Lists and extracts a cpio archive with GNU cpio (the oracle).
+fn extract_cpio(bytes: &[u8], into: &Path) -> String {
+    std::fs::create_dir_all(into).unwrap();
+    let archive = into.with_extension("cpio");
+    std::fs::write(&archive, bytes).unwrap();
+    let list = Command::new("cpio")
+        .args(["-t", "-F", archive.to_str().unwrap()])
+        .output()
+        .expect("cpio is installed");
+    let status = Command::new("cpio")
+        .args(["-i", "-d", "--quiet", "-F", archive.to_str().unwrap()])
+        .current_dir(into)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    String::from_utf8_lossy(&list.stdout).into_owned()
+}
+
+#[test]
+fn container_archives_become_nitro_cli_ramdisks() {
+    let dir = dir("eif-oci");
+    let archive = dir.join("image.tar");
+    docker_archive(&archive);
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join("bzImage"), bytes(30_000, 9)).unwrap();
+    std::fs::write(
+        blobs.join("bzImage.config"),
+        "#\n# Automatically generated file; DO NOT EDIT.\n# Linux/x86_64 6.1.0 Kernel Configuration\n",
+    )
+    .unwrap();
+    std::fs::write(blobs.join("cmdline"), "reboot=k panic=30 pci=off nomodules console=ttyS0\n").unwrap();
+    std::fs::write(blobs.join("init"), b"\x7fELF init").unwrap();
+    std::fs::write(blobs.join("nsm.ko"), b"\x7fELF nsm").unwrap();
+    let eif = dir.join("oci.eif");
+    let out = carve(&[
+        "build-enclave",
+        "--docker-uri",
+        "hello-enclave:v1",
+        "--oci-archive",
+        archive.to_str().unwrap(),
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+        "--output-file",
+        eif.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let summary = carve_eif::read_file(&eif).unwrap();
+    let image = std::fs::read(&eif).unwrap();
+    let section = |i: usize| {
+        let s = summary.sections[i];
+        &image[s.data_offset() as usize..(s.data_offset() + s.size) as usize]
+    };
+    assert_eq!(section(1), b"reboot=k panic=30 pci=off nomodules console=ttyS0");
+    let bootstrap = extract_cpio(section(3), &dir.join("bootstrap"));
+    assert_eq!(bootstrap.lines().collect::<Vec<_>>(), ["dev", "init", "nsm.ko"]);
+    let customer = extract_cpio(section(4), &dir.join("customer"));
+    let root = dir.join("customer");
+    assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/bin/hello\n--loud\nworld\n");
+    assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "PATH=/bin\nMODE=enclave\n");
+    assert_eq!(std::fs::read(root.join("rootfs/bin/hello")).unwrap(), b"#!/bin/sh\necho hello\n");
+    assert_eq!(std::fs::read_link(root.join("rootfs/bin/sh")).unwrap(), Path::new("busybox"));
+    assert_eq!(std::fs::read(root.join("rootfs/etc/motd")).unwrap(), b"welcome\n");
+    assert!(!customer.contains("etc/removed"), "whiteout: {customer}");
+    assert!(!customer.contains("var/cache/old") && customer.contains("var/cache/new"), "opaque: {customer}");
+    assert!(!customer.contains(".wh."), "{customer}");
+
+    let described = json(&carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]));
+    assert_eq!(described["ImageName"], "hello-enclave");
+    assert_eq!(described["ImageVersion"], "c0ffee");
+    assert_eq!(
+        (described["Metadata"]["OperatingSystem"].as_str(), described["Metadata"]["KernelVersion"].as_str()),
+        (Some("Linux"), Some("6.1.0"))
+    );
+    assert_eq!(described["Metadata"]["DockerInfo"]["RepoTags"][0], "hello-enclave:v1");
+
+    // The same inputs build the same measurements.
+    let again = dir.join("again.eif");
+    let out = carve(&[
+        "build-enclave",
+        "--oci-archive",
+        archive.to_str().unwrap(),
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+        "--output-file",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(json(&out)["Measurements"], described["Measurements"]);
+
+    let out = carve(&[
+        "build-enclave",
+        "--docker-uri",
+        "missing:tag",
+        "--oci-archive",
+        archive.to_str().unwrap(),
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+        "--output-file",
+        eif.to_str().unwrap(),
+    ]);
+    assert_nitro_error(&out, 50, "no image tagged missing:tag");
+    let out = carve(&[
+        "build-enclave",
+        "--docker-uri",
+        "hello-enclave:v1",
+        "--output-file",
+        eif.to_str().unwrap(),
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+    ]);
+    assert_nitro_error(&out, 50, "carve does not pull images");
+    let out = carve(&[
+        "build-enclave",
+        "--oci-archive",
+        archive.to_str().unwrap(),
+        "--blobs-dir",
+        "/nonexistent",
+        "--output-file",
+        eif.to_str().unwrap(),
+    ]);
+    assert_nitro_error(&out, 52, "blobs directory '/nonexistent' does not exist");
+}
