@@ -186,7 +186,8 @@ fn every_corruption_is_named() {
 
 #[test]
 fn section_sets_the_format_forbids_are_named() {
-    let cases: [(&[(u16, &[u8])], &str); 7] = [
+    type Sections<'a> = &'a [(u16, &'a [u8])];
+    let cases: [(Sections, &str); 7] = [
         (&[(CMDLINE, b"c"), (METADATA, b"{}")], "the image has no kernel section"),
         (&[(KERNEL, b"k"), (RAMDISK, b"r")], "the image has no cmdline section"),
         (&[(KERNEL, b"k"), (CMDLINE, b"c"), (METADATA, b"{}")], "the image has no ramdisk section"),
