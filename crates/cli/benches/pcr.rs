@@ -58,6 +58,8 @@ fn write_input(path: &Path) {
 /// Wall time (ms) and peak RSS (KiB) of one run of `command`.
 fn run(command: &[&str]) -> (f64, i64) {
     let start = Instant::now();
+    // Reaped by wait4 below, which also reports the child's own peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child =
         Command::new(command[0]).args(&command[1..]).stdout(Stdio::null()).spawn().expect("command starts");
     let mut status = 0;
