@@ -342,6 +342,64 @@ fn docker_archive(path: &Path) {
     std::fs::write(path, archive.into_inner().unwrap()).unwrap();
 }
 
+/// An OCI image-layout tarball: index.json → image index → manifest → config and one layer.
+fn oci_layout_archive(path: &Path) {
+    use tar::{Builder, EntryType, Header};
+    fn sha(bytes: &[u8]) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+    let mut layer = Builder::new(Vec::new());
+    let mut header = Header::new_gnu();
+    header.set_entry_type(EntryType::Regular);
+    header.set_mode(0o755);
+    header.set_size(6);
+    layer.append_data(&mut header, "app/run", &b"run me"[..]).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/app/run"], "Env": ["A=1"]}
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha(&config))},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha(&layer))}]
+    }))
+    .unwrap();
+    let image_index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [
+            {"digest": "sha256:arm", "platform": {"architecture": "arm64", "os": "linux"}},
+            {"digest": format!("sha256:{}", sha(&manifest)), "platform": {"architecture": "amd64", "os": "linux"}}
+        ]
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"digest": format!("sha256:{}", sha(&image_index)),
+                       "annotations": {"org.opencontainers.image.ref.name": "oci-app:2"}}]
+    }))
+    .unwrap();
+    let mut archive = Builder::new(Vec::new());
+    for (name, data) in [
+        ("oci-layout".to_string(), br#"{"imageLayoutVersion": "1.0.0"}"#.to_vec()),
+        ("index.json".to_string(), index),
+        (format!("blobs/sha256/{}", sha(&image_index)), image_index.clone()),
+        (format!("blobs/sha256/{}", sha(&manifest)), manifest.clone()),
+        (format!("blobs/sha256/{}", sha(&config)), config.clone()),
+        (format!("blobs/sha256/{}", sha(&layer)), layer.clone()),
+    ] {
+        let mut header = Header::new_gnu();
+        header.set_entry_type(EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        archive.append_data(&mut header, name, data.as_slice()).unwrap();
+    }
+    std::fs::write(path, archive.into_inner().unwrap()).unwrap();
+}
+
 /// Lists and extracts a cpio archive with GNU cpio (the oracle).
 fn extract_cpio(bytes: &[u8], into: &Path) -> String {
     std::fs::create_dir_all(into).unwrap();
@@ -431,6 +489,36 @@ fn container_archives_become_nitro_cli_ramdisks() {
         again.to_str().unwrap(),
     ]);
     assert_eq!(json(&out)["Measurements"], described["Measurements"]);
+
+    // An OCI image-layout tarball works the same way.
+    let layout = dir.join("layout.tar");
+    oci_layout_archive(&layout);
+    let from_layout = dir.join("layout.eif");
+    let out = carve(&[
+        "build-enclave",
+        "--docker-uri",
+        "oci-app:2",
+        "--oci-archive",
+        layout.to_str().unwrap(),
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+        "--output-file",
+        from_layout.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = carve_eif::read_file(&from_layout).unwrap();
+    let image = std::fs::read(&from_layout).unwrap();
+    let customer = summary.sections[4];
+    let customer = &image[customer.data_offset() as usize..(customer.data_offset() + customer.size) as usize];
+    extract_cpio(customer, &dir.join("layout-customer"));
+    let root = dir.join("layout-customer");
+    assert_eq!(std::fs::read(root.join("rootfs/app/run")).unwrap(), b"run me");
+    assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/app/run\n");
+    assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "A=1\n");
+    assert_eq!(
+        json(&carve(&["describe-eif", "--eif-path", from_layout.to_str().unwrap()]))["ImageName"],
+        "oci-app"
+    );
 
     let out = carve(&[
         "build-enclave",
