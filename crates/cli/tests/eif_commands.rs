@@ -553,3 +553,40 @@ fn container_archives_become_nitro_cli_ramdisks() {
     ]);
     assert_nitro_error(&out, 52, "blobs directory '/nonexistent' does not exist");
 }
+
+/// Peak RSS (KiB) of one run of carve with `args`, from the child's own rusage.
+fn peak_rss_kib(args: &[&str]) -> i64 {
+    let child = Command::new(env!("CARGO_BIN_EXE_carve"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("carve runs");
+    let mut status = 0;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: waits for our own child; wait4 fills `status` and `usage`.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, usage.as_mut_ptr()) };
+    assert!(pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "carve {args:?} failed");
+    // SAFETY: zero-initialised and filled by wait4 above.
+    unsafe { usage.assume_init() }.ru_maxrss
+}
+
+#[test]
+fn big_images_are_streamed_in_constant_memory() {
+    let dir = dir("eif-big");
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, bytes(4096, 4)).unwrap();
+    let ramdisk = dir.join("big-ramdisk");
+    // 256 MiB, sparse: reads return zeros without filling the disk.
+    std::fs::File::create(&ramdisk).unwrap().set_len(256 << 20).unwrap();
+    let eif = dir.join("big.eif");
+    let (k, r, e) = (kernel.to_str().unwrap(), ramdisk.to_str().unwrap(), eif.to_str().unwrap());
+    let build = ["build-enclave", "--kernel", k, "--cmdline", "x", "--ramdisk", r, "--output-file", e];
+    let build_rss = peak_rss_kib(&build);
+    let describe_rss = peak_rss_kib(&["describe-eif", "--eif-path", e]);
+    let pcr_rss = peak_rss_kib(&["pcr", "--input", r]);
+    eprintln!("peak RSS with a 256 MiB ramdisk: build {build_rss} KiB, describe {describe_rss} KiB, pcr {pcr_rss} KiB");
+    for rss in [build_rss, describe_rss, pcr_rss] {
+        assert!(rss < 16 * 1024, "{rss} KiB");
+    }
+    let _ = std::fs::remove_file(&eif);
+}
