@@ -556,6 +556,8 @@ fn container_archives_become_nitro_cli_ramdisks() {
 
 /// Peak RSS (KiB) of one run of carve with `args`, from the child's own rusage.
 fn peak_rss_kib(args: &[&str]) -> i64 {
+    // Reaped by wait4 below, which also reports the child's own peak RSS.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_carve"))
         .args(args)
         .stdout(std::process::Stdio::null())
