@@ -197,11 +197,14 @@ impl Image {
     ) -> Result<(), NitroError> {
         let layer_error =
             |e: io::Error| pull_error(&self.archive, format!("layer {index} is not a readable tar: {e}"));
-        let mut magic = [0u8; 2];
-        blob_reader(&self.archive, blob)?.read_exact(&mut magic).map_err(layer_error)?;
+        let mut magic = [0u8; 4];
+        let read = blob_reader(&self.archive, blob)?.read(&mut magic).map_err(layer_error)?;
+        if read == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+            return Err(pull_error(&self.archive, format!("layer {index} is zstd-compressed, which carve cannot unpack")));
+        }
         // Compressed layers are unpacked once to a temporary file, so file contents can be read
         // again (at their offsets) when the ramdisk is written.
-        let (source, base) = if magic == [0x1f, 0x8b] {
+        let (source, base) = if magic[..2] == [0x1f, 0x8b] {
             let mut unpacked = tempfile_in_tmp().map_err(|e| pull_error(&self.archive, e))?;
             io::copy(&mut flate2::read::GzDecoder::new(blob_reader(&self.archive, blob)?), &mut unpacked)
                 .map_err(layer_error)?;
