@@ -200,23 +200,28 @@ impl Image {
         let mut magic = [0u8; 4];
         let read = blob_reader(&self.archive, blob)?.read(&mut magic).map_err(layer_error)?;
         if read == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            return Err(pull_error(&self.archive, format!("layer {index} is zstd-compressed, which carve cannot unpack")));
+            return Err(pull_error(
+                &self.archive,
+                format!("layer {index} is zstd-compressed, which carve cannot unpack"),
+            ));
         }
         // Compressed layers are unpacked once to a temporary file, so file contents can be read
         // again (at their offsets) when the ramdisk is written.
-        let (source, base) = if magic[..2] == [0x1f, 0x8b] {
+        let (source, base, len) = if magic[..2] == [0x1f, 0x8b] {
             let mut unpacked = tempfile_in_tmp().map_err(|e| pull_error(&self.archive, e))?;
             io::copy(&mut flate2::read::GzDecoder::new(blob_reader(&self.archive, blob)?), &mut unpacked)
                 .map_err(layer_error)?;
-            (unpacked, 0)
+            let len = unpacked.metadata().map_err(layer_error)?.len();
+            (unpacked, 0, len)
         } else {
-            (File::open(&self.archive).map_err(|e| NitroError::file(&self.archive, "open", e))?, blob.offset)
+            let archive =
+                File::open(&self.archive).map_err(|e| NitroError::file(&self.archive, "open", e))?;
+            (archive, blob.offset, blob.size)
         };
         let source = std::sync::Arc::new(source);
         let mut reader = source.as_ref();
         reader.seek(SeekFrom::Start(base)).map_err(layer_error)?;
-        let mut tar =
-            tar::Archive::new(BufReader::new(reader.take(if base == 0 { u64::MAX } else { blob.size })));
+        let mut tar = tar::Archive::new(BufReader::new(reader.take(len)));
         for entry in tar.entries().map_err(layer_error)? {
             let entry = entry.map_err(layer_error)?;
             let raw = entry.path().map_err(layer_error)?.to_string_lossy().into_owned();
