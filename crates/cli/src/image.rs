@@ -267,6 +267,16 @@ struct ImageParts {
 
 pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
     eprintln!("Start building the Enclave Image...");
+    if args.kernel.is_none()
+        && args.oci_archive.is_none()
+        && args.docker_uri.is_none()
+        && args.docker_dir.is_none()
+    {
+        return Err(NitroError::new(
+            ErrorCode::MISSING_ARGUMENT,
+            "nothing to build from: give --kernel with --cmdline and --ramdisk, or --oci-archive (and --docker-uri)",
+        ));
+    }
     let custom = custom_metadata(args.metadata.as_deref())?;
     let signer = match (&args.signing_certificate, &args.private_key) {
         (Some(certificate), Some(key)) => Some(load_signer(certificate, key, ErrorCode::EIF_BUILDING)?),

@@ -73,6 +73,7 @@ const CODES: &[(u8, &str, &str)] = &[
 pub struct ErrorCode(u8);
 
 impl ErrorCode {
+    pub const MISSING_ARGUMENT: ErrorCode = ErrorCode(1);
     pub const INVALID_ARGUMENT: ErrorCode = ErrorCode(3);
     pub const FILE_OPERATION: ErrorCode = ErrorCode(19);
     pub const EIF_PARSING: ErrorCode = ErrorCode(35);

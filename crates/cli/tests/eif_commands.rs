@@ -274,6 +274,9 @@ fn bad_images_and_paths_get_nitro_cli_codes() {
     let out = build_kernel_image(&dir, Path::new("/nonexistent/dir/o.eif"), &[]);
     assert_nitro_error(&out, 19, "cannot create '/nonexistent/dir/o.eif'");
 
+    let out = carve(&["build-enclave", "--output-file", dir.join("o.eif").to_str().unwrap()]);
+    assert_nitro_error(&out, 1, "nothing to build from");
+
     let out = carve(&["explain", "--error-code", "E35"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(stderr(&out).starts_with("[ E35 ] EifParsingError: "), "{}", stderr(&out));
@@ -400,6 +403,32 @@ fn oci_layout_archive(path: &Path) {
     std::fs::write(path, archive.into_inner().unwrap()).unwrap();
 }
 
+/// `build-enclave` from a container archive (or none) and a blobs directory.
+fn build_from_archive(archive: Option<&Path>, uri: Option<&str>, blobs: &Path, output: &Path) -> Output {
+    let mut args = vec![
+        "build-enclave",
+        "--blobs-dir",
+        blobs.to_str().unwrap(),
+        "--output-file",
+        output.to_str().unwrap(),
+    ];
+    if let Some(archive) = archive {
+        args.extend(["--oci-archive", archive.to_str().unwrap()]);
+    }
+    if let Some(uri) = uri {
+        args.extend(["--docker-uri", uri]);
+    }
+    carve(&args)
+}
+
+/// Section `index`'s bytes in the EIF at `path`.
+fn section(path: &Path, index: usize) -> Vec<u8> {
+    let summary = carve_eif::read_file(path).unwrap();
+    let image = std::fs::read(path).unwrap();
+    let section = summary.sections[index];
+    image[section.data_offset() as usize..(section.data_offset() + section.size) as usize].to_vec()
+}
+
 /// Lists and extracts a cpio archive with GNU cpio (the oracle).
 fn extract_cpio(bytes: &[u8], into: &Path) -> String {
     std::fs::create_dir_all(into).unwrap();
@@ -435,29 +464,13 @@ fn container_archives_become_nitro_cli_ramdisks() {
     std::fs::write(blobs.join("init"), b"\x7fELF init").unwrap();
     std::fs::write(blobs.join("nsm.ko"), b"\x7fELF nsm").unwrap();
     let eif = dir.join("oci.eif");
-    let out = carve(&[
-        "build-enclave",
-        "--docker-uri",
-        "hello-enclave:v1",
-        "--oci-archive",
-        archive.to_str().unwrap(),
-        "--blobs-dir",
-        blobs.to_str().unwrap(),
-        "--output-file",
-        eif.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(Some(&archive), Some("hello-enclave:v1"), &blobs, &eif);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
-    let summary = carve_eif::read_file(&eif).unwrap();
-    let image = std::fs::read(&eif).unwrap();
-    let section = |i: usize| {
-        let s = summary.sections[i];
-        &image[s.data_offset() as usize..(s.data_offset() + s.size) as usize]
-    };
-    assert_eq!(section(1), b"reboot=k panic=30 pci=off nomodules console=ttyS0");
-    let bootstrap = extract_cpio(section(3), &dir.join("bootstrap"));
+    assert_eq!(section(&eif, 1), b"reboot=k panic=30 pci=off nomodules console=ttyS0");
+    let bootstrap = extract_cpio(&section(&eif, 3), &dir.join("bootstrap"));
     assert_eq!(bootstrap.lines().collect::<Vec<_>>(), ["dev", "init", "nsm.ko"]);
-    let customer = extract_cpio(section(4), &dir.join("customer"));
+    let customer = extract_cpio(&section(&eif, 4), &dir.join("customer"));
     let root = dir.join("customer");
     assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/bin/hello\n--loud\nworld\n");
     assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "PATH=/bin\nMODE=enclave\n");
@@ -479,38 +492,16 @@ fn container_archives_become_nitro_cli_ramdisks() {
 
     // The same inputs build the same measurements.
     let again = dir.join("again.eif");
-    let out = carve(&[
-        "build-enclave",
-        "--oci-archive",
-        archive.to_str().unwrap(),
-        "--blobs-dir",
-        blobs.to_str().unwrap(),
-        "--output-file",
-        again.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(Some(&archive), None, &blobs, &again);
     assert_eq!(json(&out)["Measurements"], described["Measurements"]);
 
     // An OCI image-layout tarball works the same way.
     let layout = dir.join("layout.tar");
     oci_layout_archive(&layout);
     let from_layout = dir.join("layout.eif");
-    let out = carve(&[
-        "build-enclave",
-        "--docker-uri",
-        "oci-app:2",
-        "--oci-archive",
-        layout.to_str().unwrap(),
-        "--blobs-dir",
-        blobs.to_str().unwrap(),
-        "--output-file",
-        from_layout.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(Some(&layout), Some("oci-app:2"), &blobs, &from_layout);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let summary = carve_eif::read_file(&from_layout).unwrap();
-    let image = std::fs::read(&from_layout).unwrap();
-    let customer = summary.sections[4];
-    let customer = &image[customer.data_offset() as usize..(customer.data_offset() + customer.size) as usize];
-    extract_cpio(customer, &dir.join("layout-customer"));
+    extract_cpio(&section(&from_layout, 4), &dir.join("layout-customer"));
     let root = dir.join("layout-customer");
     assert_eq!(std::fs::read(root.join("rootfs/app/run")).unwrap(), b"run me");
     assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/app/run\n");
@@ -520,37 +511,11 @@ fn container_archives_become_nitro_cli_ramdisks() {
         "oci-app"
     );
 
-    let out = carve(&[
-        "build-enclave",
-        "--docker-uri",
-        "missing:tag",
-        "--oci-archive",
-        archive.to_str().unwrap(),
-        "--blobs-dir",
-        blobs.to_str().unwrap(),
-        "--output-file",
-        eif.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(Some(&archive), Some("missing:tag"), &blobs, &eif);
     assert_nitro_error(&out, 50, "no image tagged missing:tag");
-    let out = carve(&[
-        "build-enclave",
-        "--docker-uri",
-        "hello-enclave:v1",
-        "--output-file",
-        eif.to_str().unwrap(),
-        "--blobs-dir",
-        blobs.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(None, Some("hello-enclave:v1"), &blobs, &eif);
     assert_nitro_error(&out, 50, "carve does not pull images");
-    let out = carve(&[
-        "build-enclave",
-        "--oci-archive",
-        archive.to_str().unwrap(),
-        "--blobs-dir",
-        "/nonexistent",
-        "--output-file",
-        eif.to_str().unwrap(),
-    ]);
+    let out = build_from_archive(Some(&archive), None, Path::new("/nonexistent"), &eif);
     assert_nitro_error(&out, 52, "blobs directory '/nonexistent' does not exist");
 }
 

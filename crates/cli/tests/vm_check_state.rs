@@ -9,20 +9,25 @@ use common::*;
 /// vCPU 0's initial state for `guest` in `format`, as `--dump-state` writes it.
 fn dumped_state(name: &str, format: Format) -> (PathBuf, String) {
     let file = temp_path(&format!("{name}-{format:?}.state.json"));
+    let out = run_demo(format, "--dump-state", &file);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&file).unwrap();
+    (file, text)
+}
+
+/// Runs the demo guest in `format` with one state-file flag.
+fn run_demo(format: Format, flag: &str, file: &std::path::Path) -> std::process::Output {
     let kernel = guest("demo", format);
-    let out = carve(&[
+    carve(&[
         "vm",
         "run",
         "--kernel",
         kernel.to_str().unwrap(),
         "--serial",
         "none",
-        "--dump-state",
+        flag,
         file.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = std::fs::read_to_string(&file).unwrap();
-    (file, text)
+    ])
 }
 
 fn check_state(file: &std::path::Path, extra: &[&str]) -> std::process::Output {
@@ -79,19 +84,7 @@ fn loaded_states_are_checked_before_the_vm_starts() {
         return;
     }
     let (file, text) = dumped_state("load", Format::BzImage);
-    let kernel = guest("demo", Format::BzImage);
-    let run = |state: &std::path::Path| {
-        carve(&[
-            "vm",
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--serial",
-            "none",
-            "--load-state",
-            state.to_str().unwrap(),
-        ])
-    };
+    let run = |state: &std::path::Path| run_demo(Format::BzImage, "--load-state", state);
     let out = run(&file);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     std::fs::write(&file, text.replacen("\"selector\": 32", "\"selector\": 36", 1)).unwrap();

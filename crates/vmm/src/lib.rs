@@ -16,6 +16,7 @@ pub mod memory;
 pub mod mptable;
 pub mod vcpu;
 pub mod vm;
+pub mod x86;
 
 pub use exit::VmExit;
 pub use vm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome};

@@ -7,12 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START};
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use crate::x86::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_FIXED_1};
 
 /// Selectors the Linux boot protocol requires (__BOOT_CS, __BOOT_DS); PVH and multiboot use
 /// the same flat layout with a 32-bit code segment.
@@ -126,8 +121,12 @@ pub fn boot_sregs(
 }
 
 pub fn boot_regs(entry: EntryState) -> kvm_regs {
-    let mut regs =
-        kvm_regs { rflags: 0x2, rsp: BOOT_STACK_POINTER, rbp: BOOT_STACK_POINTER, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: RFLAGS_FIXED_1,
+        rsp: BOOT_STACK_POINTER,
+        rbp: BOOT_STACK_POINTER,
+        ..Default::default()
+    };
     match entry {
         EntryState::Long64 { rip, rsi } => {
             regs.rip = rip;

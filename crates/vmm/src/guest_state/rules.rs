@@ -5,24 +5,7 @@
 use std::fmt;
 
 use super::{ar, CpuVendor, DescriptorTable, GuestState, Platform, Segment};
-
-const CR0_PE: u64 = 1;
-const CR0_WP: u64 = 1 << 16;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_PCIDE: u64 = 1 << 17;
-const CR4_CET: u64 = 1 << 23;
-const EFER_SCE: u64 = 1;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-/// SVME, LMSLE, FFXSR, TCE and AutoIBRS exist only on AMD.
-const EFER_AMD_ONLY: u64 = (0xf << 12) | (1 << 21);
-const RFLAGS_FIXED_1: u64 = 1 << 1;
-const RFLAGS_RESERVED: u64 = !((1 << 22) - 1) | (1 << 15) | (1 << 5) | (1 << 3);
-const RFLAGS_VM: u64 = 1 << 17;
+use crate::x86::*;
 
 /// One broken rule: which register and field, what it holds, and what the SDM requires.
 #[derive(Clone, Debug, PartialEq, Eq)]
