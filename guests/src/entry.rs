@@ -167,7 +167,7 @@ pd:
     .section .bss.stacks, "aw", @nobits
     .p2align 12
 boot_stack:
-    .fill 16384, 1, 0
+    .fill 65536, 1, 0
 boot_stack_top:
     .global ap_stacks
 ap_stacks:

@@ -11,6 +11,8 @@ pub mod fw_cfg;
 pub mod io;
 pub mod serial;
 pub mod smp;
+pub mod virtio;
+pub mod vsock;
 
 pub use boot_info::{BootInfo, Protocol};
 
@@ -79,6 +81,16 @@ pub fn parse_u64(text: &str) -> Option<u64> {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => text.parse().ok(),
     }
+}
+
+/// Wrapping sum of little-endian 64-bit words (a short tail counts zero-padded): a checksum
+/// cheap enough for emulated guests, computed the same way by host tests.
+pub fn sum64(data: &[u8]) -> u64 {
+    data.chunks(8).fold(0u64, |sum, chunk| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        sum.wrapping_add(u64::from_le_bytes(word))
+    })
 }
 
 /// FNV-1a, 32 bits: a checksum the host side computes the same way.

@@ -3,6 +3,7 @@
 
 mod cpio;
 mod image;
+mod logger;
 mod nitro_error;
 mod oci;
 mod vm;
@@ -14,6 +15,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "carve", version, about = "Run Nitro-Enclaves-style enclaves on any Linux host with KVM")]
 struct Cli {
+    /// How much carve logs to standard error: error, warn, info or debug.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn", value_parser = logger::parse_level)]
+    log_level: log::LevelFilter,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +44,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logger::init(cli.log_level);
     let result = match cli.command {
         Command::Vm(command) => return vm::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),

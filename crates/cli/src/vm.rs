@@ -7,7 +7,7 @@ use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
-use carve_vmm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmExit};
+use carve_vmm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
 
 #[derive(Subcommand)]
@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Print exit counters to standard error when the VM ends.
     #[arg(long)]
     stats: bool,
+    /// Attach a virtio-vsock device: guest CID N; the host side is the Unix socket PATH
+    /// (`CONNECT <port>` to reach a guest port) and PATH_<port> for guest connections.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Write vCPU 0's initial state (the `check-state` JSON format) to FILE before running.
     #[arg(long, value_name = "FILE")]
     dump_state: Option<PathBuf>,
@@ -90,6 +94,25 @@ fn parse_serial(text: &str) -> Result<SerialArg, String> {
             Some(path) if !path.is_empty() => Ok(SerialArg::File(path.into())),
             _ => Err("expected stdout, file:PATH or none".into()),
         },
+    }
+}
+
+fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("cid", value)) => {
+                let value: u64 = value.parse().map_err(|_| format!("cid '{value}' is not a number"))?;
+                carve_virtio::vsock::validate_cid(value).map_err(|e| e.to_string())?;
+                cid = Some(value);
+            }
+            Some(("uds", path)) if !path.is_empty() => uds = Some(PathBuf::from(path)),
+            _ => return Err(format!("unexpected '{part}'; expected cid=N,uds=PATH")),
+        }
+    }
+    match (cid, uds) {
+        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+        _ => Err("both cid=N and uds=PATH are needed".into()),
     }
 }
 
@@ -156,6 +179,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         testdev: args.testdev,
         load_state,
         entry_check: EntryCheck::default(),
+        vsock: args.vsock,
     };
     let vm = match Vm::build(config) {
         Ok(vm) => vm,

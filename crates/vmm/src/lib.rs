@@ -3,14 +3,18 @@
 //! - [`memory`]: guest RAM and the e820 map; [`layout`]: where everything sits.
 //! - [`boot`]: bzImage, PVH and multiboot loaders and the boot vCPU's starting state.
 //! - [`cpuid`]: CPUID normalisation and CPU templates; [`mptable`]: SMP discovery.
-//! - [`devices`]: serial, i8042, debug-exit, fw_cfg, pc-testdev, and the buses.
+//! - [`devices`]: serial, i8042, debug-exit, fw_cfg, pc-testdev, virtio-mmio slots, the buses.
+//! - [`interrupts`]: legacy lines and per-device MSI message stores on KVM's GSI routing.
+//! - [`acpi`]: RSDP/XSDT/FADT/MADT/DSDT, with the virtio-mmio devices in the DSDT.
 //! - [`vcpu`]: the KVM_RUN loop; [`exit`]: how a VM ends; [`vm`]: the builder that wires it.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod guest_state;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
@@ -19,4 +23,4 @@ pub mod vm;
 pub mod x86;
 
 pub use exit::VmExit;
-pub use vm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome};
+pub use vm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmError, VmOutcome, VsockConfig};

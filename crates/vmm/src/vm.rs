@@ -10,24 +10,30 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
 use crate::cpuid::{self, CpuTemplate};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{IrqEventFd, SerialOutput, SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::msi_testdev::{MsiTestdev, MSI_TESTDEV_LEN};
+use crate::devices::serial::{SerialOutput, SerialPort, COM1_BASE, COM1_LEN};
 use crate::devices::testdev::{Testdev, TestdevHost, IOMEM_BASE, IOMEM_LEN};
+use crate::devices::virtio::VirtioSlot;
 use crate::exit::{ExitSignal, VmExit};
 use crate::guest_state::file::{StateFile, StateFileError};
 use crate::guest_state::{self, GuestState, Platform, Violation};
-use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ};
+use crate::interrupts::{InterruptError, InterruptManager};
+use crate::layout::{
+    KVM_TSS_ADDRESS, MSI_TESTDEV_START, SERIAL_IRQ, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START,
+};
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{self, IoStatsSnapshot, Vcpu, VcpuContext};
@@ -64,6 +70,14 @@ pub enum VmError {
     LoadState(#[from] StateFileError),
     #[error("vCPU {vcpu}'s state breaks {} VM-entry rule(s): {}", violations.len(), join(violations))]
     InvalidGuestState { vcpu: usize, violations: Vec<Violation> },
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error("cannot attach the vsock device: {0}")]
+    Vsock(#[from] carve_virtio::vsock::VsockError),
+    #[error("no room for another virtio device: carve maps at most {VIRTIO_MMIO_SLOTS}")]
+    TooManyVirtioDevices,
     #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
     StateRefused { source: kvm_ioctls::Error, violations: Vec<Violation> },
 }
@@ -122,6 +136,13 @@ pub enum KernelSpec {
     Embedded { name: &'static str, image: &'static [u8] },
 }
 
+/// A virtio-vsock device whose host side is Unix sockets at `uds` (and `uds`_PORT).
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
 pub struct VmConfig {
     pub kernel: KernelSpec,
     pub cmdline: String,
@@ -137,6 +158,7 @@ pub struct VmConfig {
     /// Registers to start vCPU 0 with instead of the boot protocol's (`--load-state`).
     pub load_state: Option<StateFile>,
     pub entry_check: EntryCheck,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -153,6 +175,7 @@ impl VmConfig {
             testdev: false,
             load_state: None,
             entry_check: EntryCheck::default(),
+            vsock: None,
         }
     }
 }
@@ -172,6 +195,8 @@ pub struct Vm {
     serial_input: bool,
     boot: BootSetup,
     entry_warnings: Vec<String>,
+    /// Device event handlers (virtio backends) that run on the VM's event loop.
+    device_handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
     _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
 }
@@ -205,22 +230,10 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm_error("create the in-kernel PIT"))?;
 
-        let kernel_name = kernel_name(&config.kernel);
-        let boot = boot::load(
-            &mem,
-            BootSource {
-                kernel: &mut kernel,
-                kernel_name: &kernel_name,
-                cmdline: &config.cmdline,
-                initrd: initrd.as_mut(),
-            },
-        )?;
-        mptable::write(&mem, vcpu_count)?;
-
+        let interrupts = InterruptManager::new(vm_fd.clone())?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Host(e.to_string()))?;
-        vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_error("route the serial IRQ"))?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(IrqEventFd(serial_irq), serial_output)));
+        let serial =
+            Arc::new(Mutex::new(SerialPort::new(interrupts.legacy_line(SERIAL_IRQ)?, serial_output)));
 
         let mut pio = Bus::default();
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
@@ -236,7 +249,38 @@ impl Vm {
                 pio.insert(testdev.clone(), base, len)?;
             }
             mmio.insert(testdev, IOMEM_BASE, IOMEM_LEN)?;
+            let msi = MsiTestdev::new(interrupts.msi_store(), interrupts.msi_capacity());
+            mmio.insert(Arc::new(Mutex::new(msi)), MSI_TESTDEV_START, MSI_TESTDEV_LEN)?;
         }
+
+        let mut virtio =
+            VirtioDevices { vm: &vm_fd, interrupts: &interrupts, mmio: &mut mmio, slots: Vec::new() };
+        let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+        if let Some(vsock) = &config.vsock {
+            let (device, backend) =
+                carve_virtio::vsock::Vsock::new(vsock.cid, vsock.uds.clone(), mem.clone())?;
+            virtio.attach(Box::new(device), &mem)?;
+            device_handlers.push(Box::new(backend));
+        }
+        let slots = virtio.slots;
+        let mut cmdline = config.cmdline.clone();
+        for slot in &slots {
+            cmdline = format!("{cmdline} {}", slot.cmdline_param()).trim_start().to_string();
+        }
+
+        let kernel_name = kernel_name(&config.kernel);
+        let boot = boot::load(
+            &mem,
+            BootSource {
+                kernel: &mut kernel,
+                kernel_name: &kernel_name,
+                cmdline: &cmdline,
+                initrd: initrd.as_mut(),
+            },
+        )?;
+        mptable::write(&mem, vcpu_count)?;
+        acpi::write(&mem, vcpu_count, &slots)?;
+
         let supported =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
         let platform = Platform::host(&supported);
@@ -264,6 +308,7 @@ impl Vm {
             serial_input: config.serial_input,
             boot,
             entry_warnings,
+            device_handlers,
             _vm_fd: vm_fd,
             _kvm: kvm,
         })
@@ -294,6 +339,9 @@ impl Vm {
         if self.serial_input {
             events.add_subscriber(Box::new(ConsoleInput { serial: self.serial.clone() }));
         }
+        for handler in self.device_handlers {
+            events.add_subscriber(handler);
+        }
 
         let mut threads = Vec::new();
         for vcpu in self.vcpus {
@@ -322,6 +370,44 @@ impl Vm {
         self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
         let exit = context.exit.take().expect("the loop ends only once an exit was requested");
         Ok(VmOutcome { exit, io: context.stats.snapshot() })
+    }
+}
+
+/// Places virtio-mmio devices: a window and IRQ each, queue notifications on ioeventfds.
+struct VirtioDevices<'a> {
+    vm: &'a VmFd,
+    interrupts: &'a InterruptManager,
+    mmio: &'a mut Bus,
+    slots: Vec<VirtioSlot>,
+}
+
+impl VirtioDevices<'_> {
+    fn attach(
+        &mut self,
+        device: Box<dyn carve_virtio::VirtioDevice>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), VmError> {
+        let index = self.slots.len() as u64;
+        if index >= VIRTIO_MMIO_SLOTS {
+            return Err(VmError::TooManyVirtioDevices);
+        }
+        let slot = VirtioSlot::new(
+            VIRTIO_MMIO_START + index * carve_virtio::mmio::MMIO_WINDOW,
+            VIRTIO_FIRST_IRQ + index as u32,
+        );
+        let address = IoEventAddress::Mmio(slot.notify_address());
+        for (queue, notifier) in device.queue_notifiers().iter().enumerate() {
+            // With the ioeventfd a notification costs no exit to user space; the transport
+            // still forwards any that reach it.
+            self.vm
+                .register_ioevent(notifier, &address, queue as u32)
+                .map_err(kvm_error("bind a virtio queue notification to an ioeventfd"))?;
+        }
+        let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
+        let transport = carve_virtio::mmio::MmioTransport::new(device, mem.clone(), line);
+        self.mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
+        self.slots.push(slot);
+        Ok(())
     }
 }
 

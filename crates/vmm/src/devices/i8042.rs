@@ -11,6 +11,8 @@ use crate::exit::{ExitSignal, VmExit};
 /// Data port 0x60 and command port 0x64 (offsets 0 and 4).
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
+/// Written to the command port, pulses the CPU reset line.
+pub const RESET_COMMAND: u8 = 0xfe;
 
 pub struct ResetTrigger(pub Arc<ExitSignal>);
 

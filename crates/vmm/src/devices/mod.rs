@@ -5,8 +5,10 @@ pub mod bus;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod msi_testdev;
 pub mod serial;
 pub mod testdev;
+pub mod virtio;
 
 /// A device that answers reads and writes on a bus. `base` is where the access matched (a
 /// device may be mapped at several places), `offset` the distance from it.

@@ -1,35 +1,24 @@
-//! The 8250 UART on COM1 (vm-superio), raising its IRQ through an eventfd bound to a GSI.
+//! The 8250 UART on COM1 (vm-superio), raising its IRQ through a legacy interrupt line.
 
 use std::io::Write;
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use vm_superio::Serial;
 
 use super::BusDevice;
+use crate::interrupts::LegacyLine;
 
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
 
-/// An interrupt line backed by an eventfd that KVM routes to a GSI (irqfd).
-pub struct IrqEventFd(pub EventFd);
-
-impl Trigger for IrqEventFd {
-    type E = std::io::Error;
-
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
 pub type SerialOutput = Box<dyn Write + Send>;
 
 pub struct SerialPort {
-    uart: Serial<IrqEventFd, NoEvents, SerialOutput>,
+    uart: Serial<LegacyLine, NoEvents, SerialOutput>,
 }
 
 impl SerialPort {
-    pub fn new(irq: IrqEventFd, output: SerialOutput) -> SerialPort {
+    pub fn new(irq: LegacyLine, output: SerialOutput) -> SerialPort {
         SerialPort { uart: Serial::new(irq, output) }
     }
 

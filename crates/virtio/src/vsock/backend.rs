@@ -1,0 +1,762 @@
+//! The vsock device's engine: moves packets between the guest's queues and host Unix sockets.
+//!
+//! Runs on the VMM's event loop. Every socket is registered edge-triggered once; readiness is
+//! remembered per connection (`host_readable`), so a connection that cannot be served now (no
+//! guest credit, no receive buffers) costs nothing until the guest gives credit or buffers.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::connection::{ConnKey, Connection, State};
+use super::proto::*;
+use super::{Command, VsockError, EVENTS, HOST_CID, PARENT_CID, RX, TX};
+use crate::fault::FaultLog;
+use crate::DeviceSignals;
+
+/// Largest payload carve takes in one guest packet (Linux sends at most 64 KiB).
+const MAX_PKT_DATA: u32 = 64 * 1024;
+/// Connections one guest may hold open at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// Control packets (RST, RESPONSE, credit) waiting for receive buffers; a guest that never
+/// gives buffers cannot make carve hold more.
+const MAX_CONTROL_BACKLOG: usize = 4096;
+/// Host-initiated connections get parent-side ports from here up, as in Firecracker.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+/// "CONNECT 4294967295\n" and some slack.
+const MAX_CONNECT_LINE: usize = 32;
+
+const NAME: &str = "virtio-vsock";
+
+/// What the device did; read by benchmarks and logged when the VM ends.
+#[derive(Debug, Default)]
+pub struct VsockStats {
+    pub bytes_to_guest: AtomicU64,
+    pub bytes_from_guest: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// A packet carve sends the guest without payload.
+struct Control {
+    host_port: u32,
+    guest_port: u32,
+    /// Source CID: the parent, or whatever CID a refused packet was addressed to.
+    peer_cid: u64,
+    op: u16,
+    flags: u32,
+}
+
+/// The fields of a packet the guest sent.
+struct Header {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+enum Role {
+    /// Accepted on the host socket, waiting for its `CONNECT <port>` line.
+    Handshake(UnixStream, Vec<u8>),
+    Conn(ConnKey),
+}
+
+struct Active {
+    queues: Vec<Queue>,
+    signals: Arc<DeviceSignals>,
+}
+
+struct Peer {
+    conn: Connection,
+    /// The host socket may have data (edge seen, no WouldBlock since).
+    host_readable: bool,
+    in_ready: bool,
+    host_write_shut: bool,
+}
+
+pub struct VsockBackend {
+    cid: u64,
+    uds: PathBuf,
+    mem: GuestMemoryMmap,
+    queue_events: [EventFd; 3],
+    kick: EventFd,
+    commands: Receiver<Command>,
+    listener: UnixListener,
+    active: Option<Active>,
+    roles: HashMap<RawFd, Role>,
+    peers: HashMap<ConnKey, Peer>,
+    ready: VecDeque<ConnKey>,
+    control: VecDeque<Control>,
+    next_host_port: u32,
+    /// Sockets opened or closed while handling an event, registered with epoll afterwards.
+    opened: Vec<RawFd>,
+    closed: Vec<UnixStream>,
+    scratch: Vec<u8>,
+    faults: FaultLog,
+    stats: Arc<VsockStats>,
+}
+
+impl VsockBackend {
+    pub(super) fn new(
+        cid: u64,
+        uds: PathBuf,
+        mem: GuestMemoryMmap,
+        queue_events: [EventFd; 3],
+        kick: EventFd,
+        commands: Receiver<Command>,
+    ) -> Result<VsockBackend, VsockError> {
+        let listener =
+            UnixListener::bind(&uds).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
+        listener.set_nonblocking(true).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
+        Ok(VsockBackend {
+            cid,
+            uds,
+            mem,
+            queue_events,
+            kick,
+            commands,
+            listener,
+            active: None,
+            roles: HashMap::new(),
+            peers: HashMap::new(),
+            ready: VecDeque::new(),
+            control: VecDeque::new(),
+            next_host_port: FIRST_HOST_PORT,
+            opened: Vec::new(),
+            closed: Vec::new(),
+            scratch: vec![0; MAX_PKT_DATA as usize],
+            faults: FaultLog::default(),
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<VsockStats> {
+        self.stats.clone()
+    }
+
+    fn handle(&mut self, fd: RawFd, set: EventSet) {
+        if fd == self.kick.as_raw_fd() {
+            let _ = self.kick.read();
+            while let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Activate { queues, signals } => self.active = Some(Active { queues, signals }),
+                    Command::Reset => self.reset(),
+                }
+            }
+            self.process_tx();
+        } else if fd == self.queue_events[TX].as_raw_fd() {
+            let _ = self.queue_events[TX].read();
+            self.process_tx();
+        } else if fd == self.queue_events[RX].as_raw_fd() || fd == self.queue_events[EVENTS].as_raw_fd() {
+            // New receive buffers: fill_rx below uses them. The event queue carries only
+            // transport resets, which carve never sends.
+            let _ = self.queue_events[RX].read();
+            let _ = self.queue_events[EVENTS].read();
+        } else if fd == self.listener.as_raw_fd() {
+            self.accept();
+        } else {
+            match self.roles.get(&fd) {
+                Some(Role::Handshake(..)) => self.handshake(fd),
+                Some(&Role::Conn(key)) => self.socket_ready(key, set),
+                None => {}
+            }
+        }
+        self.fill_rx();
+    }
+
+    /// The driver reset the device: every connection ends, listeners stay.
+    fn reset(&mut self) {
+        self.active = None;
+        for (_, peer) in self.peers.drain() {
+            self.closed.push(peer.conn.stream);
+        }
+        for (_, role) in self.roles.drain() {
+            if let Role::Handshake(stream, _) = role {
+                self.closed.push(stream);
+            }
+        }
+        self.ready.clear();
+        self.control.clear();
+    }
+
+    fn fault(&mut self, kind: &'static str, what: impl std::fmt::Display) {
+        self.faults.report(NAME, kind, what);
+    }
+
+    // ---- guest → host ----
+
+    fn process_tx(&mut self) {
+        loop {
+            let Some(active) = self.active.as_mut() else { return };
+            let Some(mut chain) = active.queues[TX].pop_descriptor_chain(&self.mem) else { break };
+            let head = chain.head_index();
+            let parsed = match VsockPacket::from_tx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
+                Ok(packet) => {
+                    let header = header_of(&packet);
+                    let len = header.len as usize;
+                    match packet.data_slice() {
+                        Some(data) if len > 0 => data
+                            .copy_to(&mut self.scratch[..len])
+                            .eq(&len)
+                            .then_some(header)
+                            .ok_or_else(|| "its payload could not be read".to_string()),
+                        _ => Ok(header),
+                    }
+                }
+                Err(e) => Err(format!("{e:?}")),
+            };
+            let added = active.queues[TX].add_used(&self.mem, head, 0);
+            if added.is_err() {
+                self.broken_queue("transmit");
+                return;
+            }
+            match parsed {
+                Ok(header) => self.handle_packet(header),
+                Err(e) => {
+                    self.fault("tx-chain", format_args!("dropped a malformed transmit descriptor chain: {e}"))
+                }
+            }
+        }
+        self.notify_guest(TX);
+    }
+
+    fn handle_packet(&mut self, h: Header) {
+        if h.src_cid != self.cid {
+            let cid = self.cid;
+            self.fault(
+                "spoofed-cid",
+                format_args!("dropped a packet claiming source CID {} (the guest is {cid})", h.src_cid),
+            );
+            return;
+        }
+        let key = ConnKey { host_port: h.dst_port, guest_port: h.src_port };
+        if h.dst_cid != PARENT_CID && h.dst_cid != HOST_CID {
+            self.refuse(&h, key);
+            return;
+        }
+        if h.type_ != TYPE_STREAM {
+            self.fault(
+                "socket-type",
+                format_args!("refused a packet of socket type {}; only streams are supported", h.type_),
+            );
+            self.refuse(&h, key);
+            return;
+        }
+        if h.op == OP_REQUEST {
+            self.guest_connect(key, &h);
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&key) else {
+            self.refuse(&h, key);
+            return;
+        };
+        peer.conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        match h.op {
+            OP_RESPONSE if peer.conn.state == State::Connecting => {
+                peer.conn.state = State::Established;
+                let line = format!("OK {}\n", key.host_port);
+                // A fresh socket's buffer takes a short line whole.
+                if peer.conn.stream.write_all(line.as_bytes()).is_err() {
+                    self.reset_connection(key);
+                    return;
+                }
+                self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            }
+            OP_RST => {
+                self.close(key);
+                return;
+            }
+            OP_SHUTDOWN => {
+                peer.conn.guest_rcv_shut |= h.flags & SHUTDOWN_RCV != 0;
+                peer.conn.guest_send_shut |= h.flags & SHUTDOWN_SEND != 0;
+                if peer.conn.guest_rcv_shut && peer.conn.guest_send_shut {
+                    peer.conn.state = State::Closing;
+                }
+                self.after_forward(key);
+                return;
+            }
+            OP_RW if peer.conn.state != State::Connecting && !peer.conn.guest_send_shut => {
+                let len = h.len as usize;
+                if !peer.conn.accepts(len) {
+                    self.fault("credit", "the guest sent more than the credit carve gave; connection reset");
+                    self.reset_connection(key);
+                    return;
+                }
+                self.stats.bytes_from_guest.fetch_add(len as u64, Ordering::Relaxed);
+                if peer.conn.forward(&self.scratch[..len]).is_err() {
+                    self.reset_connection(key);
+                    return;
+                }
+                self.after_forward(key);
+                return;
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.send_control(key, OP_CREDIT_UPDATE, 0),
+            op => {
+                self.fault("op", format_args!("reset a connection after an unexpected operation {op}"));
+                self.reset_connection(key);
+                return;
+            }
+        }
+        self.requeue_if_readable(key);
+    }
+
+    /// Answers a packet for no connection (or to nobody carve serves) with RST.
+    fn refuse(&mut self, h: &Header, key: ConnKey) {
+        if h.op != OP_RST {
+            let control = Control {
+                host_port: key.host_port,
+                guest_port: key.guest_port,
+                peer_cid: h.dst_cid,
+                op: OP_RST,
+                flags: 0,
+            };
+            self.push_control(control);
+        }
+    }
+
+    fn guest_connect(&mut self, key: ConnKey, h: &Header) {
+        if self.peers.contains_key(&key) {
+            self.fault("duplicate-request", "reset a connection the guest requested twice");
+            self.reset_connection(key);
+            return;
+        }
+        if self.peers.len() >= MAX_CONNECTIONS {
+            self.fault(
+                "connections",
+                format_args!("refused a connection beyond {MAX_CONNECTIONS} open ones"),
+            );
+            self.refuse(h, key);
+            return;
+        }
+        let mut path = self.uds.clone().into_os_string();
+        path.push(format!("_{}", key.host_port));
+        // Connecting to a listening Unix socket completes at once (or fails: then RST).
+        let stream = match UnixStream::connect(&path) {
+            Ok(stream) if stream.set_nonblocking(true).is_ok() => stream,
+            _ => return self.refuse(h, key),
+        };
+        let mut conn = Connection::new(stream, State::Established);
+        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+        self.register(key, conn);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.send_control(key, OP_RESPONSE, 0);
+    }
+
+    fn register(&mut self, key: ConnKey, conn: Connection) {
+        let fd = conn.stream.as_raw_fd();
+        self.roles.insert(fd, Role::Conn(key));
+        self.opened.push(fd);
+        // Assume data may be waiting: a read that would block just clears it.
+        let peer = Peer { conn, host_readable: true, in_ready: false, host_write_shut: false };
+        self.peers.insert(key, peer);
+        self.requeue_if_readable(key);
+    }
+
+    /// After guest data went out (or a shutdown came in): announce credit, pass shutdowns on.
+    fn after_forward(&mut self, key: ConnKey) {
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        if peer.conn.has_pending_out() {
+            return;
+        }
+        if peer.conn.state == State::Closing {
+            // The guest closed both ways and everything it sent is delivered.
+            self.reset_connection(key);
+            return;
+        }
+        if peer.conn.guest_send_shut && !peer.host_write_shut {
+            peer.host_write_shut = true;
+            let _ = peer.conn.stream.shutdown(Shutdown::Write);
+        }
+        if peer.conn.owes_credit_update() {
+            self.send_control(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    // ---- host → guest ----
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    self.roles.insert(fd, Role::Handshake(stream, Vec::new()));
+                    self.opened.push(fd);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line a byte at a time, so no payload after it is consumed.
+    fn handshake(&mut self, fd: RawFd) {
+        let Some(Role::Handshake(stream, line)) = self.roles.get_mut(&fd) else { return };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break parse_connect(line),
+                Ok(1) if line.len() < MAX_CONNECT_LINE => line.push(byte[0]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                _ => break None,
+            }
+        };
+        let Some(Role::Handshake(stream, _)) = self.roles.remove(&fd) else { unreachable!() };
+        let (Some(guest_port), true) = (port, self.active.is_some()) else {
+            // A bad line, or no driver to connect to: close, as Firecracker does.
+            self.closed.push(stream);
+            return;
+        };
+        if self.peers.len() >= MAX_CONNECTIONS {
+            self.closed.push(stream);
+            return;
+        }
+        let key = ConnKey { host_port: self.allocate_host_port(guest_port), guest_port };
+        self.roles.insert(fd, Role::Conn(key));
+        let peer = Peer {
+            conn: Connection::new(stream, State::Connecting),
+            host_readable: true,
+            in_ready: false,
+            host_write_shut: false,
+        };
+        self.peers.insert(key, peer);
+        self.send_control(key, OP_REQUEST, 0);
+    }
+
+    fn allocate_host_port(&mut self, guest_port: u32) -> u32 {
+        loop {
+            let port = self.next_host_port;
+            self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            if !self.peers.contains_key(&ConnKey { host_port: port, guest_port }) {
+                return port;
+            }
+        }
+    }
+
+    fn socket_ready(&mut self, key: ConnKey, set: EventSet) {
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+            peer.host_readable = true;
+        }
+        if set.intersects(EventSet::OUT | EventSet::ERROR) && peer.conn.has_pending_out() {
+            if peer.conn.flush().is_err() {
+                self.reset_connection(key);
+                return;
+            }
+            self.after_forward(key);
+        }
+        self.requeue_if_readable(key);
+    }
+
+    fn requeue_if_readable(&mut self, key: ConnKey) {
+        if let Some(peer) = self.peers.get_mut(&key) {
+            if peer.host_readable
+                && !peer.in_ready
+                && peer.conn.wants_host_data()
+                && peer.conn.peer_credit() > 0
+            {
+                peer.in_ready = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    /// Fills receive buffers: control packets first, then host data round-robin.
+    fn fill_rx(&mut self) {
+        let mut used = false;
+        loop {
+            let Some(active) = self.active.as_mut() else { return };
+            if self.control.is_empty() && self.ready.is_empty() {
+                break;
+            }
+            let Some(mut chain) = active.queues[RX].pop_descriptor_chain(&self.mem) else { break };
+            let head = chain.head_index();
+            let mut packet = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
+                Ok(packet) => packet,
+                Err(e) => {
+                    let _ = active.queues[RX].add_used(&self.mem, head, 0);
+                    used = true;
+                    self.fault(
+                        "rx-chain",
+                        format_args!("dropped a malformed receive descriptor chain: {e:?}"),
+                    );
+                    continue;
+                }
+            };
+            let written = if let Some(control) = self.control.pop_front() {
+                let credit = self
+                    .peers
+                    .get_mut(&ConnKey { host_port: control.host_port, guest_port: control.guest_port });
+                let (buf_alloc, fwd_cnt) = credit.map_or((0, 0), |peer| peer.conn.credit_fields());
+                write_header(&mut packet, self.cid, &control, buf_alloc, fwd_cnt, 0);
+                Some(0)
+            } else {
+                let key = self.ready.pop_front().expect("checked non-empty above");
+                let written = read_host_data(key, &mut packet, self.cid, &mut self.peers, &self.stats);
+                match self.peers.get(&key) {
+                    Some(peer) if peer.conn.state == State::Closing && peer.host_write_shut => {
+                        self.close(key)
+                    }
+                    // More may be waiting: back of the line, after the others.
+                    Some(peer) if peer.in_ready => self.ready.push_back(key),
+                    _ => {}
+                }
+                written
+            };
+            let active = self.active.as_mut().expect("still active");
+            match written {
+                Some(len) => {
+                    if active.queues[RX].add_used(&self.mem, head, PKT_HEADER_SIZE as u32 + len).is_err() {
+                        return self.broken_queue("receive");
+                    }
+                    used = true;
+                }
+                // Nothing to send after all: hand the buffer back to the ring.
+                None => active.queues[RX].go_to_previous_position(),
+            }
+        }
+        if used {
+            self.notify_guest(RX);
+        }
+    }
+
+    fn send_control(&mut self, key: ConnKey, op: u16, flags: u32) {
+        let control =
+            Control { host_port: key.host_port, guest_port: key.guest_port, peer_cid: PARENT_CID, op, flags };
+        self.push_control(control);
+    }
+
+    fn push_control(&mut self, control: Control) {
+        if self.control.len() >= MAX_CONTROL_BACKLOG {
+            self.fault("backlog", "dropped control packets: the guest gives no receive buffers");
+            return;
+        }
+        self.control.push_back(control);
+    }
+
+    /// Ends a connection and tells the guest.
+    fn reset_connection(&mut self, key: ConnKey) {
+        self.close(key);
+        self.send_control(key, OP_RST, 0);
+    }
+
+    fn close(&mut self, key: ConnKey) {
+        if let Some(peer) = self.peers.remove(&key) {
+            self.roles.remove(&peer.conn.stream.as_raw_fd());
+            self.closed.push(peer.conn.stream);
+        }
+    }
+
+    fn notify_guest(&mut self, queue: usize) {
+        let Some(active) = self.active.as_mut() else { return };
+        if active.queues[queue].needs_notification(&self.mem).unwrap_or(true) {
+            active.signals.signal_used();
+        }
+    }
+
+    fn broken_queue(&mut self, which: &str) {
+        self.fault(
+            "queue",
+            format_args!("the {which} queue's used ring is outside guest memory; device needs reset"),
+        );
+        if let Some(active) = self.active.take() {
+            active.signals.signal_needs_reset();
+        }
+    }
+
+    /// Registers sockets opened and forgets sockets closed while handling events.
+    fn sync_epoll(&mut self, ops: &mut EventOps) {
+        for fd in self.opened.drain(..) {
+            if self.roles.contains_key(&fd) {
+                let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+                let _ = ops.add(Events::new_raw(fd, set));
+            }
+        }
+        for stream in self.closed.drain(..) {
+            let _ = ops.remove(Events::empty(&stream));
+        }
+    }
+}
+
+/// Reads host bytes for connection `key` into the packet; `None` when there is nothing after
+/// all (the buffer goes back to the ring).
+fn read_host_data<B: BitmapSlice>(
+    key: ConnKey,
+    packet: &mut VsockPacket<'_, B>,
+    cid: u64,
+    peers: &mut HashMap<ConnKey, Peer>,
+    stats: &VsockStats,
+) -> Option<u32> {
+    let peer = peers.get_mut(&key)?;
+    peer.in_ready = false;
+    if !peer.conn.wants_host_data() || peer.conn.peer_credit() == 0 {
+        return None;
+    }
+    let limit = (peer.conn.peer_credit() as usize).min(packet.data_slice().map_or(0, |s| s.len()));
+    let mut control = Control {
+        host_port: key.host_port,
+        guest_port: key.guest_port,
+        peer_cid: PARENT_CID,
+        op: OP_RW,
+        flags: 0,
+    };
+    let result = match packet.data_slice() {
+        Some(slice) if limit > 0 => match slice.subslice(0, limit) {
+            Ok(mut window) => peer.conn.stream.read_volatile(&mut window),
+            Err(_) => return None,
+        },
+        _ => return None,
+    };
+    let len = match result {
+        Ok(0) => {
+            // End of the host's stream: the guest hears it will get no more.
+            peer.conn.host_eof = true;
+            peer.host_readable = false;
+            control.op = OP_SHUTDOWN;
+            control.flags = SHUTDOWN_SEND;
+            0
+        }
+        Ok(n) => n as u32,
+        Err(VolatileMemoryError::IOError(e))
+            if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+        {
+            peer.host_readable = e.kind() == ErrorKind::Interrupted;
+            return None;
+        }
+        Err(_) => {
+            peer.host_readable = false;
+            peer.conn.host_eof = true;
+            control.op = OP_RST;
+            0
+        }
+    };
+    let (buf_alloc, fwd_cnt) = peer.conn.credit_fields();
+    write_header(packet, cid, &control, buf_alloc, fwd_cnt, len);
+    if len > 0 {
+        peer.conn.record_sent(len);
+        stats.bytes_to_guest.fetch_add(len.into(), Ordering::Relaxed);
+        if peer.conn.peer_credit() > 0 {
+            // More may be waiting: back of the line, after the others.
+            peer.in_ready = true;
+        }
+    }
+    if control.op == OP_RST {
+        peer.conn.state = State::Closing;
+        peer.host_write_shut = true;
+    }
+    Some(len)
+}
+
+fn write_header<B: BitmapSlice>(
+    packet: &mut VsockPacket<'_, B>,
+    cid: u64,
+    control: &Control,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+    len: u32,
+) {
+    packet
+        .set_src_cid(control.peer_cid)
+        .set_dst_cid(cid)
+        .set_src_port(control.host_port)
+        .set_dst_port(control.guest_port)
+        .set_len(len)
+        .set_type(TYPE_STREAM)
+        .set_op(control.op)
+        .set_flags(control.flags)
+        .set_buf_alloc(buf_alloc)
+        .set_fwd_cnt(fwd_cnt);
+}
+
+fn header_of<B: BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
+    Header {
+        src_cid: packet.src_cid(),
+        dst_cid: packet.dst_cid(),
+        src_port: packet.src_port(),
+        dst_port: packet.dst_port(),
+        len: packet.len(),
+        type_: packet.type_(),
+        op: packet.op(),
+        flags: packet.flags(),
+        buf_alloc: packet.buf_alloc(),
+        fwd_cnt: packet.fwd_cnt(),
+    }
+}
+
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let port = text.trim_end_matches('\r').strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl MutEventSubscriber for VsockBackend {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.handle(events.fd(), events.event_set());
+        self.sync_epoll(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.kick.as_raw_fd(),
+            self.queue_events[RX].as_raw_fd(),
+            self.queue_events[TX].as_raw_fd(),
+            self.queue_events[EVENTS].as_raw_fd(),
+            self.listener.as_raw_fd(),
+        ];
+        for fd in fds {
+            ops.add(Events::new_raw(fd, EventSet::IN)).expect("fresh descriptors register with epoll");
+        }
+    }
+}
+
+impl Drop for VsockBackend {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+        let stats = &self.stats;
+        log::info!(
+            target: "carve::virtio",
+            "{NAME}: {} connections, {} bytes to the guest, {} from it",
+            stats.connections.load(Ordering::Relaxed),
+            stats.bytes_to_guest.load(Ordering::Relaxed),
+            stats.bytes_from_guest.load(Ordering::Relaxed),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 5005"), Some(5005));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT -1"), None);
+        assert_eq!(parse_connect(b"connect 5"), None);
+        assert_eq!(parse_connect(b"CONNECT 4294967296"), None);
+        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+}

@@ -1,0 +1,280 @@
+//! Interrupt sources devices own, routed through KVM: legacy lines (IOAPIC pins) and MSI
+//! messages kept in a per-device message store (the "interrupt message store" model: no
+//! per-device vector cap; KVM's route limit is the only ceiling).
+//!
+//! Every source is an eventfd bound to a GSI with KVM_IRQFD, so a device (or another thread it
+//! hands the notifier to) raises it without an ioctl. MSI vectors get their GSI on first unmask;
+//! masking takes the route and irqfd away and latches triggers as pending, which unmasking
+//! delivers.
+
+pub mod routes;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use kvm_bindings::KvmIrqRouting;
+use kvm_ioctls::{Cap, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use routes::{RouteTable, IOAPIC_PINS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    #[error(
+        "KVM's interrupt routing table is full: it holds {limit} routes and {msi} MSI vectors \
+         already use every one the IOAPIC pins leave"
+    )]
+    RoutesExhausted { limit: usize, msi: usize },
+    #[error("IRQ {0} is not an IOAPIC pin (0–23)")]
+    NoSuchPin(u32),
+    #[error("cannot create an interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+}
+
+/// An x86 MSI: the address (0xFEEx_xxxx with the destination) and data (vector, mode) a device
+/// writes to signal it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// Owns the VM's routing table; cheap to clone and share with devices.
+#[derive(Clone)]
+pub struct InterruptManager {
+    vm: Arc<VmFd>,
+    table: Arc<Mutex<RouteTable>>,
+}
+
+impl InterruptManager {
+    /// Takes over the VM's routing (after KVM_CREATE_IRQCHIP) and pushes the default table.
+    pub fn new(vm: Arc<VmFd>) -> Result<InterruptManager, InterruptError> {
+        let limit = vm.check_extension_int(Cap::IrqRouting).max(0) as usize;
+        let manager = InterruptManager { vm, table: Arc::new(Mutex::new(RouteTable::new(limit))) };
+        manager.commit(&manager.table())?;
+        Ok(manager)
+    }
+
+    /// A legacy line on IOAPIC pin `pin` (which KVM's default routes also feed to the PIC).
+    pub fn legacy_line(&self, pin: u32) -> Result<LegacyLine, InterruptError> {
+        if pin >= IOAPIC_PINS {
+            return Err(InterruptError::NoSuchPin(pin));
+        }
+        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        self.vm.register_irqfd(&event, pin).map_err(kvm("bind an irqfd to an IOAPIC pin"))?;
+        Ok(LegacyLine { pin, event })
+    }
+
+    /// An empty message store for one device.
+    pub fn msi_store(&self) -> MsiStore {
+        MsiStore { manager: self.clone(), vectors: Vec::new() }
+    }
+
+    /// MSI vectors the VM can route in all (KVM's limit minus the irqchip's routes).
+    pub fn msi_capacity(&self) -> usize {
+        self.table().msi_capacity()
+    }
+
+    fn table(&self) -> MutexGuard<'_, RouteTable> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn commit(&self, table: &RouteTable) -> Result<(), InterruptError> {
+        let routing = KvmIrqRouting::from_entries(&table.entries())
+            .map_err(|_| InterruptError::RoutesExhausted { limit: 0, msi: table.msi_allocated() })?;
+        self.vm.set_gsi_routing(&routing).map_err(kvm("set the GSI routing table"))
+    }
+}
+
+fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> InterruptError {
+    move |source| InterruptError::Kvm { what, source }
+}
+
+/// An IOAPIC pin a device raises by writing its eventfd.
+pub struct LegacyLine {
+    pin: u32,
+    event: EventFd,
+}
+
+impl LegacyLine {
+    pub fn pin(&self) -> u32 {
+        self.pin
+    }
+
+    pub fn trigger(&self) -> std::io::Result<()> {
+        self.event.write(1)
+    }
+
+    /// The eventfd itself, for code that signals from another thread.
+    pub fn notifier(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+impl vm_superio::Trigger for LegacyLine {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        LegacyLine::trigger(self)
+    }
+}
+
+impl carve_virtio::InterruptLine for LegacyLine {
+    fn trigger(&self) {
+        // A full eventfd counter already means "pending"; nothing is lost by ignoring EAGAIN.
+        let _ = LegacyLine::trigger(self);
+    }
+}
+
+/// One MSI vector of a message store.
+struct Vector {
+    message: MsiMessage,
+    masked: bool,
+    pending: bool,
+    /// GSI and irqfd, from the first unmask on.
+    route: Option<(u32, EventFd)>,
+}
+
+impl Default for Vector {
+    fn default() -> Vector {
+        // Vectors start masked, as MSI-X table entries do.
+        Vector { message: MsiMessage::default(), masked: true, pending: false, route: None }
+    }
+}
+
+/// A device's own interrupt message store: as many vectors as the device asks for, each with
+/// its message, mask and pending bit.
+pub struct MsiStore {
+    manager: InterruptManager,
+    vectors: Vec<Vector>,
+}
+
+impl MsiStore {
+    /// Vectors the store holds (it grows when a higher index is written).
+    pub fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+
+    fn vector(&mut self, index: usize) -> &mut Vector {
+        if index >= self.vectors.len() {
+            self.vectors.resize_with(index + 1, Vector::default);
+        }
+        &mut self.vectors[index]
+    }
+
+    pub fn message(&self, index: usize) -> MsiMessage {
+        self.vectors.get(index).map(|v| v.message).unwrap_or_default()
+    }
+
+    pub fn is_masked(&self, index: usize) -> bool {
+        self.vectors.get(index).is_none_or(|v| v.masked)
+    }
+
+    pub fn is_pending(&self, index: usize) -> bool {
+        self.vectors.get(index).is_some_and(|v| v.pending)
+    }
+
+    /// The GSI KVM routes this vector through, once it has one.
+    pub fn gsi(&self, index: usize) -> Option<u32> {
+        self.vectors.get(index).and_then(|v| v.route.as_ref().map(|(gsi, _)| *gsi))
+    }
+
+    /// Sets the message; an unmasked vector's route changes at once.
+    pub fn set_message(&mut self, index: usize, message: MsiMessage) -> Result<(), InterruptError> {
+        let manager = self.manager.clone();
+        let vector = self.vector(index);
+        vector.message = message;
+        if let (false, Some((gsi, _))) = (vector.masked, &vector.route) {
+            let mut table = manager.table();
+            table.route(*gsi, Some(message));
+            manager.commit(&table)?;
+        }
+        Ok(())
+    }
+
+    /// Masks the vector: its route and irqfd go, and triggers latch as pending.
+    pub fn mask(&mut self, index: usize) -> Result<(), InterruptError> {
+        let manager = self.manager.clone();
+        let vector = self.vector(index);
+        if vector.masked {
+            return Ok(());
+        }
+        vector.masked = true;
+        if let Some((gsi, event)) = &vector.route {
+            manager.vm.unregister_irqfd(event, *gsi).map_err(kvm("unbind an MSI irqfd"))?;
+            // Anything the device signalled just before is now pending, not lost.
+            if event.read().is_ok() {
+                vector.pending = true;
+            }
+            let mut table = manager.table();
+            table.route(*gsi, None);
+            manager.commit(&table)?;
+        }
+        Ok(())
+    }
+
+    /// Unmasks the vector, allocating its GSI on first use, and delivers a pending trigger.
+    pub fn unmask(&mut self, index: usize) -> Result<(), InterruptError> {
+        let manager = self.manager.clone();
+        let vector = self.vector(index);
+        if !vector.masked {
+            return Ok(());
+        }
+        let (gsi, event) = match vector.route.take() {
+            Some(route) => route,
+            None => {
+                let event = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+                let gsi = manager.table().allocate()?;
+                (gsi, event)
+            }
+        };
+        {
+            let mut table = manager.table();
+            table.route(gsi, Some(vector.message));
+            if let Err(e) = manager.commit(&table) {
+                table.route(gsi, None);
+                vector.route = Some((gsi, event));
+                return Err(e);
+            }
+        }
+        manager.vm.register_irqfd(&event, gsi).map_err(kvm("bind an MSI irqfd"))?;
+        vector.masked = false;
+        if std::mem::take(&mut vector.pending) {
+            let _ = event.write(1);
+        }
+        vector.route = Some((gsi, event));
+        Ok(())
+    }
+
+    /// Signals the vector: delivered now when unmasked, else latched as pending.
+    pub fn trigger(&mut self, index: usize) -> Result<(), InterruptError> {
+        let vector = self.vector(index);
+        match (&vector.route, vector.masked) {
+            (Some((_, event)), false) => event.write(1).map_err(InterruptError::EventFd),
+            _ => {
+                vector.pending = true;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for MsiStore {
+    fn drop(&mut self) {
+        let mut table = self.manager.table();
+        for vector in &self.vectors {
+            if let Some((gsi, event)) = &vector.route {
+                if !vector.masked {
+                    let _ = self.manager.vm.unregister_irqfd(event, *gsi);
+                }
+                table.release(*gsi);
+            }
+        }
+        let _ = self.manager.commit(&table);
+    }
+}
