@@ -442,8 +442,13 @@ pub fn echo_step(vsock: &mut Vsock, conn: ConnId, scratch: &mut [u8]) -> bool {
     true
 }
 
-/// Serves echo on every accepted connection until `until` says stop; returns sessions served.
-pub fn serve_echo(vsock: &mut Vsock, mut until: impl FnMut(&mut Vsock, ConnId) -> bool) -> u32 {
+/// Serves echo on every accepted connection until `max_sessions` have ended or `stop` says so
+/// of a newly accepted connection; returns the sessions served.
+pub fn serve_echo(
+    vsock: &mut Vsock,
+    max_sessions: Option<u32>,
+    mut stop: impl FnMut(&mut Vsock, ConnId) -> bool,
+) -> u32 {
     let mut open = [false; MAX_CONNECTIONS];
     let mut scratch = [0u8; MAX_PAYLOAD as usize];
     let mut sessions = 0;
@@ -457,7 +462,7 @@ pub fn serve_echo(vsock: &mut Vsock, mut until: impl FnMut(&mut Vsock, ConnId) -
             }
         });
         for &conn in &accepted[..count] {
-            if until(vsock, conn) {
+            if stop(vsock, conn) {
                 return sessions;
             }
             open[conn] = true;
@@ -466,6 +471,9 @@ pub fn serve_echo(vsock: &mut Vsock, mut until: impl FnMut(&mut Vsock, ConnId) -
             if open[conn] && !echo_step(vsock, conn, &mut scratch) {
                 open[conn] = false;
                 sessions += 1;
+                if max_sessions == Some(sessions) {
+                    return sessions;
+                }
             }
         }
     }

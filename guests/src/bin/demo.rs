@@ -24,14 +24,11 @@ fn main(boot: &BootInfo) -> ! {
     if let Some((base, _)) = find_device(boot.cmdline) {
         match Vsock::new(MmioDevice { base }, DMA) {
             Ok(mut vsock) => {
-                let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64);
+                let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64).map(|n| n as u32);
                 println!("  vsock:         CID {}, echo on port {}", vsock.cid, ECHO_PORT);
                 vsock.listen(ECHO_PORT);
-                let mut served = 0;
-                serve_echo(&mut vsock, |_, _| {
-                    served += 1;
-                    limit.is_some_and(|limit| served > limit)
-                });
+                let served = serve_echo(&mut vsock, limit, |_, _| false);
+                println!("  served {} echo sessions", served);
             }
             Err(e) => println!("  vsock:         unusable: {}", e),
         }

@@ -86,7 +86,7 @@ fn main(boot: &BootInfo) -> ! {
     vsock.listen(ECHO_PORT);
     vsock.listen(DONE_PORT);
     println!("echo service on port {}", ECHO_PORT);
-    let sessions = serve_echo(&mut vsock, |v, conn| v.local_port(conn) == DONE_PORT);
+    let sessions = serve_echo(&mut vsock, None, |v, conn| v.local_port(conn) == DONE_PORT);
     println!("PASS: served {} echo sessions; refused {} stray packets", sessions, vsock.refused);
     exit(0)
 }

@@ -77,6 +77,8 @@ struct Header {
 enum Role {
     /// Accepted on the host socket, waiting for its `CONNECT <port>` line.
     Handshake(UnixStream, Vec<u8>),
+    /// Asked for guest `port` before the driver was ready; connects once it is.
+    Waiting(UnixStream, u32),
     Conn(ConnKey),
 }
 
@@ -158,7 +160,20 @@ impl VsockBackend {
             let _ = self.kick.read();
             while let Ok(command) = self.commands.try_recv() {
                 match command {
-                    Command::Activate { queues, signals } => self.active = Some(Active { queues, signals }),
+                    Command::Activate { queues, signals } => {
+                        self.active = Some(Active { queues, signals });
+                        let waiting: Vec<RawFd> = self
+                            .roles
+                            .iter()
+                            .filter(|(_, r)| matches!(r, Role::Waiting(..)))
+                            .map(|(fd, _)| *fd)
+                            .collect();
+                        for fd in waiting {
+                            if let Some(Role::Waiting(stream, port)) = self.roles.remove(&fd) {
+                                self.host_connect(fd, stream, port);
+                            }
+                        }
+                    }
                     Command::Reset => self.reset(),
                 }
             }
@@ -177,7 +192,7 @@ impl VsockBackend {
             match self.roles.get(&fd) {
                 Some(Role::Handshake(..)) => self.handshake(fd),
                 Some(&Role::Conn(key)) => self.socket_ready(key, set),
-                None => {}
+                Some(Role::Waiting(..)) | None => {}
             }
         }
         self.fill_rx();
@@ -190,7 +205,7 @@ impl VsockBackend {
             self.closed.push(peer.conn.stream);
         }
         for (_, role) in self.roles.drain() {
-            if let Role::Handshake(stream, _) = role {
+            if let Role::Handshake(stream, _) | Role::Waiting(stream, _) = role {
                 self.closed.push(stream);
             }
         }
@@ -425,11 +440,18 @@ impl VsockBackend {
             }
         };
         let Some(Role::Handshake(stream, _)) = self.roles.remove(&fd) else { unreachable!() };
-        let (Some(guest_port), true) = (port, self.active.is_some()) else {
-            // A bad line, or no driver to connect to: close, as Firecracker does.
-            self.closed.push(stream);
-            return;
-        };
+        match port {
+            Some(port) if self.active.is_some() => self.host_connect(fd, stream, port),
+            Some(port) => {
+                self.roles.insert(fd, Role::Waiting(stream, port));
+            }
+            // Not a request line: close, as Firecracker does.
+            None => self.closed.push(stream),
+        }
+    }
+
+    /// Sends the guest a REQUEST for a host socket that asked for `guest_port`.
+    fn host_connect(&mut self, fd: RawFd, stream: UnixStream, guest_port: u32) {
         if self.peers.len() >= MAX_CONNECTIONS {
             self.closed.push(stream);
             return;
