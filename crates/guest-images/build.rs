@@ -9,7 +9,7 @@ use std::process::Command;
 
 use object::{Object, ObjectSegment};
 
-const GUESTS: &[&str] = &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock"];
+const GUESTS: &[&str] = &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock", "msi"];
 const LOAD_ADDRESS: u64 = 0x10_0000;
 
 fn main() {

@@ -8,6 +8,7 @@
 pub mod boot_info;
 pub mod entry;
 pub mod fw_cfg;
+pub mod interrupts;
 pub mod io;
 pub mod serial;
 pub mod smp;

@@ -187,3 +187,19 @@ fn cpu_templates_are_listed() {
     let json = stdout(&carve(&["vm", "cpu-templates", "--json"]));
     assert!(json.contains("\"xsave\"") && json.contains("\"0xd\""), "{json}");
 }
+
+#[test]
+fn msi_from_a_device_message_store_reaches_the_guest_vector() {
+    if !kvm_usable("msi_from_a_device_message_store_reaches_the_guest_vector") {
+        return;
+    }
+    let kernel = guest("msi", Format::Pvh);
+    let out = carve(&["vm", "run", "--kernel", kernel.to_str().unwrap(), "--testdev"]);
+    assert_guest_passed(&out);
+    assert!(stdout(&out).contains("PASS: vector 3000 of the store (past 2048) fires"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("PASS: the next one reports the route table exhausted"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -12,7 +12,8 @@ pub static DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"
 pub static DEMO_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bzimage"));
 
 /// The test guests `guests/src/bin/` defines.
-pub const GUESTS: &[&str] = &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock"];
+pub const GUESTS: &[&str] =
+    &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock", "msi"];
 
 /// How a guest is packaged for the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ fn main(boot: &BootInfo) -> ! {
     check!(inl(0x1230) == 0xffff_ffff, "ignored dword port reads all ones");
 
     // Unbacked MMIO: above RAM, below the IOAPIC.
-    let hole = 0xd000_0000u64;
+    let hole = 0xe000_0000u64;
     write_phys::<u32>(hole, 0x1234_5678);
     check!(read_phys::<u32>(hole) == 0xffff_ffff, "unbacked MMIO reads all ones");
     check!(read_phys::<u8>(hole + 3) == 0xff, "unbacked MMIO byte reads 0xff");

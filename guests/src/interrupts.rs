@@ -1,0 +1,114 @@
+//! Just enough interrupt handling to count deliveries: an IDT whose vectors 0x50–0x57 each bump
+//! a counter and signal EOI to the local APIC (xAPIC at its default address).
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use crate::io::write_phys;
+
+/// The first vector with a counting handler; there are `COUNTED` of them.
+pub const FIRST_VECTOR: u8 = 0x50;
+pub const COUNTED: usize = 8;
+const LAPIC: u64 = 0xfee0_0000;
+const LAPIC_SVR: u64 = LAPIC + 0xf0;
+
+global_asm!(
+    r#"
+    .section .text
+    .code64
+    .macro counting_stub n
+    .global vector_stub_\n
+vector_stub_\n:
+    push %rax
+    lock incl irq_counts+4*\n(%rip)
+    mov $0xfee000b0, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+    .endm
+    counting_stub 0
+    counting_stub 1
+    counting_stub 2
+    counting_stub 3
+    counting_stub 4
+    counting_stub 5
+    counting_stub 6
+    counting_stub 7
+
+    .section .bss
+    .p2align 12
+    .global guest_idt
+guest_idt:
+    .fill 4096, 1, 0
+    .global irq_counts
+irq_counts:
+    .fill 4 * 8, 1, 0
+    "#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static guest_idt: [u8; 4096];
+    static irq_counts: [AtomicU32; COUNTED];
+    fn vector_stub_0();
+    fn vector_stub_1();
+    fn vector_stub_2();
+    fn vector_stub_3();
+    fn vector_stub_4();
+    fn vector_stub_5();
+    fn vector_stub_6();
+    fn vector_stub_7();
+}
+
+fn counts() -> &'static [AtomicU32; COUNTED] {
+    // SAFETY: irq_counts is a 32-byte, 4-aligned .bss array only ever accessed atomically.
+    unsafe { &*core::ptr::addr_of!(irq_counts) }
+}
+
+/// Deliveries of `FIRST_VECTOR + index` so far.
+pub fn count(index: usize) -> u32 {
+    counts()[index].load(Ordering::SeqCst)
+}
+
+/// Loads the IDT, software-enables the local APIC and turns interrupts on.
+pub fn enable() {
+    let stubs: [unsafe extern "C" fn(); COUNTED] = [
+        vector_stub_0,
+        vector_stub_1,
+        vector_stub_2,
+        vector_stub_3,
+        vector_stub_4,
+        vector_stub_5,
+        vector_stub_6,
+        vector_stub_7,
+    ];
+    let idt = core::ptr::addr_of!(guest_idt) as u64;
+    for (i, stub) in stubs.iter().enumerate() {
+        let handler = *stub as usize as u64;
+        let gate = idt + 16 * (FIRST_VECTOR as u64 + i as u64);
+        // 64-bit interrupt gate: offset split in three, code selector 0x08, present, DPL 0.
+        write_phys::<u16>(gate, handler as u16);
+        write_phys::<u16>(gate + 2, 0x08);
+        write_phys::<u16>(gate + 4, 0x8e00);
+        write_phys::<u16>(gate + 6, (handler >> 16) as u16);
+        write_phys::<u32>(gate + 8, (handler >> 32) as u32);
+        write_phys::<u32>(gate + 12, 0);
+    }
+    let pointer: [u16; 5] = [4095, idt as u16, (idt >> 16) as u16, (idt >> 32) as u16, (idt >> 48) as u16];
+    write_phys::<u32>(LAPIC_SVR, 0x1ff);
+    // SAFETY: the IDT is valid for the vectors that can arrive (only the counted ones are
+    // routed to this vCPU by the tests that call this), and lidt reads the 10-byte pointer.
+    unsafe { asm!("lidt [{}]", "sti", in(reg) pointer.as_ptr(), options(nostack)) };
+}
+
+/// Waits (a bounded spin) until `index`'s count exceeds `seen`; returns the new count.
+pub fn wait_for(index: usize, seen: u32, spins: u32) -> u32 {
+    for _ in 0..spins {
+        let now = count(index);
+        if now > seen {
+            return now;
+        }
+        core::hint::spin_loop();
+    }
+    count(index)
+}
