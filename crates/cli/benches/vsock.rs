@@ -32,7 +32,7 @@ fn main() {
     let stream = connect(&uds, 5005);
     let cpu_before = event_loop_cpu();
     let carve_mibps = throughput(&stream);
-    let cpu_per_mib_ms = (event_loop_cpu() - cpu_before) as f64 / 1e6 / (2 * PAYLOAD >> 20) as f64;
+    let cpu_per_mib_ms = (event_loop_cpu() - cpu_before) as f64 / 1e6 / ((2 * PAYLOAD) >> 20) as f64;
     drop(stream);
     let stream = connect(&uds, 5005);
     let carve_rtt = round_trip(&stream);

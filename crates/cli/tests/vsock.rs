@@ -223,3 +223,27 @@ fn bad_vsock_arguments_are_one_clear_line() {
     let err = stderr(&out);
     assert!(err.contains("cannot listen on the vsock Unix socket") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn a_stop_signal_ends_the_vm_cleanly_and_removes_its_sockets() {
+    if !kvm_usable("a_stop_signal_ends_the_vm_cleanly_and_removes_its_sockets") {
+        return;
+    }
+    let dir = fresh_dir("vsock-signal");
+    let uds = dir.join("sig.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_carve"))
+        .args(["vm", "run", "--demo", "--serial", "none", "--vsock"])
+        .arg(format!("cid=6,uds={}", uds.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let vm = Vm(Some(child));
+    let (_stream, _) = connect_guest(&uds, 5005).expect("the demo serves while running");
+    let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let out = vm.wait();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    assert!(!uds.exists(), "the socket is removed on SIGTERM");
+}

@@ -149,7 +149,7 @@ impl MmioTransport {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.fault(
                 "unaligned",
                 format!("driver read {} bytes at register {offset:#x}; registers are 32-bit", data.len()),
@@ -194,7 +194,7 @@ impl MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.fault("unaligned", format!("driver wrote at unaligned register offset {offset:#x}"));
             return;
         }

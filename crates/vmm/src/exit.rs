@@ -39,6 +39,8 @@ pub enum VmExit {
     Crash(CrashReport),
     /// carve itself failed while the VM ran.
     VmmFailure(String),
+    /// carve was asked to stop (SIGINT, SIGTERM or SIGHUP); the VM was torn down cleanly.
+    Stopped(i32),
 }
 
 impl VmExit {
@@ -50,6 +52,8 @@ impl VmExit {
             VmExit::DebugExit(value) => (((value << 1) | 1) & 0xff) as i32,
             VmExit::Crash(_) => STATUS_GUEST_CRASH,
             VmExit::VmmFailure(_) => STATUS_CARVE_ERROR,
+            // The shell's convention for a process ended by a signal.
+            VmExit::Stopped(signal) => 128 + signal,
         }
     }
 }

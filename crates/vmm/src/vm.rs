@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
 use std::thread;
@@ -342,6 +343,17 @@ impl Vm {
         for handler in self.device_handlers {
             events.add_subscriber(handler);
         }
+        // Stop signals end the VM like any other exit, so devices clean up (sockets removed).
+        let mut signal_ids = Vec::new();
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP]
+        {
+            let (reader, writer) = UnixStream::pair().map_err(|e| VmError::Host(e.to_string()))?;
+            reader.set_nonblocking(true).map_err(|e| VmError::Host(e.to_string()))?;
+            let id = signal_hook::low_level::pipe::register(signal, writer)
+                .map_err(|e| VmError::Host(e.to_string()))?;
+            signal_ids.push(id);
+            events.add_subscriber(Box::new(StopSignal { reader, signal, exit: context.exit.clone() }));
+        }
 
         let mut threads = Vec::new();
         for vcpu in self.vcpus {
@@ -366,6 +378,9 @@ impl Vm {
                 thread::sleep(Duration::from_micros(200));
             }
             let _ = handle.join();
+        }
+        for id in signal_ids {
+            signal_hook::low_level::unregister(id);
         }
         self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
         let exit = context.exit.take().expect("the loop ends only once an exit was requested");
@@ -531,6 +546,24 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn init(&mut self, ops: &mut EventOps) {
         ops.add(Events::new(&self.0, EventSet::IN)).expect("a fresh eventfd registers");
+    }
+}
+
+/// Ends the VM when a stop signal arrives (signal-hook writes a byte to `reader`'s peer).
+struct StopSignal {
+    reader: UnixStream,
+    signal: i32,
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for StopSignal {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.reader.read(&mut [0u8; 16]);
+        self.exit.request(VmExit::Stopped(self.signal));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
     }
 }
 

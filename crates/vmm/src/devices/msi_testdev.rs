@@ -80,7 +80,7 @@ impl MsiTestdev {
 impl BusDevice for MsiTestdev {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let value = match offset {
-            _ if data.len() != 4 || offset % 4 != 0 => u32::MAX,
+            _ if data.len() != 4 || !offset.is_multiple_of(4) => u32::MAX,
             STATUS => self.status,
             CAPACITY => self.capacity,
             o if o >= ENTRIES_OFFSET => {
@@ -89,15 +89,16 @@ impl BusDevice for MsiTestdev {
             }
             _ => 0,
         };
-        let bytes = value.to_le_bytes();
-        data.copy_from_slice(&bytes[..data.len().min(4)]);
+        let n = data.len().min(4);
+        data.fill(0xff);
+        data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
         let value = u32::from_le_bytes(bytes);
         match offset {
-            _ if offset % 4 != 0 => {}
+            _ if !offset.is_multiple_of(4) => {}
             DOORBELL if u64::from(value) < MAX_ENTRIES => {
                 let result = self.store.trigger(value as usize);
                 self.record(result);
