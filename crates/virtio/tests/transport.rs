@@ -140,3 +140,45 @@ fn queues_outside_guest_memory_make_the_device_need_a_reset() {
     write(&mut t, reg::STATUS, 15);
     assert!(t.is_activated(), "valid queues activate the device");
 }
+
+#[test]
+fn a_host_connection_the_guest_never_answers_is_closed_after_the_timeout() {
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    let (mut t, backend, _) = transport("silent-guest.sock");
+    let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
+    events.add_subscriber(Box::new(backend));
+    // A driver that sets the device up and then never looks at its queues again.
+    negotiate(&mut t, 1);
+    for (index, base) in [0x1000, 0x4000, 0x7000].into_iter().enumerate() {
+        setup_queue(&mut t, index as u32, 16, base);
+    }
+    write(&mut t, reg::STATUS, 15);
+    events.run_with_timeout(0).unwrap();
+
+    let uds = std::env::temp_dir()
+        .join(format!("carve-transport-{}", std::process::id()))
+        .join("silent-guest.sock");
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.write_all(b"CONNECT 5005\n").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let closed = loop {
+        events.run_with_timeout(50).unwrap();
+        match host.read(&mut [0u8; 16]) {
+            Ok(0) => break true,
+            Ok(_) => panic!("no OK line without the guest's RESPONSE"),
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "the host socket was closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
+}

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -21,6 +22,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnKey, Connection, State};
 use super::proto::*;
@@ -37,6 +39,9 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_CONTROL_BACKLOG: usize = 4096;
 /// Host-initiated connections get parent-side ports from here up, as in Firecracker.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// How long a host connection waits for the guest to accept, as in Firecracker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const TIMER_TICK: Duration = Duration::from_millis(250);
 /// "CONNECT 4294967295\n" and some slack.
 const MAX_CONNECT_LINE: usize = 32;
 
@@ -93,6 +98,8 @@ struct Peer {
     host_readable: bool,
     in_ready: bool,
     host_write_shut: bool,
+    /// A host-initiated connection the guest has not answered is reset after this.
+    connect_deadline: Option<Instant>,
 }
 
 pub struct VsockBackend {
@@ -103,6 +110,8 @@ pub struct VsockBackend {
     kick: EventFd,
     commands: Receiver<Command>,
     listener: UnixListener,
+    /// Ticks while host connections wait for the guest's answer.
+    timer: TimerFd,
     active: Option<Active>,
     roles: HashMap<RawFd, Role>,
     peers: HashMap<ConnKey, Peer>,
@@ -129,7 +138,9 @@ impl VsockBackend {
         let listener =
             UnixListener::bind(&uds).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
         listener.set_nonblocking(true).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
+        let timer = TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?;
         Ok(VsockBackend {
+            timer,
             cid,
             uds,
             mem,
@@ -188,6 +199,8 @@ impl VsockBackend {
             let _ = self.queue_events[EVENTS].read();
         } else if fd == self.listener.as_raw_fd() {
             self.accept();
+        } else if fd == self.timer.as_raw_fd() {
+            self.expire_connects();
         } else {
             match self.roles.get(&fd) {
                 Some(Role::Handshake(..)) => self.handshake(fd),
@@ -288,6 +301,7 @@ impl VsockBackend {
         match h.op {
             OP_RESPONSE if peer.conn.state == State::Connecting => {
                 peer.conn.state = State::Established;
+                peer.connect_deadline = None;
                 let line = format!("OK {}\n", key.host_port);
                 // A fresh socket's buffer takes a short line whole.
                 if peer.conn.stream.write_all(line.as_bytes()).is_err() {
@@ -382,7 +396,13 @@ impl VsockBackend {
         self.roles.insert(fd, Role::Conn(key));
         self.opened.push(fd);
         // Assume data may be waiting: a read that would block just clears it.
-        let peer = Peer { conn, host_readable: true, in_ready: false, host_write_shut: false };
+        let peer = Peer {
+            conn,
+            host_readable: true,
+            in_ready: false,
+            host_write_shut: false,
+            connect_deadline: None,
+        };
         self.peers.insert(key, peer);
         self.requeue_if_readable(key);
     }
@@ -463,9 +483,36 @@ impl VsockBackend {
             host_readable: true,
             in_ready: false,
             host_write_shut: false,
+            connect_deadline: Some(Instant::now() + CONNECT_TIMEOUT),
         };
         self.peers.insert(key, peer);
         self.send_control(key, OP_REQUEST, 0);
+        if !self.timer.is_armed().unwrap_or(true) {
+            let _ = self.timer.reset(TIMER_TICK, Some(TIMER_TICK));
+        }
+    }
+
+    /// Resets host connections the guest left unanswered; stops the timer when none wait.
+    fn expire_connects(&mut self) {
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        let mut waiting = false;
+        let expired: Vec<ConnKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.state == State::Connecting)
+            .filter_map(|(key, p)| {
+                let expired = p.connect_deadline.is_some_and(|d| d <= now);
+                waiting |= !expired;
+                expired.then_some(*key)
+            })
+            .collect();
+        for key in expired {
+            self.reset_connection(key);
+        }
+        if !waiting {
+            let _ = self.timer.clear();
+        }
     }
 
     fn allocate_host_port(&mut self, guest_port: u32) -> u32 {
@@ -747,6 +794,7 @@ impl MutEventSubscriber for VsockBackend {
             self.queue_events[TX].as_raw_fd(),
             self.queue_events[EVENTS].as_raw_fd(),
             self.listener.as_raw_fd(),
+            self.timer.as_raw_fd(),
         ];
         for fd in fds {
             ops.add(Events::new_raw(fd, EventSet::IN)).expect("fresh descriptors register with epoll");

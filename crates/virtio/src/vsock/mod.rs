@@ -51,7 +51,7 @@ pub enum VsockError {
     InvalidCid(u64),
     #[error("cannot listen on the vsock Unix socket {path}: {source}")]
     Listen { path: PathBuf, source: std::io::Error },
-    #[error("cannot create the vsock device's eventfds: {0}")]
+    #[error("cannot create the vsock device's event descriptors: {0}")]
     EventFd(std::io::Error),
 }
 

@@ -81,8 +81,9 @@ impl InterruptManager {
     }
 
     fn commit(&self, table: &RouteTable) -> Result<(), InterruptError> {
-        let routing = KvmIrqRouting::from_entries(&table.entries())
-            .map_err(|_| InterruptError::RoutesExhausted { limit: 0, msi: table.msi_allocated() })?;
+        let routing = KvmIrqRouting::from_entries(&table.entries()).map_err(|_| {
+            InterruptError::RoutesExhausted { limit: table.limit(), msi: table.msi_allocated() }
+        })?;
         self.vm.set_gsi_routing(&routing).map_err(kvm("set the GSI routing table"))
     }
 }

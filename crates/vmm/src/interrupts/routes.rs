@@ -34,6 +34,11 @@ impl RouteTable {
         RouteTable { limit, msi: BTreeMap::new(), free: Vec::new(), next_gsi: IOAPIC_PINS }
     }
 
+    /// KVM's limit on routing-table entries.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// How many MSI GSIs this VM can hold at most.
     pub fn msi_capacity(&self) -> usize {
         self.limit.saturating_sub(LEGACY_ROUTES)
