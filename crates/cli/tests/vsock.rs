@@ -17,13 +17,14 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct Vm(Option<Child>);
 
 impl Vm {
-    fn start(kernel: &Path, uds: &Path, cid: u32, cmdline: &str) -> Vm {
+    /// `carve vm run` with `image` (`--kernel PATH` or `--demo`) and a vsock device.
+    fn start(image: &[&str], uds: &Path, cid: u32, extra: &[&str]) -> Vm {
         let child = Command::new(env!("CARGO_BIN_EXE_carve"))
-            .args(["vm", "run", "--kernel"])
-            .arg(kernel)
+            .args(["vm", "run"])
+            .args(image)
             .arg("--vsock")
             .arg(format!("cid={cid},uds={}", uds.display()))
-            .args(["--cmdline", cmdline])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -112,7 +113,8 @@ fn guest_and_host_exchange_data_both_ways_over_hybrid_vsock() {
         sum64(&to_guest),
         1 << 20
     );
-    let vm = Vm::start(&guest("vsock", Format::Pvh), &uds, 7, &cmdline);
+    let kernel = guest("vsock", Format::Pvh);
+    let vm = Vm::start(&["--kernel", kernel.to_str().unwrap()], &uds, 7, &["--cmdline", &cmdline]);
 
     // Guest → parent listener: greeting, 1 MiB to the guest, 1 MiB back.
     let (conn, _) = parent.accept().unwrap();
@@ -178,15 +180,7 @@ fn demo_guest_serves_echo_on_port_5005() {
     }
     let dir = fresh_dir("vsock-demo");
     let uds = dir.join("demo.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_carve"))
-        .args(["vm", "run", "--demo", "--cmdline", "echo_sessions=1", "--vsock"])
-        .arg(format!("cid=4,uds={}", uds.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let vm = Vm(Some(child));
+    let vm = Vm::start(&["--demo"], &uds, 4, &["--cmdline", "echo_sessions=1"]);
     let (stream, _) = connect_guest(&uds, 5005).expect("the demo accepts on 5005");
     let message = b"carve demo echo\n".repeat(100);
     assert!(echo_round_trip(&stream, &message) == message);
@@ -231,15 +225,8 @@ fn a_stop_signal_ends_the_vm_cleanly_and_removes_its_sockets() {
     }
     let dir = fresh_dir("vsock-signal");
     let uds = dir.join("sig.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_carve"))
-        .args(["vm", "run", "--demo", "--serial", "none", "--vsock"])
-        .arg(format!("cid=6,uds={}", uds.display()))
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let vm = Vm(Some(child));
+    let vm = Vm::start(&["--demo"], &uds, 6, &["--serial", "none"]);
+    let pid = vm.0.as_ref().unwrap().id();
     let (_stream, _) = connect_guest(&uds, 5005).expect("the demo serves while running");
     let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(killed.success());

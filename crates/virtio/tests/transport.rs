@@ -182,3 +182,23 @@ fn a_host_connection_the_guest_never_answers_is_closed_after_the_timeout() {
         "closed after {waited:?}"
     );
 }
+
+#[test]
+fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
+    use std::os::unix::net::UnixListener;
+    let dir = std::env::temp_dir().join(format!("carve-transport-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+
+    let stale = dir.join("stale.sock");
+    let _ = std::fs::remove_file(&stale);
+    drop(UnixListener::bind(&stale).unwrap()); // the file outlives its listener, as after a kill
+    assert!(stale.exists());
+    assert!(Vsock::new(9, stale.clone(), mem.clone()).is_ok(), "a stale socket is reclaimed");
+
+    let live = dir.join("live.sock");
+    let _ = std::fs::remove_file(&live);
+    let _listener = UnixListener::bind(&live).unwrap();
+    let error = Vsock::new(9, live.clone(), mem).err().expect("a live socket is not taken over");
+    assert!(error.to_string().contains("cannot listen on the vsock Unix socket"), "{error}");
+}

@@ -102,6 +102,13 @@ struct Peer {
     connect_deadline: Option<Instant>,
 }
 
+impl Peer {
+    fn new(conn: Connection, connect_deadline: Option<Instant>) -> Peer {
+        // Assume data may be waiting: a read that would block just clears it.
+        Peer { conn, host_readable: true, in_ready: false, host_write_shut: false, connect_deadline }
+    }
+}
+
 pub struct VsockBackend {
     cid: u64,
     uds: PathBuf,
@@ -136,7 +143,7 @@ impl VsockBackend {
         commands: Receiver<Command>,
     ) -> Result<VsockBackend, VsockError> {
         let listener =
-            UnixListener::bind(&uds).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
+            bind_reclaiming_stale(&uds).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
         listener.set_nonblocking(true).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
         let timer = TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?;
         Ok(VsockBackend {
@@ -395,15 +402,7 @@ impl VsockBackend {
         let fd = conn.stream.as_raw_fd();
         self.roles.insert(fd, Role::Conn(key));
         self.opened.push(fd);
-        // Assume data may be waiting: a read that would block just clears it.
-        let peer = Peer {
-            conn,
-            host_readable: true,
-            in_ready: false,
-            host_write_shut: false,
-            connect_deadline: None,
-        };
-        self.peers.insert(key, peer);
+        self.peers.insert(key, Peer::new(conn, None));
         self.requeue_if_readable(key);
     }
 
@@ -478,14 +477,8 @@ impl VsockBackend {
         }
         let key = ConnKey { host_port: self.allocate_host_port(guest_port), guest_port };
         self.roles.insert(fd, Role::Conn(key));
-        let peer = Peer {
-            conn: Connection::new(stream, State::Connecting),
-            host_readable: true,
-            in_ready: false,
-            host_write_shut: false,
-            connect_deadline: Some(Instant::now() + CONNECT_TIMEOUT),
-        };
-        self.peers.insert(key, peer);
+        let conn = Connection::new(stream, State::Connecting);
+        self.peers.insert(key, Peer::new(conn, Some(Instant::now() + CONNECT_TIMEOUT)));
         self.send_control(key, OP_REQUEST, 0);
         if !self.timer.is_armed().unwrap_or(true) {
             let _ = self.timer.reset(TIMER_TICK, Some(TIMER_TICK));
@@ -772,6 +765,21 @@ fn header_of<B: BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
         flags: packet.flags(),
         buf_alloc: packet.buf_alloc(),
         fwd_cnt: packet.fwd_cnt(),
+    }
+}
+
+/// Binds `path`; a socket file nobody listens on (left by a killed carve) is replaced, a live
+/// one is an error.
+fn bind_reclaiming_stale(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == ErrorKind::AddrInUse => match UnixStream::connect(path) {
+            Err(refused) if refused.kind() == ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)?;
+                UnixListener::bind(path)
+            }
+            _ => Err(e),
+        },
+        result => result,
     }
 }
 

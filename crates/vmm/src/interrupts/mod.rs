@@ -234,16 +234,19 @@ impl MsiStore {
                 (gsi, event)
             }
         };
-        {
-            let mut table = manager.table();
-            table.route(gsi, Some(vector.message));
-            if let Err(e) = manager.commit(&table) {
-                table.route(gsi, None);
-                vector.route = Some((gsi, event));
-                return Err(e);
-            }
+        let mut table = manager.table();
+        table.route(gsi, Some(vector.message));
+        let bound = manager
+            .commit(&table)
+            .and_then(|()| manager.vm.register_irqfd(&event, gsi).map_err(kvm("bind an MSI irqfd")));
+        if let Err(e) = bound {
+            // Stay masked, keeping the GSI for the next try; the table loses the route again.
+            table.route(gsi, None);
+            let _ = manager.commit(&table);
+            vector.route = Some((gsi, event));
+            return Err(e);
         }
-        manager.vm.register_irqfd(&event, gsi).map_err(kvm("bind an MSI irqfd"))?;
+        drop(table);
         vector.masked = false;
         if std::mem::take(&mut vector.pending) {
             let _ = event.write(1);
