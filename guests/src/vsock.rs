@@ -453,15 +453,9 @@ pub fn serve_echo(
     let mut scratch = [0u8; MAX_PAYLOAD as usize];
     let mut sessions = 0;
     loop {
-        let mut accepted = [usize::MAX; 8];
-        let mut count = 0;
-        vsock.poll(|Event::Accepted(conn)| {
-            if count < accepted.len() {
-                accepted[count] = conn;
-                count += 1;
-            }
-        });
-        for &conn in &accepted[..count] {
+        let mut accepted = [false; MAX_CONNECTIONS];
+        vsock.poll(|Event::Accepted(conn)| accepted[conn] = true);
+        for conn in (0..MAX_CONNECTIONS).filter(|&conn| accepted[conn]) {
             if stop(vsock, conn) {
                 return sessions;
             }

@@ -240,6 +240,7 @@ impl VsockBackend {
     // ---- guest → host ----
 
     fn process_tx(&mut self) {
+        let mut used = false;
         loop {
             let Some(active) = self.active.as_mut() else { return };
             let Some(mut chain) = active.queues[TX].pop_descriptor_chain(&self.mem) else { break };
@@ -260,6 +261,7 @@ impl VsockBackend {
                 Err(e) => Err(format!("{e:?}")),
             };
             let added = active.queues[TX].add_used(&self.mem, head, 0);
+            used = true;
             if added.is_err() {
                 self.broken_queue("transmit");
                 return;
@@ -271,7 +273,10 @@ impl VsockBackend {
                 }
             }
         }
-        self.notify_guest(TX);
+        // A kick with nothing new (or a spurious one) must not interrupt the guest.
+        if used {
+            self.notify_guest(TX);
+        }
     }
 
     fn handle_packet(&mut self, h: Header) {
