@@ -1,0 +1,193 @@
+//! The NSM's bank of 32 SHA-384 platform configuration registers.
+//!
+//! PCRs 0–15 belong to the platform: they are set at boot (image measurements, parent identity)
+//! and locked. PCRs 16–31 start at zero and are the enclave's to extend and lock.
+
+use carve_eif::measure::extend_zero;
+use carve_eif::Measurements;
+use sha2::{Digest, Sha384};
+
+pub const PCR_COUNT: usize = 32;
+pub const PCR_LEN: usize = 48;
+/// PCRs below this index are locked from boot.
+pub const PLATFORM_PCRS: usize = 16;
+
+pub type PcrValue = [u8; PCR_LEN];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PcrError {
+    #[error("PCR {0} does not exist; the bank has {PCR_COUNT}")]
+    InvalidIndex(u64),
+    #[error("PCR {0} is locked")]
+    ReadOnly(usize),
+}
+
+/// Who launched the enclave: strings measured into PCR3 (the parent's role) and PCR4 (the parent
+/// instance's ID), each as `SHA-384(48 zero bytes ‖ UTF-8 string)`. Nitro measures the IAM role ARN and the EC2 instance ID; carve measures
+/// whatever identity the launcher states.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentIdentity {
+    pub role: Option<String>,
+    pub instance_id: Option<String>,
+}
+
+/// What the bank holds at boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootMeasurements {
+    /// The enclave image's PCR0/1/2/8; `None` for a VM started without an EIF.
+    pub image: Option<Measurements>,
+    pub parent: ParentIdentity,
+    /// Debug-mode enclaves report the image PCRs as zeros: their console can leak secrets.
+    pub debug_mode: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcrBank {
+    values: [PcrValue; PCR_COUNT],
+    locked: u32,
+}
+
+impl PcrBank {
+    pub fn new(boot: &BootMeasurements) -> PcrBank {
+        let mut values = [[0u8; PCR_LEN]; PCR_COUNT];
+        if let (Some(image), false) = (&boot.image, boot.debug_mode) {
+            values[0] = image.pcr0;
+            values[1] = image.pcr1;
+            values[2] = image.pcr2;
+            if let Some(pcr8) = image.pcr8 {
+                values[8] = pcr8;
+            }
+        }
+        if let Some(role) = &boot.parent.role {
+            values[3] = extend_zero(role.as_bytes());
+        }
+        if let Some(instance) = &boot.parent.instance_id {
+            values[4] = extend_zero(instance.as_bytes());
+        }
+        PcrBank { values, locked: (1 << PLATFORM_PCRS) - 1 }
+    }
+
+    fn index(index: u64) -> Result<usize, PcrError> {
+        if index < PCR_COUNT as u64 {
+            Ok(index as usize)
+        } else {
+            Err(PcrError::InvalidIndex(index))
+        }
+    }
+
+    /// The value of PCR `index` and whether it is locked.
+    pub fn describe(&self, index: u64) -> Result<(bool, PcrValue), PcrError> {
+        let index = Self::index(index)?;
+        Ok((self.is_locked(index), self.values[index]))
+    }
+
+    pub fn is_locked(&self, index: usize) -> bool {
+        self.locked & (1 << index) != 0
+    }
+
+    /// `PCR = SHA-384(PCR ‖ data)`; returns the new value.
+    pub fn extend(&mut self, index: u64, data: &[u8]) -> Result<PcrValue, PcrError> {
+        let index = Self::index(index)?;
+        if self.is_locked(index) {
+            return Err(PcrError::ReadOnly(index));
+        }
+        let mut hasher = Sha384::new();
+        hasher.update(self.values[index]);
+        hasher.update(data);
+        self.values[index] = hasher.finalize().into();
+        Ok(self.values[index])
+    }
+
+    pub fn lock(&mut self, index: u64) -> Result<(), PcrError> {
+        let index = Self::index(index)?;
+        if self.is_locked(index) {
+            return Err(PcrError::ReadOnly(index));
+        }
+        self.locked |= 1 << index;
+        Ok(())
+    }
+
+    /// Locks PCRs `0..range` (those already locked stay so).
+    pub fn lock_range(&mut self, range: u64) -> Result<(), PcrError> {
+        if range > PCR_COUNT as u64 {
+            return Err(PcrError::InvalidIndex(range));
+        }
+        self.locked |= ((1u64 << range) - 1) as u32;
+        Ok(())
+    }
+
+    /// Indices of the locked PCRs, ascending.
+    pub fn locked(&self) -> Vec<u16> {
+        (0..PCR_COUNT as u16).filter(|&i| self.is_locked(i.into())).collect()
+    }
+
+    /// The platform PCRs as an attestation document carries them.
+    pub fn platform_pcrs(&self) -> impl Iterator<Item = (usize, &PcrValue)> {
+        self.values.iter().enumerate().take(PLATFORM_PCRS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Measurements {
+        Measurements { pcr0: [1; 48], pcr1: [2; 48], pcr2: [3; 48], pcr8: Some([8; 48]) }
+    }
+
+    fn sha384(parts: &[&[u8]]) -> PcrValue {
+        let mut hasher = Sha384::new();
+        parts.iter().for_each(|p| hasher.update(p));
+        hasher.finalize().into()
+    }
+
+    #[test]
+    fn boot_values_come_from_the_image_and_the_parent() {
+        let parent = ParentIdentity { role: Some("arn:aws:iam::1:role/r".into()), instance_id: Some("i-1".into()) };
+        let bank = PcrBank::new(&BootMeasurements { image: Some(image()), parent, debug_mode: false });
+        assert_eq!(bank.describe(0).unwrap(), (true, [1; 48]));
+        assert_eq!(bank.describe(1).unwrap().1, [2; 48]);
+        assert_eq!(bank.describe(2).unwrap().1, [3; 48]);
+        assert_eq!(bank.describe(8).unwrap().1, [8; 48]);
+        // One extend of a zero register with the string itself, as AWS documents for PCR3.
+        assert_eq!(bank.describe(3).unwrap().1, sha384(&[&[0; 48], b"arn:aws:iam::1:role/r"]));
+        assert_eq!(bank.describe(4).unwrap().1, sha384(&[&[0; 48], b"i-1"]));
+        assert_eq!(bank.describe(5).unwrap(), (true, [0; 48]));
+        assert_eq!(bank.describe(16).unwrap(), (false, [0; 48]));
+        assert_eq!(bank.locked(), (0..16).collect::<Vec<u16>>());
+    }
+
+    #[test]
+    fn debug_mode_zeroes_the_image_pcrs_but_not_the_parent_ones() {
+        let parent = ParentIdentity { role: None, instance_id: Some("i-1".into()) };
+        let bank = PcrBank::new(&BootMeasurements { image: Some(image()), parent, debug_mode: true });
+        for index in [0, 1, 2, 8, 3] {
+            assert_eq!(bank.describe(index).unwrap().1, [0; 48], "PCR{index}");
+        }
+        assert_ne!(bank.describe(4).unwrap().1, [0; 48]);
+    }
+
+    #[test]
+    fn extend_hashes_the_old_value_with_the_data_and_lock_freezes_it() {
+        let mut bank = PcrBank::new(&BootMeasurements::default());
+        let first = bank.extend(16, b"abc").unwrap();
+        assert_eq!(first, sha384(&[&[0; 48], b"abc"]));
+        assert_eq!(bank.extend(16, b"").unwrap(), sha384(&[&first]));
+        bank.lock(16).unwrap();
+        assert_eq!(bank.extend(16, b"x"), Err(PcrError::ReadOnly(16)));
+        assert_eq!(bank.lock(16), Err(PcrError::ReadOnly(16)));
+        assert_eq!(bank.extend(3, b"x"), Err(PcrError::ReadOnly(3)));
+        assert_eq!(bank.extend(32, b"x"), Err(PcrError::InvalidIndex(32)));
+        assert_eq!(bank.describe(u64::MAX), Err(PcrError::InvalidIndex(u64::MAX)));
+    }
+
+    #[test]
+    fn lock_range_locks_a_prefix_and_refuses_past_the_bank() {
+        let mut bank = PcrBank::new(&BootMeasurements::default());
+        bank.lock_range(20).unwrap();
+        assert_eq!(bank.locked(), (0..20).collect::<Vec<u16>>());
+        bank.lock_range(32).unwrap();
+        assert_eq!(bank.locked().len(), 32);
+        assert_eq!(bank.lock_range(33), Err(PcrError::InvalidIndex(33)));
+    }
+}
