@@ -5,6 +5,8 @@
 //! its [`InterruptLine`] to an irqfd, and runs the device's event handler on its event loop.
 
 pub mod fault;
+mod link;
+pub mod nsm;
 pub mod mmio;
 pub mod vsock;
 

@@ -11,7 +11,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnKey, Connection, State};
 use super::proto::*;
-use super::{Command, VsockError, EVENTS, HOST_CID, PARENT_CID, RX, TX};
+use super::{VsockError, EVENTS, HOST_CID, PARENT_CID, RX, TX};
+use crate::link::{Command, CommandReceiver};
 use crate::fault::FaultLog;
 use crate::DeviceSignals;
 
@@ -114,8 +114,7 @@ pub struct VsockBackend {
     uds: PathBuf,
     mem: GuestMemoryMmap,
     queue_events: [EventFd; 3],
-    kick: EventFd,
-    commands: Receiver<Command>,
+    commands: CommandReceiver,
     listener: UnixListener,
     /// Ticks while host connections wait for the guest's answer.
     timer: TimerFd,
@@ -139,8 +138,7 @@ impl VsockBackend {
         uds: PathBuf,
         mem: GuestMemoryMmap,
         queue_events: [EventFd; 3],
-        kick: EventFd,
-        commands: Receiver<Command>,
+        commands: CommandReceiver,
     ) -> Result<VsockBackend, VsockError> {
         let listener =
             bind_reclaiming_stale(&uds).map_err(|source| VsockError::Listen { path: uds.clone(), source })?;
@@ -152,7 +150,6 @@ impl VsockBackend {
             uds,
             mem,
             queue_events,
-            kick,
             commands,
             listener,
             active: None,
@@ -174,9 +171,8 @@ impl VsockBackend {
     }
 
     fn handle(&mut self, fd: RawFd, set: EventSet) {
-        if fd == self.kick.as_raw_fd() {
-            let _ = self.kick.read();
-            while let Ok(command) = self.commands.try_recv() {
+        if fd == self.commands.fd() {
+            for command in self.commands.drain() {
                 match command {
                     Command::Activate { queues, signals } => {
                         self.active = Some(Active { queues, signals });
@@ -802,7 +798,7 @@ impl MutEventSubscriber for VsockBackend {
 
     fn init(&mut self, ops: &mut EventOps) {
         let fds = [
-            self.kick.as_raw_fd(),
+            self.commands.fd(),
             self.queue_events[RX].as_raw_fd(),
             self.queue_events[TX].as_raw_fd(),
             self.queue_events[EVENTS].as_raw_fd(),

@@ -10,12 +10,12 @@ mod backend;
 mod connection;
 
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::link::{command_channel, Command, CommandSender};
 use crate::{ActivateError, DeviceSignals, VirtioDevice, VIRTIO_F_VERSION_1};
 pub use backend::{VsockBackend, VsockStats};
 
@@ -63,17 +63,11 @@ pub fn validate_cid(cid: u64) -> Result<(), VsockError> {
     Ok(())
 }
 
-enum Command {
-    Activate { queues: Vec<Queue>, signals: Arc<DeviceSignals> },
-    Reset,
-}
-
 /// The transport-facing half of the vsock device.
 pub struct Vsock {
     cid: u64,
     notifiers: Vec<EventFd>,
-    commands: Sender<Command>,
-    kick: EventFd,
+    commands: CommandSender,
 }
 
 impl Vsock {
@@ -86,25 +80,16 @@ impl Vsock {
         validate_cid(cid)?;
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
         let notifiers = vec![eventfd()?, eventfd()?, eventfd()?];
-        let kick = eventfd()?;
         let clone = |e: &EventFd| e.try_clone().map_err(VsockError::EventFd);
-        let (commands, receiver) = channel();
+        let (commands, receiver) = command_channel().map_err(VsockError::EventFd)?;
         let backend = VsockBackend::new(
             cid,
             uds,
             mem,
             [clone(&notifiers[RX])?, clone(&notifiers[TX])?, clone(&notifiers[EVENTS])?],
-            clone(&kick)?,
             receiver,
         )?;
-        Ok((Vsock { cid, notifiers, commands, kick }, backend))
-    }
-
-    fn send(&self, command: Command) -> Result<(), ActivateError> {
-        self.commands
-            .send(command)
-            .map_err(|_| ActivateError::Backend("its event loop has stopped".into()))?;
-        self.kick.write(1).map_err(|e| ActivateError::Backend(e.to_string()))
+        Ok((Vsock { cid, notifiers, commands }, backend))
     }
 }
 
@@ -146,10 +131,10 @@ impl VirtioDevice for Vsock {
         if queues.len() != QUEUE_COUNT {
             return Err(ActivateError::QueueCount { expected: QUEUE_COUNT, found: queues.len() });
         }
-        self.send(Command::Activate { queues, signals })
+        self.commands.send(Command::Activate { queues, signals })
     }
 
     fn reset(&mut self) {
-        let _ = self.send(Command::Reset);
+        let _ = self.commands.send(Command::Reset);
     }
 }

@@ -1,0 +1,55 @@
+//! How a device's transport half hands its queues to the half that runs on the event loop: a
+//! command channel plus an eventfd that wakes the loop.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{ActivateError, DeviceSignals};
+
+pub(crate) enum Command {
+    Activate { queues: Vec<Queue>, signals: Arc<DeviceSignals> },
+    Reset,
+}
+
+/// The transport half's end.
+pub(crate) struct CommandSender {
+    commands: Sender<Command>,
+    kick: EventFd,
+}
+
+/// The event loop's end: register [`CommandReceiver::fd`] and call `drain` when it fires.
+pub(crate) struct CommandReceiver {
+    commands: Receiver<Command>,
+    kick: EventFd,
+}
+
+pub(crate) fn command_channel() -> std::io::Result<(CommandSender, CommandReceiver)> {
+    let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+    let (commands, receiver) = channel();
+    Ok((CommandSender { commands, kick: kick.try_clone()? }, CommandReceiver { commands: receiver, kick }))
+}
+
+impl CommandSender {
+    pub(crate) fn send(&self, command: Command) -> Result<(), ActivateError> {
+        self.commands
+            .send(command)
+            .map_err(|_| ActivateError::Backend("its event loop has stopped".into()))?;
+        self.kick.write(1).map_err(|e| ActivateError::Backend(e.to_string()))
+    }
+}
+
+impl CommandReceiver {
+    pub(crate) fn fd(&self) -> RawFd {
+        self.kick.as_raw_fd()
+    }
+
+    /// The commands sent since the last call, oldest first.
+    pub(crate) fn drain(&self) -> Vec<Command> {
+        let _ = self.kick.read();
+        self.commands.try_iter().collect()
+    }
+}
