@@ -1,6 +1,8 @@
 //! `carve`: Nitro-Enclaves-style enclaves on any KVM host. nitro-cli's image commands
-//! (`build-enclave`, `describe-eif`, `sign-eif`, `pcr`, `explain`) and `carve vm`.
+//! (`build-enclave`, `describe-eif`, `sign-eif`, `pcr`, `explain`), `carve attestation` and
+//! `carve vm`.
 
+mod attestation;
 mod cpio;
 mod image;
 mod logger;
@@ -35,6 +37,9 @@ enum Command {
     SignEif(image::SignArgs),
     /// Print the PCR of a file's bytes, or PCR8 of a signing certificate.
     Pcr(image::PcrArgs),
+    /// carve's attestation CA: print its root, verify attestation documents.
+    #[command(subcommand)]
+    Attestation(attestation::AttestationCommand),
     /// Explain a nitro-cli error code (Exx).
     Explain {
         #[arg(long, value_name = "Exx")]
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
     logger::init(cli.log_level);
     let result = match cli.command {
         Command::Vm(command) => return vm::run(command),
+        Command::Attestation(command) => return attestation::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
         Command::BuildEnclave(args) => image::build_enclave(args),
         Command::DescribeEif(args) => image::describe_eif(args),

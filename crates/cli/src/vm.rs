@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
@@ -61,6 +62,16 @@ pub struct RunArgs {
     /// (`CONNECT <port>` to reach a guest port) and PATH_<port> for guest connections.
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
+    /// Attach a Nitro Secure Module (virtio-nsm) whose attestation documents carve's local CA
+    /// signs (`carve attestation root`).
+    #[arg(long)]
+    nsm: bool,
+    /// The parent's role, measured into the NSM's PCR3.
+    #[arg(long, value_name = "TEXT", requires = "nsm")]
+    parent_role: Option<String>,
+    /// The parent's instance ID, measured into the NSM's PCR4.
+    #[arg(long, value_name = "TEXT", requires = "nsm")]
+    parent_id: Option<String>,
     /// Write vCPU 0's initial state (the `check-state` JSON format) to FILE before running.
     #[arg(long, value_name = "FILE")]
     dump_state: Option<PathBuf>,
@@ -162,6 +173,17 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Ok(state) => state,
         Err(e) => return fail(e),
     };
+    let nsm = if args.nsm {
+        let parent = ParentIdentity { role: args.parent_role, instance_id: args.parent_id };
+        // A plain VM has no image: its PCR0/1/2/8 stay zero.
+        let boot = BootMeasurements { image: None, parent, debug_mode: false };
+        match crate::attestation::open_nsm(format!("i-0000000000000000-vm{:x}", std::process::id()), &boot) {
+            Ok(nsm) => Some(nsm),
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
     let serial_to_stdout = matches!(args.serial, SerialArg::Stdout);
     let config = VmConfig {
         kernel,
@@ -180,6 +202,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         load_state,
         entry_check: EntryCheck::default(),
         vsock: args.vsock,
+        nsm,
     };
     let vm = match Vm::build(config) {
         Ok(vm) => vm,

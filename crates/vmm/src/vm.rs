@@ -77,6 +77,8 @@ pub enum VmError {
     Acpi(#[from] AcpiError),
     #[error("cannot attach the vsock device: {0}")]
     Vsock(#[from] carve_virtio::vsock::VsockError),
+    #[error("cannot attach the NSM device: {0}")]
+    Nsm(std::io::Error),
     #[error("no room for another virtio device: carve maps at most {VIRTIO_MMIO_SLOTS}")]
     TooManyVirtioDevices,
     #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
@@ -160,6 +162,8 @@ pub struct VmConfig {
     pub load_state: Option<StateFile>,
     pub entry_check: EntryCheck,
     pub vsock: Option<VsockConfig>,
+    /// The Nitro Secure Module the guest reaches through virtio-nsm.
+    pub nsm: Option<carve_nsm::Nsm>,
 }
 
 impl VmConfig {
@@ -177,6 +181,7 @@ impl VmConfig {
             load_state: None,
             entry_check: EntryCheck::default(),
             vsock: None,
+            nsm: None,
         }
     }
 }
@@ -260,6 +265,11 @@ impl Vm {
         if let Some(vsock) = &config.vsock {
             let (device, backend) =
                 carve_virtio::vsock::Vsock::new(vsock.cid, vsock.uds.clone(), mem.clone())?;
+            virtio.attach(Box::new(device), &mem)?;
+            device_handlers.push(Box::new(backend));
+        }
+        if let Some(nsm) = config.nsm {
+            let (device, backend) = carve_virtio::nsm::NsmDevice::new(nsm, mem.clone()).map_err(VmError::Nsm)?;
             virtio.attach(Box::new(device), &mem)?;
             device_handlers.push(Box::new(backend));
         }
