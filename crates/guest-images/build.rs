@@ -9,7 +9,6 @@ use std::process::Command;
 
 use object::{Object, ObjectSegment};
 
-const GUESTS: &[&str] = &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock", "msi"];
 const LOAD_ADDRESS: u64 = 0x10_0000;
 
 fn main() {
@@ -23,12 +22,26 @@ fn main() {
 
     let pvh = build_guests(&guests, &out.join("target-pvh"), &[]);
     let multiboot = build_guests(&guests, &out.join("target-multiboot"), &["--no-default-features"]);
-    for name in GUESTS {
+    let names = guest_names(&guests);
+    let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let generated = format!("/// The guests `guests/src/bin/` defines.\npub const GUESTS: &[&str] = &[{}];\n", list.join(", "));
+    fs::write(out.join("guest_names.rs"), generated).unwrap();
+    for name in &names {
         let elf = fs::read(pvh.join(name)).expect("guest ELF");
         fs::write(out.join(format!("{name}.elf")), &elf).unwrap();
         fs::write(out.join(format!("{name}.bzimage")), bzimage(&elf)).unwrap();
         fs::copy(multiboot.join(name), out.join(format!("{name}.multiboot.elf"))).unwrap();
     }
+}
+
+/// Every guest binary: the files in `guests/src/bin/`.
+fn guest_names(guests: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(guests.join("src/bin"))
+        .expect("guests/src/bin")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .collect();
+    names.sort();
+    names
 }
 
 fn build_guests(guests: &Path, target_dir: &Path, extra: &[&str]) -> PathBuf {

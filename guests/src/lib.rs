@@ -10,6 +10,7 @@ pub mod entry;
 pub mod fw_cfg;
 pub mod interrupts;
 pub mod io;
+pub mod nsm;
 pub mod serial;
 pub mod smp;
 pub mod virtio;

@@ -3,7 +3,7 @@
 //! DMA area (all memory is identity mapped, so addresses are physical).
 //!
 //! Each descriptor owns one buffer slot of `slot_size` bytes at `buffers + id * slot_size`; a
-//! packet is always a single descriptor.
+//! packet is a single descriptor (`push`) or a chain of them (`push_chain`).
 
 use crate::io::{read_phys, write_phys};
 
@@ -16,12 +16,25 @@ pub const STATUS_NEEDS_RESET: u32 = 0x40;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// Finds `virtio_mmio.device=<size>@<base>:<irq>` on the command line; returns base and IRQ.
+/// Finds the first `virtio_mmio.device=<size>@<base>:<irq>` on the command line; returns base
+/// and IRQ.
 pub fn find_device(cmdline: &str) -> Option<(u64, u32)> {
-    let spec = crate::param(cmdline, "virtio_mmio.device")?;
-    let (_, rest) = spec.split_once('@')?;
-    let (base, irq) = rest.split_once(':')?;
-    Some((crate::parse_u64(base)?, crate::parse_u64(irq)? as u32))
+    devices(cmdline).next()
+}
+
+/// Every `virtio_mmio.device=` on the command line, in order: (base, IRQ).
+pub fn devices(cmdline: &str) -> impl Iterator<Item = (u64, u32)> + '_ {
+    cmdline.split_ascii_whitespace().filter_map(|word| {
+        let spec = word.strip_prefix("virtio_mmio.device=")?;
+        let (_, rest) = spec.split_once('@')?;
+        let (base, irq) = rest.split_once(':')?;
+        Some((crate::parse_u64(base)?, crate::parse_u64(irq)? as u32))
+    })
+}
+
+/// The announced device whose ID register reads `device_id`.
+pub fn find_device_of_type(cmdline: &str, device_id: u32) -> Option<MmioDevice> {
+    devices(cmdline).map(|(base, _)| MmioDevice { base }).find(|d| d.read(0x000) == MAGIC && d.read(0x008) == device_id)
 }
 
 #[derive(Clone, Copy)]
@@ -183,13 +196,22 @@ impl Virtqueue {
 
     /// Makes descriptor `id` (its slot, `len` bytes) available to the device.
     pub fn push(&mut self, id: u16, len: u32, device_writes: bool) {
-        let desc = self.desc + 16 * id as u64;
-        write_phys::<u64>(desc, self.slot(id));
-        write_phys::<u32>(desc + 8, len);
-        write_phys::<u16>(desc + 12, if device_writes { VIRTQ_DESC_F_WRITE } else { 0 });
-        write_phys::<u16>(desc + 14, 0);
+        self.push_chain(&[(id, len, device_writes)]);
+    }
+
+    /// Makes a chain of descriptors available, each with its own slot: `(id, len, device_writes)`.
+    pub fn push_chain(&mut self, parts: &[(u16, u32, bool)]) {
+        for (i, &(id, len, device_writes)) in parts.iter().enumerate() {
+            let desc = self.desc + 16 * id as u64;
+            let next = parts.get(i + 1).map(|p| p.0);
+            let flags = if device_writes { VIRTQ_DESC_F_WRITE } else { 0 } | if next.is_some() { 1 } else { 0 };
+            write_phys::<u64>(desc, self.slot(id));
+            write_phys::<u32>(desc + 8, len);
+            write_phys::<u16>(desc + 12, flags);
+            write_phys::<u16>(desc + 14, next.unwrap_or(0));
+        }
         let ring_slot = self.avail + 4 + 2 * (self.avail_idx % self.size) as u64;
-        write_phys::<u16>(ring_slot, id);
+        write_phys::<u16>(ring_slot, parts[0].0);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         write_phys::<u16>(self.avail + 2, self.avail_idx);

@@ -447,10 +447,22 @@ pub fn echo_step(vsock: &mut Vsock, conn: ConnId, scratch: &mut [u8]) -> bool {
 pub fn serve_echo(
     vsock: &mut Vsock,
     max_sessions: Option<u32>,
+    stop: impl FnMut(&mut Vsock, ConnId) -> bool,
+) -> u32 {
+    let mut scratch = [0u8; MAX_PAYLOAD as usize];
+    serve(vsock, max_sessions, stop, |vsock, conn| echo_step(vsock, conn, &mut scratch))
+}
+
+/// Runs `step` on every open connection until `max_sessions` have ended or `stop` says so of a
+/// newly accepted connection; `step` returns false once its connection is closed. Returns the
+/// sessions served.
+pub fn serve(
+    vsock: &mut Vsock,
+    max_sessions: Option<u32>,
     mut stop: impl FnMut(&mut Vsock, ConnId) -> bool,
+    mut step: impl FnMut(&mut Vsock, ConnId) -> bool,
 ) -> u32 {
     let mut open = [false; MAX_CONNECTIONS];
-    let mut scratch = [0u8; MAX_PAYLOAD as usize];
     let mut sessions = 0;
     loop {
         let mut accepted = [false; MAX_CONNECTIONS];
@@ -462,7 +474,7 @@ pub fn serve_echo(
             open[conn] = true;
         }
         for conn in 0..MAX_CONNECTIONS {
-            if open[conn] && !echo_step(vsock, conn, &mut scratch) {
+            if open[conn] && !step(vsock, conn) {
                 open[conn] = false;
                 sessions += 1;
                 if max_sessions == Some(sessions) {

@@ -32,14 +32,18 @@ pub struct VerifyArgs {
     root: Option<PathBuf>,
     /// The nonce the document must carry, in hex.
     #[arg(long, value_name = "HEX", value_parser = parse_hex)]
-    nonce: Option<Vec<u8>>,
+    nonce: Option<HexBytes>,
     /// A PCR value the document must carry: index=hex (repeatable).
     #[arg(long = "pcr", value_name = "N=HEX", value_parser = parse_pcr)]
     pcrs: Vec<(u64, Vec<u8>)>,
 }
 
-fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
-    hex::decode(text).map_err(|e| format!("'{text}' is not hex: {e}"))
+/// Bytes given in hex (a newtype: clap takes a bare `Vec` as many values).
+#[derive(Clone)]
+struct HexBytes(Vec<u8>);
+
+fn parse_hex(text: &str) -> Result<HexBytes, String> {
+    hex::decode(text).map(HexBytes).map_err(|e| format!("'{text}' is not hex: {e}"))
 }
 
 fn parse_pcr(text: &str) -> Result<(u64, Vec<u8>), String> {
@@ -48,7 +52,7 @@ fn parse_pcr(text: &str) -> Result<(u64, Vec<u8>), String> {
     if index >= 32 {
         return Err(format!("PCR index {index} is past the 32 PCRs"));
     }
-    Ok((index, parse_hex(value)?))
+    Ok((index, parse_hex(value)?.0))
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -95,7 +99,7 @@ fn verify_document(args: VerifyArgs) -> ExitCode {
         Ok(root) => root,
         Err(e) => return fail(e),
     };
-    let expect = Expectations { nonce: args.nonce, pcrs: args.pcrs.into_iter().collect::<BTreeMap<_, _>>() };
+    let expect = Expectations { nonce: args.nonce.map(|n| n.0), pcrs: args.pcrs.into_iter().collect::<BTreeMap<_, _>>() };
     let verdict = verify::verify(&document, &root, &expect, SystemTime::now());
     println!("{}", serde_json::to_string_pretty(&verdict).expect("a verdict serialises"));
     if verdict.valid {

@@ -1,8 +1,12 @@
 //! Shared by carve's integration tests: running the binary and finding guests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use carve_guest_images::{path as guest, Format};
@@ -64,4 +68,80 @@ pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Kills the VM if a test fails before it ends.
+pub struct Vm(pub Option<Child>);
+
+impl Vm {
+    /// `carve vm run` with `image` (`--kernel PATH` or `--demo`) and a vsock device.
+    pub fn start(image: &[&str], uds: &Path, cid: u32, extra: &[&str]) -> Vm {
+        let child = Command::new(env!("CARGO_BIN_EXE_carve"))
+            .args(["vm", "run"])
+            .args(image)
+            .arg("--vsock")
+            .arg(format!("cid={cid},uds={}", uds.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("carve starts");
+        Vm(Some(child))
+    }
+
+    pub fn wait(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn sum64(data: &[u8]) -> u64 {
+    data.chunks(8).fold(0u64, |sum, c| {
+        let mut word = [0u8; 8];
+        word[..c.len()].copy_from_slice(c);
+        sum.wrapping_add(u64::from_le_bytes(word))
+    })
+}
+
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = temp_path(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Connects through the hybrid socket: `CONNECT port` → `OK host_port`, or None when refused.
+pub fn connect_guest(uds: &Path, port: u32) -> Option<(UnixStream, u32)> {
+    let deadline = Instant::now() + TIMEOUT;
+    let stream = loop {
+        match UnixStream::connect(uds) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("cannot reach {}: {e}", uds.display()),
+        }
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    (&stream).write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while (&stream).read(&mut byte).ok()? == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            let text = String::from_utf8(line).unwrap();
+            let host_port = text.strip_prefix("OK ")?.trim().parse().ok()?;
+            return Some((stream, host_port));
+        }
+    }
+    None
 }

@@ -4,88 +4,10 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
-
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Kills the VM if a test fails before it ends.
-struct Vm(Option<Child>);
-
-impl Vm {
-    /// `carve vm run` with `image` (`--kernel PATH` or `--demo`) and a vsock device.
-    fn start(image: &[&str], uds: &Path, cid: u32, extra: &[&str]) -> Vm {
-        let child = Command::new(env!("CARGO_BIN_EXE_carve"))
-            .args(["vm", "run"])
-            .args(image)
-            .arg("--vsock")
-            .arg(format!("cid={cid},uds={}", uds.display()))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("carve starts");
-        Vm(Some(child))
-    }
-
-    fn wait(mut self) -> std::process::Output {
-        self.0.take().unwrap().wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn sum64(data: &[u8]) -> u64 {
-    data.chunks(8).fold(0u64, |sum, c| {
-        let mut word = [0u8; 8];
-        word[..c.len()].copy_from_slice(c);
-        sum.wrapping_add(u64::from_le_bytes(word))
-    })
-}
-
-fn fresh_dir(name: &str) -> PathBuf {
-    let dir = temp_path(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Connects through the hybrid socket: `CONNECT port` → `OK host_port`, or None when refused.
-fn connect_guest(uds: &Path, port: u32) -> Option<(UnixStream, u32)> {
-    let deadline = Instant::now() + TIMEOUT;
-    let stream = loop {
-        match UnixStream::connect(uds) {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("cannot reach {}: {e}", uds.display()),
-        }
-    };
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    (&stream).write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while (&stream).read(&mut byte).ok()? == 1 {
-        line.push(byte[0]);
-        if byte[0] == b'\n' {
-            let text = String::from_utf8(line).unwrap();
-            let host_port = text.strip_prefix("OK ")?.trim().parse().ok()?;
-            return Some((stream, host_port));
-        }
-    }
-    None
-}
 
 /// Writes `data` on one thread while reading as much back on this one.
 fn echo_round_trip(stream: &UnixStream, data: &[u8]) -> Vec<u8> {

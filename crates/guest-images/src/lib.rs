@@ -11,9 +11,7 @@ pub static DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"
 /// The demo guest as a bzImage, so it can stand where a Linux kernel stands.
 pub static DEMO_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bzimage"));
 
-/// The test guests `guests/src/bin/` defines.
-pub const GUESTS: &[&str] =
-    &["demo", "boot_info", "smp", "devices", "exit", "pio_loop", "cpuid", "vsock", "msi"];
+include!(concat!(env!("OUT_DIR"), "/guest_names.rs"));
 
 /// How a guest is packaged for the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

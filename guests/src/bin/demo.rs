@@ -1,16 +1,22 @@
 //! carve's demo guest: says what it booted with; with a vsock device it serves echo on port 5005
-//! (`echo_sessions=N` on the command line stops it after N sessions), then powers off cleanly.
+//! and, with an NSM, attestation on port 5006 (a u32 big-endian length and that many nonce bytes
+//! in; a u32 big-endian length and the attestation document out). `echo_sessions=N` on the
+//! command line stops it after N sessions of either kind; then it powers off cleanly.
 #![no_std]
 #![no_main]
 
-use carve_guests::virtio::{find_device, MmioDevice};
-use carve_guests::vsock::{serve_echo, Vsock};
+use carve_guests::nsm::{attestation_request, response_bytes, Nsm, DEVICE_ID as NSM_ID};
+use carve_guests::virtio::find_device_of_type;
+use carve_guests::vsock::{echo_step, serve, ConnId, State, Vsock, MAX_PAYLOAD};
 use carve_guests::{fw_cfg, guest_main, param, parse_u64, println, BootInfo};
 
 guest_main!(main);
 
 const DMA: u64 = 0x0200_0000;
 const ECHO_PORT: u32 = 5005;
+const ATTESTATION_PORT: u32 = 5006;
+const MAX_NONCE: usize = 512;
+const VSOCK_ID: u32 = 19;
 
 fn main(boot: &BootInfo) -> ! {
     println!("Hello from the carve demo guest!");
@@ -21,18 +27,127 @@ fn main(boot: &BootInfo) -> ! {
     for module in boot.modules() {
         println!("  module:        {} bytes at {:#x}", module.size, module.base);
     }
-    if let Some((base, _)) = find_device(boot.cmdline) {
-        match Vsock::new(MmioDevice { base }, DMA) {
+    let mut nsm = find_device_of_type(boot.cmdline, NSM_ID).and_then(|device| match Nsm::new(device, DMA) {
+        Ok(nsm) => Some(nsm),
+        Err(e) => {
+            println!("  nsm:           unusable: {}", e);
+            None
+        }
+    });
+    if let Some(device) = find_device_of_type(boot.cmdline, VSOCK_ID) {
+        match Vsock::new(device, DMA + Nsm::dma_size()) {
             Ok(mut vsock) => {
                 let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64).map(|n| n as u32);
                 println!("  vsock:         CID {}, echo on port {}", vsock.cid, ECHO_PORT);
                 vsock.listen(ECHO_PORT);
-                let served = serve_echo(&mut vsock, limit, |_, _| false);
-                println!("  served {} echo sessions", served);
+                if nsm.is_some() {
+                    println!("  nsm:           attestation on port {}", ATTESTATION_PORT);
+                    vsock.listen(ATTESTATION_PORT);
+                }
+                let mut scratch = [0u8; MAX_PAYLOAD as usize];
+                let mut attestation = Attestation::new();
+                let served = serve(&mut vsock, limit, |_, _| false, |vsock, conn| {
+                    if vsock.local_port(conn) == ATTESTATION_PORT {
+                        match nsm.as_mut() {
+                            Some(nsm) => attestation.step(vsock, conn, nsm),
+                            None => false,
+                        }
+                    } else {
+                        echo_step(vsock, conn, &mut scratch)
+                    }
+                });
+                println!("  served {} sessions", served);
             }
             Err(e) => println!("  vsock:         unusable: {}", e),
         }
     }
     println!("Demo guest done; powering off.");
     carve_guests::reset()
+}
+
+/// The attestation service, one connection at a time: the current connection's request is
+/// collected, the NSM asked, and the document (which stays in the NSM's response buffer until
+/// the next request) sent. Other connections wait with their bytes in the vsock receive ring.
+struct Attestation {
+    current: Option<ConnId>,
+    /// The length prefix and nonce received so far.
+    received: [u8; 4 + MAX_NONCE],
+    filled: usize,
+    /// The document being sent, and how much of it has gone.
+    reply: Option<(&'static [u8], usize)>,
+}
+
+impl Attestation {
+    fn new() -> Attestation {
+        Attestation { current: None, received: [0; 4 + MAX_NONCE], filled: 0, reply: None }
+    }
+
+    /// Advances `conn`; false once it is closed.
+    fn step(&mut self, vsock: &mut Vsock, conn: ConnId, nsm: &mut Nsm) -> bool {
+        match vsock.state(conn) {
+            State::Established => {}
+            State::Reset => {
+                self.finish(vsock, conn);
+                return false;
+            }
+            _ => return false,
+        }
+        if *self.current.get_or_insert(conn) != conn {
+            return true;
+        }
+        if let Some((reply, sent)) = self.reply {
+            let sent = sent + vsock.send(conn, &reply[sent..]);
+            if sent == reply.len() {
+                self.finish(vsock, conn);
+                return false;
+            }
+            self.reply = Some((reply, sent));
+            return true;
+        }
+        let want = match self.filled {
+            0..=3 => 4,
+            _ => 4 + u32::from_be_bytes(self.received[..4].try_into().unwrap()) as usize,
+        };
+        if !(4..=4 + MAX_NONCE).contains(&want) || (self.filled >= 4 && want == 4) {
+            println!("  attestation:   nonce of {} bytes refused (1 to {})", want - 4, MAX_NONCE);
+            self.finish(vsock, conn);
+            return false;
+        }
+        let got = vsock.recv(conn, &mut self.received[self.filled..want]);
+        self.filled += got;
+        if self.filled == want && want > 4 {
+            let mut request = [0u8; 64 + MAX_NONCE];
+            let len = attestation_request(&mut request, Some(b"carve-demo"), Some(&self.received[4..want]));
+            match response_bytes(nsm.call(&request[..len]), "Attestation", "document") {
+                Ok(document) if vsock.send(conn, &(document.len() as u32).to_be_bytes()) == 4 => {
+                    self.reply = Some((document, 0));
+                }
+                Ok(_) => {
+                    println!("  attestation:   no credit for the reply");
+                    self.finish(vsock, conn);
+                    return false;
+                }
+                Err(e) => {
+                    println!("  attestation:   NSM error {}", e);
+                    self.finish(vsock, conn);
+                    return false;
+                }
+            }
+        } else if got == 0 && vsock.peer_closed(conn) {
+            self.finish(vsock, conn);
+            return false;
+        }
+        true
+    }
+
+    fn finish(&mut self, vsock: &mut Vsock, conn: ConnId) {
+        if self.current == Some(conn) {
+            *self = Attestation::new();
+        }
+        if vsock.state(conn) == State::Reset {
+            vsock.release(conn);
+        } else {
+            vsock.close(conn);
+        }
+    }
 }

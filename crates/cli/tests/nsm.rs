@@ -1,0 +1,200 @@
+//! The NSM end to end on the real /dev/kvm: the `nsm` guest asks the device from inside, the demo
+//! serves attestation on vsock port 5006, and every document is verified twice: by `carve
+//! attestation verify` and, independently, by AWS's nsm-api and COSE crates with OpenSSL.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Output;
+
+use aws_nitro_enclaves_cose::crypto::Openssl;
+use aws_nitro_enclaves_cose::CoseSign1;
+use aws_nitro_enclaves_nsm_api::api::{AttestationDoc, Response};
+use common::*;
+
+fn carve_in(state: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_carve"))
+        .env("CARVE_STATE_DIR", state)
+        .args(args)
+        .output()
+        .expect("carve runs")
+}
+
+/// The `NSM <name> <hex>` lines the guest printed, decoded.
+fn responses(serial: &str) -> Vec<(String, Vec<u8>)> {
+    serial
+        .lines()
+        .filter_map(|line| line.strip_prefix("NSM "))
+        .map(|rest| {
+            let (name, hex) = rest.split_once(' ').unwrap();
+            (name.to_string(), hex::decode(hex.trim()).unwrap())
+        })
+        .collect()
+}
+
+fn response(all: &[(String, Vec<u8>)], name: &str) -> Response {
+    let bytes = &all.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name} response")).1;
+    serde_cbor::from_slice(bytes).unwrap()
+}
+
+/// Verifies with AWS's crates and OpenSSL alone; returns the payload.
+fn verify_with_oracles(document: &[u8]) -> AttestationDoc {
+    let cose = CoseSign1::from_bytes(document).unwrap();
+    let doc = AttestationDoc::from_binary(&cose.get_payload::<Openssl>(None).unwrap()).unwrap();
+    let leaf = openssl::x509::X509::from_der(&doc.certificate).unwrap();
+    assert!(cose.verify_signature::<Openssl>(leaf.public_key().unwrap().as_ref()).unwrap());
+    let root = openssl::x509::X509::from_der(&doc.cabundle[0]).unwrap();
+    let intermediate = openssl::x509::X509::from_der(&doc.cabundle[1]).unwrap();
+    assert!(intermediate.verify(root.public_key().unwrap().as_ref()).unwrap());
+    assert!(leaf.verify(intermediate.public_key().unwrap().as_ref()).unwrap());
+    doc
+}
+
+#[test]
+fn the_nsm_guest_talks_to_the_device_and_its_document_verifies() {
+    if !kvm_usable("the_nsm_guest_talks_to_the_device_and_its_document_verifies") {
+        return;
+    }
+    let dir = fresh_dir("nsm-guest");
+    let state = dir.join("state");
+    let kernel = guest("nsm", Format::Pvh);
+    // vsock first, so the guest must pick the NSM out of two virtio-mmio devices.
+    let out = carve_in(
+        &state,
+        &[
+            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--vsock",
+            &format!("cid=7,uds={}", dir.join("v.sock").display()), "--nsm", "--parent-id", "i-0123456789abcdef0",
+            "--parent-role", "arn:aws:iam::123456789012:role/carve", "--cmdline", "nonce=0123abcd", "--serial", "stdout",
+        ],
+    );
+    assert_guest_passed(&out);
+    let all = responses(&stdout(&out));
+
+    let Response::DescribeNSM { module_id, max_pcrs, locked_pcrs, version_major, .. } = response(&all, "DescribeNSM") else {
+        panic!()
+    };
+    assert!(module_id.starts_with("i-0000000000000000-vm"), "{module_id}");
+    assert_eq!((max_pcrs, version_major, locked_pcrs.len()), (32, 1, 16));
+    let Response::DescribePCR { lock, data } = response(&all, "DescribePCR0") else { panic!() };
+    assert!(lock);
+    assert_eq!(data, vec![0; 48], "a VM without an EIF has zero image PCRs");
+    let Response::DescribePCR { data: pcr4, .. } = response(&all, "DescribePCR4") else { panic!() };
+    assert_eq!(pcr4, carve_eif::measure::extend_zero(b"i-0123456789abcdef0").to_vec());
+    let Response::ExtendPCR { data } = response(&all, "ExtendPCR16") else { panic!() };
+    assert_eq!(data, carve_eif::measure::extend_zero(b"carve").to_vec());
+    let Response::Attestation { document } = response(&all, "Attestation") else { panic!() };
+
+    let doc = verify_with_oracles(&document);
+    assert_eq!(doc.module_id, module_id);
+    assert_eq!(doc.nonce.as_deref().map(Vec::as_slice), Some(&b"0123abcd"[..]));
+    assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-nsm-test"[..]));
+    assert_eq!(doc.pcrs[&3].as_slice(), &carve_eif::measure::extend_zero(b"arn:aws:iam::123456789012:role/carve"));
+
+    let root = carve_in(&state, &["attestation", "root"]);
+    assert_eq!(root.status.code(), Some(0), "{}", stderr(&root));
+    let root_der = openssl::x509::X509::from_pem(&root.stdout).unwrap().to_der().unwrap();
+    assert_eq!(doc.cabundle[0].as_slice(), root_der.as_slice(), "the document chains to the printed root");
+
+    let doc_path = dir.join("doc.cose");
+    std::fs::write(&doc_path, &document).unwrap();
+    let pcr4_arg = format!("4={}", hex::encode(&pcr4));
+    let nonce_arg = hex::encode(b"0123abcd");
+    let verified = carve_in(&state, &["attestation", "verify", "--doc", doc_path.to_str().unwrap(), "--nonce", &nonce_arg, "--pcr", &pcr4_arg]);
+    assert_eq!(verified.status.code(), Some(0), "{}{}", stdout(&verified), stderr(&verified));
+    let verdict: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(verdict["Valid"], true);
+    assert_eq!(verdict["Checks"]["Signature"], true);
+    assert_eq!(verdict["ModuleID"], module_id.as_str());
+}
+
+#[test]
+fn bad_documents_and_arguments_fail_verify_with_the_reason() {
+    let dir = fresh_dir("nsm-verify");
+    let state = dir.join("state");
+    // A document from an NSM of this state directory's CA, made in-process.
+    let ca = carve_nsm::pki::CertificateAuthority::open(&state).unwrap();
+    let mut nsm = carve_nsm::Nsm::new("i-0000000000000000-enc9".into(), &Default::default(), ca).unwrap();
+    let request = carve_nsm::protocol::Request::Attestation { user_data: None, nonce: Some(b"n".to_vec()), public_key: None };
+    let carve_nsm::protocol::Response::Attestation { document } = nsm.respond(request) else { panic!() };
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let good = write("good.cose", &document);
+    let verify = |args: &[&str]| carve_in(&state, &[&["attestation", "verify"][..], args].concat());
+
+    assert_eq!(verify(&["--doc", &good]).status.code(), Some(0));
+    let truncated = write("truncated.cose", &document[..document.len() / 2]);
+    let out = verify(&["--doc", &truncated]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not valid: the document is not a COSE_Sign1 structure"), "{}", stderr(&out));
+    let mut flipped = document.clone();
+    let at = flipped.len() - 20;
+    flipped[at] ^= 0xff;
+    let out = verify(&["--doc", &write("flipped.cose", &flipped)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("the COSE signature does not verify"), "{}", stderr(&out));
+    let out = verify(&["--doc", &good, "--nonce", "00"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("the nonce is not the expected one"), "{}", stderr(&out));
+
+    // Another CA's root pinned.
+    let other = dir.join("other");
+    let other_root = carve_in(&other, &["attestation", "root"]);
+    let out = verify(&["--doc", &good, "--root", &write("other.pem", &other_root.stdout)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not start with the pinned root"), "{}", stderr(&out));
+
+    // Usage and file errors: one line each.
+    let out = verify(&["--doc", &good, "--nonce", "xyz"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = verify(&["--doc", &good, "--pcr", "40=00"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = verify(&["--doc", &dir.join("missing").to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("carve: error: cannot read attestation document"), "{}", stderr(&out));
+    let out = verify(&["--doc", &good, "--root", &good]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("is not a PEM certificate"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_demo_serves_verified_attestations_on_port_5006() {
+    if !kvm_usable("the_demo_serves_verified_attestations_on_port_5006") {
+        return;
+    }
+    let dir = fresh_dir("nsm-demo");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let uds = dir.join("v.sock");
+    let vm = {
+        std::env::set_var("CARVE_STATE_DIR", &state);
+        Vm::start(&["--demo"], &uds, 11, &["--nsm", "--cmdline", "echo_sessions=2"])
+    };
+    let mut nonces = Vec::new();
+    for (i, len) in [1usize, 512].into_iter().enumerate() {
+        let (mut stream, _) = connect_guest(&uds, 5006).expect("the demo accepts on 5006");
+        let nonce = bytes(len, i as u64 + 5);
+        stream.write_all(&(len as u32).to_be_bytes()).unwrap();
+        stream.write_all(&nonce).unwrap();
+        let mut prefix = [0u8; 4];
+        stream.read_exact(&mut prefix).unwrap();
+        let mut document = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        stream.read_exact(&mut document).unwrap();
+        let doc = verify_with_oracles(&document);
+        assert_eq!(doc.nonce.as_deref(), Some(&nonce));
+        assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-demo"[..]));
+        let path = dir.join(format!("demo{i}.cose"));
+        std::fs::write(&path, &document).unwrap();
+        let out = carve_in(&state, &["attestation", "verify", "--doc", path.to_str().unwrap(), "--nonce", &hex::encode(&nonce)]);
+        assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+        nonces.push(nonce);
+    }
+    let out = vm.wait();
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("attestation on port 5006"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("served 2 sessions"), "{}", stdout(&out));
+}
