@@ -70,7 +70,28 @@ pub fn count(index: usize) -> u32 {
     counts()[index].load(Ordering::SeqCst)
 }
 
-/// Loads the IDT, software-enables the local APIC and turns interrupts on.
+/// Points IDT entry `vector` at `handler`: a 64-bit interrupt gate in code segment 0x08, DPL 0.
+pub fn set_gate(vector: u8, handler: u64) {
+    let gate = core::ptr::addr_of!(guest_idt) as u64 + 16 * vector as u64;
+    write_phys::<u16>(gate, handler as u16);
+    write_phys::<u16>(gate + 2, 0x08);
+    write_phys::<u16>(gate + 4, 0x8e00);
+    write_phys::<u16>(gate + 6, (handler >> 16) as u16);
+    write_phys::<u32>(gate + 8, (handler >> 32) as u32);
+    write_phys::<u32>(gate + 12, 0);
+}
+
+/// Makes the IDT the CPU's (interrupts stay as they are).
+pub fn load_idt() {
+    let idt = core::ptr::addr_of!(guest_idt) as u64;
+    let pointer: [u16; 5] = [4095, idt as u16, (idt >> 16) as u16, (idt >> 32) as u16, (idt >> 48) as u16];
+    // SAFETY: lidt reads the 10-byte pointer; the table's unset entries are not present, so a
+    // vector without a gate faults rather than jumping anywhere.
+    unsafe { asm!("lidt [{}]", in(reg) pointer.as_ptr(), options(nostack)) };
+}
+
+/// Loads the IDT with the counting vectors, software-enables the local APIC and turns
+/// interrupts on.
 pub fn enable() {
     let stubs: [unsafe extern "C" fn(); COUNTED] = [
         vector_stub_0,
@@ -82,23 +103,13 @@ pub fn enable() {
         vector_stub_6,
         vector_stub_7,
     ];
-    let idt = core::ptr::addr_of!(guest_idt) as u64;
     for (i, stub) in stubs.iter().enumerate() {
-        let handler = *stub as usize as u64;
-        let gate = idt + 16 * (FIRST_VECTOR as u64 + i as u64);
-        // 64-bit interrupt gate: offset split in three, code selector 0x08, present, DPL 0.
-        write_phys::<u16>(gate, handler as u16);
-        write_phys::<u16>(gate + 2, 0x08);
-        write_phys::<u16>(gate + 4, 0x8e00);
-        write_phys::<u16>(gate + 6, (handler >> 16) as u16);
-        write_phys::<u32>(gate + 8, (handler >> 32) as u32);
-        write_phys::<u32>(gate + 12, 0);
+        set_gate(FIRST_VECTOR + i as u8, *stub as usize as u64);
     }
-    let pointer: [u16; 5] = [4095, idt as u16, (idt >> 16) as u16, (idt >> 32) as u16, (idt >> 48) as u16];
+    load_idt();
     write_phys::<u32>(LAPIC_SVR, 0x1ff);
-    // SAFETY: the IDT is valid for the vectors that can arrive (only the counted ones are
-    // routed to this vCPU by the tests that call this), and lidt reads the 10-byte pointer.
-    unsafe { asm!("lidt [{}]", "sti", in(reg) pointer.as_ptr(), options(nostack)) };
+    // SAFETY: only the counted vectors are routed to this vCPU by the tests that call this.
+    unsafe { asm!("sti", options(nostack)) };
 }
 
 /// Waits (a bounded spin) until `index`'s count exceeds `seen`; returns the new count.

@@ -223,8 +223,8 @@ fn run_vm(args: RunArgs) -> ExitCode {
     if args.stats {
         let io = outcome.io;
         eprintln!(
-            "carve: exits: pio={} mmio={} ignored_pio={} ignored_mmio={}",
-            io.pio_exits, io.mmio_exits, io.ignored_pio, io.ignored_mmio
+            "carve: exits: pio={} mmio={} ignored_pio={} ignored_mmio={} int3_delivered={}",
+            io.pio_exits, io.mmio_exits, io.ignored_pio, io.ignored_mmio, io.breakpoints
         );
     }
     match &outcome.exit {

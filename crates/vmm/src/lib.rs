@@ -10,6 +10,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod breakpoint;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_sregs, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msr_entry, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -29,6 +29,8 @@ pub struct IoStats {
     pub mmio_exits: AtomicU64,
     pub ignored_pio: AtomicU64,
     pub ignored_mmio: AtomicU64,
+    /// `int3`s the host could not emulate, delivered by carve.
+    pub breakpoints: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,6 +39,7 @@ pub struct IoStatsSnapshot {
     pub mmio_exits: u64,
     pub ignored_pio: u64,
     pub ignored_mmio: u64,
+    pub breakpoints: u64,
 }
 
 impl IoStats {
@@ -46,6 +49,7 @@ impl IoStats {
             mmio_exits: self.mmio_exits.load(Ordering::Relaxed),
             ignored_pio: self.ignored_pio.load(Ordering::Relaxed),
             ignored_mmio: self.ignored_mmio.load(Ordering::Relaxed),
+            breakpoints: self.breakpoints.load(Ordering::Relaxed),
         }
     }
 }
@@ -119,6 +123,9 @@ impl Vcpu {
                     self.crash(CrashKind::FailedEntry, what)
                 }
                 Step::InternalError => {
+                    if self.deliver_unemulated_breakpoint() {
+                        continue;
+                    }
                     let what = self.internal_error_detail();
                     self.crash(CrashKind::InternalError, what)
                 }
@@ -190,6 +197,21 @@ impl Vcpu {
             }
             Err(e) => Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
         }
+    }
+
+    /// After an emulation failure at an `int3` (hosts whose emulator lacks INT3), delivers the
+    /// #BP itself; true when the guest can go on.
+    fn deliver_unemulated_breakpoint(&mut self) -> bool {
+        // SAFETY: KVM filled the `internal` member of the union for KVM_EXIT_INTERNAL_ERROR.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return false;
+        }
+        let delivered = crate::breakpoint::deliver(&self.fd, &self.context.mem).is_ok();
+        if delivered {
+            self.context.stats.breakpoints.fetch_add(1, Ordering::Relaxed);
+        }
+        delivered
     }
 
     fn internal_error_detail(&mut self) -> String {

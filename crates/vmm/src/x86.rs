@@ -17,5 +17,9 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const EFER_AMD_ONLY: u64 = (0xf << 12) | (1 << 21);
 /// RFLAGS bit 1 always reads as one.
 pub const RFLAGS_FIXED_1: u64 = 1 << 1;
+pub const RFLAGS_TF: u64 = 1 << 8;
+pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_NT: u64 = 1 << 14;
+pub const RFLAGS_RF: u64 = 1 << 16;
 pub const RFLAGS_RESERVED: u64 = !((1 << 22) - 1) | (1 << 15) | (1 << 5) | (1 << 3);
 pub const RFLAGS_VM: u64 = 1 << 17;
