@@ -1,13 +1,15 @@
 //! Boots a small Linux 6.1 (built by scripts/build-linux.sh, cached outside the repo) with the
-//! baseline template and a vsock device, and checks it finds carve's memory map, every vCPU
-//! and the virtio-mmio device (registered from the command line; probed: the driver sets
-//! DRIVER_OK, which carve logs).
+//! baseline template, two vCPUs and a vsock device to "Run /init", and checks it found carve's
+//! memory map, brought up both vCPUs and probed the virtio-mmio device (registered from the
+//! command line; probed: the driver sets DRIVER_OK, which carve logs).
 //!
-//! On our nested build hosts guest ring-0 code is emulated and Linux stops early: this host's
-//! emulator cannot execute `int3` in long mode, which Linux's alternatives self-test runs, and
-//! it reports host feature bits in CPUID leaves 1 and 7 whatever KVM_SET_CPUID2 says (so the
-//! command line also asks Linux itself to leave XSAVE, SMAP, SMEP and POPCNT alone). The test
-//! accepts either "Run /init" or that documented emulation failure, and nothing else.
+//! On our nested build hosts guest ring-0 code is emulated, with gaps the command line works
+//! around (host-kvm.md): the host reports its own feature bits in CPUID leaves 1 and 7 whatever
+//! KVM_SET_CPUID2 says, so Linux itself is asked to leave XSAVE, SMAP, SMEP and POPCNT alone;
+//! and its emulator never completes a KVM hypercall (Linux's PV IPIs hang the sending vCPU at
+//! its VMCALL), so `nopv` keeps Linux off KVM's paravirtual interfaces. INT3, which the emulator
+//! lacks too, carve delivers itself (crates/vmm/src/breakpoint.rs). Linux's init then dies on
+//! its first system call, as host-kvm.md describes; the test stops at "Run /init".
 
 mod common;
 
@@ -81,7 +83,7 @@ fn linux_finds_carves_memory_and_cpus() {
         .args(["--vcpus", "2", "--memory", "128", "--cpu-template", "baseline"])
         .args(["--serial", &format!("file:{}", log.display())])
         .args(["--vsock", &format!("cid=5,uds={}", uds.display()), "--log-level", "info"])
-        .args(["--cmdline", "console=ttyS0 noxsave nosmap nosmep clearcpuid=popcnt panic=-1"])
+        .args(["--cmdline", "console=ttyS0 noxsave clearcpuid=popcnt,smap,smep nopv panic=-1"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -116,20 +118,12 @@ fn linux_finds_carves_memory_and_cpus() {
     // 128 MiB less the 385 KiB legacy hole carve leaves out of the e820 map, less the page at 0.
     assert!((130_600..=130_688).contains(&total_kib), "memory total {total_kib} KiB");
 
+    assert!(serial.contains("smp: Brought up 1 node, 2 CPUs"), "Linux started the second vCPU");
     assert!(
-        serial.contains("virtio-mmio: Registering device virtio-mmio.0 at 0xd0000000-0xd0000fff, IRQ 5")
-            || !serial.contains("Run /init"),
+        serial.contains("virtio-mmio: Registering device virtio-mmio.0 at 0xd0000000-0xd0000fff, IRQ 5"),
         "Linux registered the vsock device from the command line"
     );
-    if serial.contains("Run /init") {
-        assert!(stderr.contains("virtio-vsock: driver ready"), "Linux's virtio_vsock probed the device");
-        return;
-    }
-    eprintln!(
-        "NOTE linux_finds_carves_memory_and_cpus: Linux stopped before its initcalls on this host, \
-         so the vsock probe is not observable here"
-    );
-    assert_eq!(status.and_then(|s| s.code()), Some(6), "Linux stopped only on the documented emulator gap");
-    assert!(stderr.contains("suberror 1: emulation failure"), "{stderr}");
-    assert!(stderr.contains("code at RIP: cc"), "the instruction was int3: {stderr}");
+    assert!(serial.contains("Run /init as init process"), "Linux reached its init");
+    assert!(stderr.contains("virtio-vsock: driver ready"), "Linux's virtio_vsock probed the device");
+    assert!(status.is_none() || status.and_then(|s| s.code()) != Some(6), "no crash before init: {stderr}");
 }

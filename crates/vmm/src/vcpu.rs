@@ -87,6 +87,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// What the VM-entry checks assume, for explaining a failed entry.
     pub platform: Platform,
+    /// Bumped to ask every vCPU to print its registers (SIGUSR1); each prints once per bump.
+    pub state_requests: AtomicU64,
 }
 
 pub struct Vcpu {
@@ -107,7 +109,13 @@ enum Step {
 impl Vcpu {
     /// Runs until the VM is asked to exit, by this vCPU, another one, or the VMM.
     pub fn run(mut self) {
+        let mut states_printed = 0;
         while !self.context.exit.is_requested() {
+            let requested = self.context.state_requests.load(Ordering::Acquire);
+            if requested != states_printed {
+                states_printed = requested;
+                eprintln!("carve: vCPU {} is running. {}", self.index, self.describe_state());
+            }
             let step = self.run_once();
             let exit = match step {
                 Step::Continue => continue,

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
@@ -296,7 +297,15 @@ impl Vm {
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
         let platform = Platform::host(&supported);
         let context =
-            Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone(), platform });
+            Arc::new(VcpuContext {
+                pio,
+                mmio,
+                exit,
+                stats: Default::default(),
+                mem: mem.clone(),
+                platform,
+                state_requests: Default::default(),
+            });
 
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
@@ -376,6 +385,15 @@ impl Vm {
                 }
             }
         }
+        // SIGUSR1 asks every vCPU for its registers, as QEMU's `info registers` (a guest that
+        // hangs can be located without stopping it).
+        let (reader, writer) = UnixStream::pair().map_err(|e| VmError::Host(e.to_string()))?;
+        reader.set_nonblocking(true).map_err(|e| VmError::Host(e.to_string()))?;
+        let usr1 = signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, writer)
+            .map_err(|e| VmError::Host(e.to_string()))?;
+        signal_ids.push(usr1);
+        let threads_to_kick = threads.iter().map(|h| h.as_pthread_t()).collect();
+        events.add_subscriber(Box::new(StateRequest { reader, context: context.clone(), threads: threads_to_kick }));
         while !context.exit.is_requested() {
             if let Err(e) = events.run() {
                 context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));
@@ -570,6 +588,29 @@ impl MutEventSubscriber for StopSignal {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.reader.read(&mut [0u8; 16]);
         self.exit.request(VmExit::Stopped(self.signal));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
+    }
+}
+
+/// Asks each vCPU thread to print its registers: bump the request, kick it out of KVM_RUN.
+struct StateRequest {
+    reader: UnixStream,
+    context: Arc<VcpuContext>,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl MutEventSubscriber for StateRequest {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.reader.read(&mut [0u8; 16]);
+        self.context.state_requests.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        for &thread in &self.threads {
+            // SAFETY: the vCPU threads are joined only after the event loop that runs this has
+            // ended, so every id names a live thread; SIGRTMIN has a no-op handler.
+            unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
