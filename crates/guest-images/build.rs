@@ -24,7 +24,10 @@ fn main() {
     let multiboot = build_guests(&guests, &out.join("target-multiboot"), &["--no-default-features"]);
     let names = guest_names(&guests);
     let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
-    let generated = format!("/// The guests `guests/src/bin/` defines.\npub const GUESTS: &[&str] = &[{}];\n", list.join(", "));
+    let generated = format!(
+        "/// The guests `guests/src/bin/` defines.\npub const GUESTS: &[&str] = &[{}];\n",
+        list.join(", ")
+    );
     fs::write(out.join("guest_names.rs"), generated).unwrap();
     for name in &names {
         let elf = fs::read(pvh.join(name)).expect("guest ELF");

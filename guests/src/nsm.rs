@@ -35,7 +35,9 @@ impl Nsm {
         assert!(request.len() <= MAX_REQUEST);
         let (req, resp) = (0u16, 1u16);
         // SAFETY: descriptor 0's slot is ours while no request is outstanding.
-        unsafe { core::ptr::copy_nonoverlapping(request.as_ptr(), self.queue.slot(req) as *mut u8, request.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(request.as_ptr(), self.queue.slot(req) as *mut u8, request.len())
+        };
         self.queue.push_chain(&[(req, request.len() as u32, false), (resp, RESPONSE_BUFFER, true)]);
         self.device.notify(0);
         let len = loop {

@@ -34,7 +34,9 @@ pub fn devices(cmdline: &str) -> impl Iterator<Item = (u64, u32)> + '_ {
 
 /// The announced device whose ID register reads `device_id`.
 pub fn find_device_of_type(cmdline: &str, device_id: u32) -> Option<MmioDevice> {
-    devices(cmdline).map(|(base, _)| MmioDevice { base }).find(|d| d.read(0x000) == MAGIC && d.read(0x008) == device_id)
+    devices(cmdline)
+        .map(|(base, _)| MmioDevice { base })
+        .find(|d| d.read(0x000) == MAGIC && d.read(0x008) == device_id)
 }
 
 #[derive(Clone, Copy)]
@@ -204,7 +206,8 @@ impl Virtqueue {
         for (i, &(id, len, device_writes)) in parts.iter().enumerate() {
             let desc = self.desc + 16 * id as u64;
             let next = parts.get(i + 1).map(|p| p.0);
-            let flags = if device_writes { VIRTQ_DESC_F_WRITE } else { 0 } | if next.is_some() { 1 } else { 0 };
+            let flags =
+                if device_writes { VIRTQ_DESC_F_WRITE } else { 0 } | if next.is_some() { 1 } else { 0 };
             write_phys::<u64>(desc, self.slot(id));
             write_phys::<u32>(desc + 8, len);
             write_phys::<u16>(desc + 12, flags);

@@ -116,7 +116,8 @@ impl Vsock {
         if device.status() & crate::virtio::STATUS_NEEDS_RESET != 0 {
             return Err("device needs reset after DRIVER_OK");
         }
-        let mut vsock = Vsock { device, rx, tx, cid, conns, listening: [0; 4], next_port: 50_000, refused: 0 };
+        let mut vsock =
+            Vsock { device, rx, tx, cid, conns, listening: [0; 4], next_port: 50_000, refused: 0 };
         while let Some(id) = vsock.rx.take() {
             vsock.rx.push(id, SLOT, true);
         }
@@ -215,7 +216,11 @@ impl Vsock {
             let n = contiguous.min(out.len() - copied);
             // SAFETY: the ring lies in the DMA area reserved for this connection.
             unsafe {
-                core::ptr::copy_nonoverlapping((c.buf + offset as u64) as *const u8, out[copied..].as_mut_ptr(), n)
+                core::ptr::copy_nonoverlapping(
+                    (c.buf + offset as u64) as *const u8,
+                    out[copied..].as_mut_ptr(),
+                    n,
+                )
             };
             c.head = c.head.wrapping_add(n as u32);
             c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
@@ -280,9 +285,10 @@ impl Vsock {
         let flags: u32 = read_phys(addr + 32);
         let buf_alloc: u32 = read_phys(addr + 36);
         let fwd_cnt: u32 = read_phys(addr + 40);
-        let found = self.conns.iter().position(|c| {
-            c.state != State::Free && c.local_port == dst_port && c.peer_port == src_port
-        });
+        let found = self
+            .conns
+            .iter()
+            .position(|c| c.state != State::Free && c.local_port == dst_port && c.peer_port == src_port);
         let Some(id) = found else {
             if op == OP_REQUEST && self.listening.contains(&dst_port) && src_cid == PARENT_CID {
                 return self.accept(dst_port, src_port, buf_alloc, fwd_cnt);
@@ -372,7 +378,17 @@ impl Vsock {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn send_raw(&mut self, src_port: u32, dst_port: u32, dst_cid: u64, op: u16, flags: u32, len: u32, buf_alloc: u32, fwd_cnt: u32) {
+    fn send_raw(
+        &mut self,
+        src_port: u32,
+        dst_port: u32,
+        dst_cid: u64,
+        op: u16,
+        flags: u32,
+        len: u32,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    ) {
         self.reclaim_tx();
         let slot = loop {
             if let Some(slot) = self.tx.take() {
@@ -389,7 +405,18 @@ impl Vsock {
     fn write_header(&mut self, addr: u64, conn: ConnId, op: u16, flags: u32, len: u32) {
         let c = &mut self.conns[conn];
         c.announced_fwd_cnt = c.fwd_cnt;
-        write_raw_header(addr, self.cid, PARENT_CID, c.local_port, c.peer_port, len, op, flags, CONN_BUF, c.fwd_cnt);
+        write_raw_header(
+            addr,
+            self.cid,
+            PARENT_CID,
+            c.local_port,
+            c.peer_port,
+            len,
+            op,
+            flags,
+            CONN_BUF,
+            c.fwd_cnt,
+        );
     }
 }
 

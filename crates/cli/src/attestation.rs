@@ -91,7 +91,8 @@ fn verify_document(args: VerifyArgs) -> ExitCode {
         Some(path) => std::fs::read(path)
             .map_err(|e| format!("cannot read root certificate {}: {e}", path.display()))
             .and_then(|pem| {
-                pki::certificate_from_pem(&pem).map_err(|e| format!("{} is not a PEM certificate: {e}", path.display()))
+                pki::certificate_from_pem(&pem)
+                    .map_err(|e| format!("{} is not a PEM certificate: {e}", path.display()))
             }),
         None => open_ca().map(|ca| ca.root().clone()).map_err(|e| e.to_string()),
     };
@@ -99,13 +100,19 @@ fn verify_document(args: VerifyArgs) -> ExitCode {
         Ok(root) => root,
         Err(e) => return fail(e),
     };
-    let expect = Expectations { nonce: args.nonce.map(|n| n.0), pcrs: args.pcrs.into_iter().collect::<BTreeMap<_, _>>() };
+    let expect = Expectations {
+        nonce: args.nonce.map(|n| n.0),
+        pcrs: args.pcrs.into_iter().collect::<BTreeMap<_, _>>(),
+    };
     let verdict = verify::verify(&document, &root, &expect, SystemTime::now());
     println!("{}", serde_json::to_string_pretty(&verdict).expect("a verdict serialises"));
     if verdict.valid {
         ExitCode::SUCCESS
     } else {
-        eprintln!("carve: attestation document is not valid: {}", verdict.reason.as_deref().unwrap_or("unknown"));
+        eprintln!(
+            "carve: attestation document is not valid: {}",
+            verdict.reason.as_deref().unwrap_or("unknown")
+        );
         ExitCode::from(1)
     }
 }

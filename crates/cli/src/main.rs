@@ -30,7 +30,7 @@ enum Command {
     #[command(subcommand)]
     Vm(vm::VmCommand),
     /// Build an enclave image (EIF) from a kernel and ramdisks or from a container image archive.
-    BuildEnclave(image::BuildArgs),
+    BuildEnclave(Box<image::BuildArgs>),
     /// Describe an EIF: version, measurements, signature, CRC and metadata.
     DescribeEif(image::DescribeArgs),
     /// Sign an EIF (replacing any signature) with a PEM key and certificate.
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Command::Vm(command) => return vm::run(command),
         Command::Attestation(command) => return attestation::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
-        Command::BuildEnclave(args) => image::build_enclave(args),
+        Command::BuildEnclave(args) => image::build_enclave(*args),
         Command::DescribeEif(args) => image::describe_eif(args),
         Command::SignEif(args) => image::sign_eif(args),
         Command::Pcr(args) => image::pcr(args),

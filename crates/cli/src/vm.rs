@@ -14,7 +14,7 @@ use clap::{ArgGroup, Args, Subcommand};
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Boot a kernel (bzImage, PVH ELF or multiboot ELF) or the built-in demo guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a vCPU state file against the VM-entry guest-state rules (status 1 if any break).
     CheckState(CheckStateArgs),
     /// List the CPU templates `--cpu-template` accepts.
@@ -134,7 +134,7 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 
 pub fn run(command: VmCommand) -> ExitCode {
     match command {
-        VmCommand::Run(args) => run_vm(args),
+        VmCommand::Run(args) => run_vm(*args),
         VmCommand::CheckState(args) => check_state(args),
         VmCommand::CpuTemplates { json } => {
             for template in CpuTemplate::all() {

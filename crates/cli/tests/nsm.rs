@@ -63,15 +63,29 @@ fn the_nsm_guest_talks_to_the_device_and_its_document_verifies() {
     let out = carve_in(
         &state,
         &[
-            "vm", "run", "--kernel", kernel.to_str().unwrap(), "--vsock",
-            &format!("cid=7,uds={}", dir.join("v.sock").display()), "--nsm", "--parent-id", "i-0123456789abcdef0",
-            "--parent-role", "arn:aws:iam::123456789012:role/carve", "--cmdline", "nonce=0123abcd", "--serial", "stdout",
+            "vm",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vsock",
+            &format!("cid=7,uds={}", dir.join("v.sock").display()),
+            "--nsm",
+            "--parent-id",
+            "i-0123456789abcdef0",
+            "--parent-role",
+            "arn:aws:iam::123456789012:role/carve",
+            "--cmdline",
+            "nonce=0123abcd",
+            "--serial",
+            "stdout",
         ],
     );
     assert_guest_passed(&out);
     let all = responses(&stdout(&out));
 
-    let Response::DescribeNSM { module_id, max_pcrs, locked_pcrs, version_major, .. } = response(&all, "DescribeNSM") else {
+    let Response::DescribeNSM { module_id, max_pcrs, locked_pcrs, version_major, .. } =
+        response(&all, "DescribeNSM")
+    else {
         panic!()
     };
     assert!(module_id.starts_with("i-0000000000000000-vm"), "{module_id}");
@@ -89,7 +103,10 @@ fn the_nsm_guest_talks_to_the_device_and_its_document_verifies() {
     assert_eq!(doc.module_id, module_id);
     assert_eq!(doc.nonce.as_deref().map(Vec::as_slice), Some(&b"0123abcd"[..]));
     assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-nsm-test"[..]));
-    assert_eq!(doc.pcrs[&3].as_slice(), &carve_eif::measure::extend_zero(b"arn:aws:iam::123456789012:role/carve"));
+    assert_eq!(
+        doc.pcrs[&3].as_slice(),
+        &carve_eif::measure::extend_zero(b"arn:aws:iam::123456789012:role/carve")
+    );
 
     let root = carve_in(&state, &["attestation", "root"]);
     assert_eq!(root.status.code(), Some(0), "{}", stderr(&root));
@@ -100,7 +117,19 @@ fn the_nsm_guest_talks_to_the_device_and_its_document_verifies() {
     std::fs::write(&doc_path, &document).unwrap();
     let pcr4_arg = format!("4={}", hex::encode(&pcr4));
     let nonce_arg = hex::encode(b"0123abcd");
-    let verified = carve_in(&state, &["attestation", "verify", "--doc", doc_path.to_str().unwrap(), "--nonce", &nonce_arg, "--pcr", &pcr4_arg]);
+    let verified = carve_in(
+        &state,
+        &[
+            "attestation",
+            "verify",
+            "--doc",
+            doc_path.to_str().unwrap(),
+            "--nonce",
+            &nonce_arg,
+            "--pcr",
+            &pcr4_arg,
+        ],
+    );
     assert_eq!(verified.status.code(), Some(0), "{}{}", stdout(&verified), stderr(&verified));
     let verdict: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(verdict["Valid"], true);
@@ -115,7 +144,11 @@ fn bad_documents_and_arguments_fail_verify_with_the_reason() {
     // A document from an NSM of this state directory's CA, made in-process.
     let ca = carve_nsm::pki::CertificateAuthority::open(&state).unwrap();
     let mut nsm = carve_nsm::Nsm::new("i-0000000000000000-enc9".into(), &Default::default(), ca).unwrap();
-    let request = carve_nsm::protocol::Request::Attestation { user_data: None, nonce: Some(b"n".to_vec()), public_key: None };
+    let request = carve_nsm::protocol::Request::Attestation {
+        user_data: None,
+        nonce: Some(b"n".to_vec()),
+        public_key: None,
+    };
     let carve_nsm::protocol::Response::Attestation { document } = nsm.respond(request) else { panic!() };
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
@@ -129,7 +162,11 @@ fn bad_documents_and_arguments_fail_verify_with_the_reason() {
     let truncated = write("truncated.cose", &document[..document.len() / 2]);
     let out = verify(&["--doc", &truncated]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not valid: the document is not a COSE_Sign1 structure"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not valid: the document is not a COSE_Sign1 structure"),
+        "{}",
+        stderr(&out)
+    );
     let mut flipped = document.clone();
     let at = flipped.len() - 20;
     flipped[at] ^= 0xff;
@@ -189,7 +226,10 @@ fn the_demo_serves_verified_attestations_on_port_5006() {
         assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-demo"[..]));
         let path = dir.join(format!("demo{i}.cose"));
         std::fs::write(&path, &document).unwrap();
-        let out = carve_in(&state, &["attestation", "verify", "--doc", path.to_str().unwrap(), "--nonce", &hex::encode(&nonce)]);
+        let out = carve_in(
+            &state,
+            &["attestation", "verify", "--doc", path.to_str().unwrap(), "--nonce", &hex::encode(&nonce)],
+        );
         assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
         nonces.push(nonce);
     }

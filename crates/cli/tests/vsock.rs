@@ -4,8 +4,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::thread;
 use std::process::Command;
+use std::thread;
 
 use common::*;
 

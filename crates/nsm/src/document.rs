@@ -62,7 +62,8 @@ impl AttestationDoc {
     /// The payload's CBOR: a definite map, keys in nsm-api's declaration order.
     pub fn to_cbor(&self) -> Vec<u8> {
         let optional = |b: &Option<Vec<u8>>| b.as_ref().map_or(Value::Null, |b| Value::Bytes(b.clone()));
-        let pcrs = self.pcrs.iter().map(|(&i, v)| (Value::Integer(i.into()), Value::Bytes(v.clone()))).collect();
+        let pcrs =
+            self.pcrs.iter().map(|(&i, v)| (Value::Integer(i.into()), Value::Bytes(v.clone()))).collect();
         let entries = vec![
             ("module_id", Value::Text(self.module_id.clone())),
             ("digest", Value::Text(self.digest.clone())),
@@ -149,8 +150,10 @@ impl AttestationDoc {
         if bundle.is_empty() {
             return Err(bad("cabundle", "it is empty"));
         }
-        let cabundle =
-            bundle.into_iter().map(|c| sized_bytes("cabundle", c, 1, MAX_CERTIFICATE)).collect::<Result<_, _>>()?;
+        let cabundle = bundle
+            .into_iter()
+            .map(|c| sized_bytes("cabundle", c, 1, MAX_CERTIFICATE))
+            .collect::<Result<_, _>>()?;
         let mut optional = |name: &'static str, min: usize, max: usize| match take(name) {
             Err(_) | Ok(Value::Null) => Ok(None),
             Ok(value) => sized_bytes(name, value, min, max).map(Some),

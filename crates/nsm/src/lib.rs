@@ -33,7 +33,11 @@ pub struct Nsm {
 
 impl Nsm {
     /// An NSM for the enclave `module_id`, with a fresh leaf from `ca`.
-    pub fn new(module_id: String, boot: &BootMeasurements, ca: CertificateAuthority) -> Result<Nsm, PkiError> {
+    pub fn new(
+        module_id: String,
+        boot: &BootMeasurements,
+        ca: CertificateAuthority,
+    ) -> Result<Nsm, PkiError> {
         let leaf = ca.issue_leaf(&module_id, SystemTime::now())?;
         Ok(Nsm { module_id, bank: PcrBank::new(boot), ca, leaf })
     }
@@ -119,7 +123,8 @@ impl Nsm {
         if self.leaf.not_after < now + LEAF_RENEWAL {
             self.leaf = self.ca.issue_leaf(&self.module_id, now).map_err(|_| ErrorCode::InternalError)?;
         }
-        let timestamp = now.duration_since(UNIX_EPOCH).map_err(|_| ErrorCode::InternalError)?.as_millis() as u64;
+        let timestamp =
+            now.duration_since(UNIX_EPOCH).map_err(|_| ErrorCode::InternalError)?.as_millis() as u64;
         let doc = AttestationDoc {
             module_id: self.module_id.clone(),
             digest: "SHA384".into(),

@@ -143,7 +143,8 @@ mod tests {
 
     #[test]
     fn boot_values_come_from_the_image_and_the_parent() {
-        let parent = ParentIdentity { role: Some("arn:aws:iam::1:role/r".into()), instance_id: Some("i-1".into()) };
+        let parent =
+            ParentIdentity { role: Some("arn:aws:iam::1:role/r".into()), instance_id: Some("i-1".into()) };
         let bank = PcrBank::new(&BootMeasurements { image: Some(image()), parent, debug_mode: false });
         assert_eq!(bank.describe(0).unwrap(), (true, [1; 48]));
         assert_eq!(bank.describe(1).unwrap().1, [2; 48]);

@@ -130,7 +130,14 @@ impl CertificateAuthority {
             _ => {
                 let key = SigningKey::random(&mut OsRng);
                 let profile = Profile::SubCA { issuer, path_len_constraint: Some(0) };
-                let cert = issue(profile, INTERMEDIATE_NAME, key.verifying_key(), &root_key, now, INTERMEDIATE_LIFETIME)?;
+                let cert = issue(
+                    profile,
+                    INTERMEDIATE_NAME,
+                    key.verifying_key(),
+                    &root_key,
+                    now,
+                    INTERMEDIATE_LIFETIME,
+                )?;
                 store_pair(&paths, "intermediate", &cert, &key)?;
                 (cert, key)
             }

@@ -170,7 +170,9 @@ impl Response {
             Response::Attestation { document } => {
                 variant("Attestation", vec![("document", Value::Bytes(document.clone()))])
             }
-            Response::GetRandom { random } => variant("GetRandom", vec![("random", Value::Bytes(random.clone()))]),
+            Response::GetRandom { random } => {
+                variant("GetRandom", vec![("random", Value::Bytes(random.clone()))])
+            }
             Response::Error(code) => {
                 Value::Map(vec![(Value::Text("Error".into()), Value::Text(code.name().into()))])
             }
@@ -263,7 +265,10 @@ mod tests {
         assert_eq!(Request::decode(&trailing), Err(ErrorCode::InvalidOperation));
         let bad_index = variant("DescribePCR", vec![("index", Value::Integer((-1).into()))]);
         assert_eq!(decode(bad_index), Err(ErrorCode::InvalidArgument));
-        let text_data = variant("ExtendPCR", vec![("index", Value::Integer(16.into())), ("data", Value::Text("x".into()))]);
+        let text_data = variant(
+            "ExtendPCR",
+            vec![("index", Value::Integer(16.into())), ("data", Value::Text("x".into()))],
+        );
         assert_eq!(decode(text_data), Err(ErrorCode::InvalidArgument));
         assert_eq!(decode(variant("LockPCR", vec![])), Err(ErrorCode::InvalidArgument));
         let not_a_map = Value::Map(vec![(Value::Text("LockPCR".into()), Value::Integer(1.into()))]);

@@ -181,7 +181,11 @@ fn summary(cert: &Certificate) -> CertificateSummary {
 
 /// Builds `[leaf, cabundle reversed…]` up to the pinned root and checks every link. Returns the
 /// chain leaf first, the pinned root last.
-fn validate_chain(doc: &AttestationDoc, root: &Certificate, now: SystemTime) -> Result<Vec<Certificate>, String> {
+fn validate_chain(
+    doc: &AttestationDoc,
+    root: &Certificate,
+    now: SystemTime,
+) -> Result<Vec<Certificate>, String> {
     let parse = |what: String, der: &[u8]| {
         Certificate::from_der(der).map_err(|e| format!("{what} is not a DER X.509 certificate: {e}"))
     };
@@ -206,10 +210,14 @@ fn validate_chain(doc: &AttestationDoc, root: &Certificate, now: SystemTime) -> 
         }
         let issuer = chain.get(depth + 1).unwrap_or(cert);
         if cert.tbs_certificate.issuer != issuer.tbs_certificate.subject {
-            return Err(format!("certificate {name:?} was not issued by {:?}", issuer.tbs_certificate.subject.to_string()));
+            return Err(format!(
+                "certificate {name:?} was not issued by {:?}",
+                issuer.tbs_certificate.subject.to_string()
+            ));
         }
         signed_by(cert, issuer).map_err(|e| format!("certificate {name:?}: {e}"))?;
-        let constraints = extension::<BasicConstraints>(cert).map_err(|e| format!("certificate {name:?}: {e}"))?;
+        let constraints =
+            extension::<BasicConstraints>(cert).map_err(|e| format!("certificate {name:?}: {e}"))?;
         let usage = extension::<KeyUsage>(cert).map_err(|e| format!("certificate {name:?}: {e}"))?;
         if depth == 0 {
             if constraints.as_ref().is_some_and(|c| c.ca || c.path_len_constraint.is_some()) {
@@ -225,7 +233,10 @@ fn validate_chain(doc: &AttestationDoc, root: &Certificate, now: SystemTime) -> 
             // Intermediates below this one (the leaf does not count).
             let below = (depth - 1) as u8;
             if constraints.path_len_constraint.is_some_and(|limit| below > limit) {
-                return Err(format!("certificate {name:?} allows a path of {:?} below it, not {below}", constraints.path_len_constraint));
+                return Err(format!(
+                    "certificate {name:?} allows a path of {:?} below it, not {below}",
+                    constraints.path_len_constraint
+                ));
             }
             if !usage.is_some_and(|u| u.0.contains(KeyUsages::KeyCertSign)) {
                 return Err(format!("certificate {name:?} lacks the keyCertSign key usage"));
@@ -239,7 +250,9 @@ fn validate_chain(doc: &AttestationDoc, root: &Certificate, now: SystemTime) -> 
 fn extension<E: AssociatedOid + for<'a> Decode<'a>>(cert: &Certificate) -> Result<Option<E>, String> {
     let Some(extensions) = &cert.tbs_certificate.extensions else { return Ok(None) };
     match extensions.iter().find(|e| e.extn_id == E::OID) {
-        Some(ext) => E::from_der(ext.extn_value.as_bytes()).map(Some).map_err(|e| format!("extension {}: {e}", E::OID)),
+        Some(ext) => {
+            E::from_der(ext.extn_value.as_bytes()).map(Some).map_err(|e| format!("extension {}: {e}", E::OID))
+        }
         None => Ok(None),
     }
 }
@@ -265,5 +278,6 @@ pub(crate) fn signed_by(cert: &Certificate, issuer: &Certificate) -> Result<(), 
         .as_bytes()
         .and_then(|b| DerSignature::from_bytes(b).ok())
         .ok_or("the signature is not a DER ECDSA signature")?;
-    key.verify(&tbs, &signature).map_err(|_| "the signature does not verify with its issuer's key".to_string())
+    key.verify(&tbs, &signature)
+        .map_err(|_| "the signature does not verify with its issuer's key".to_string())
 }

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 
 use aws_nitro_enclaves_cose::crypto::Openssl;
 use aws_nitro_enclaves_cose::CoseSign1;
-use aws_nitro_enclaves_nsm_api::api::{AttestationDoc, Digest, ErrorCode as OracleError, Request as OracleRequest, Response as OracleResponse};
+use aws_nitro_enclaves_nsm_api::api::{
+    AttestationDoc, Digest, ErrorCode as OracleError, Request as OracleRequest, Response as OracleResponse,
+};
 use carve_eif::Measurements;
 use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
 use carve_nsm::pki::CertificateAuthority;
@@ -34,7 +36,10 @@ fn oracle_call(nsm: &mut Nsm, request: &OracleRequest) -> OracleResponse {
 fn requests_encode_exactly_as_nsm_api_does() {
     let pairs = [
         (OracleRequest::DescribePCR { index: 7 }, Request::DescribePcr { index: 7 }),
-        (OracleRequest::ExtendPCR { index: 16, data: vec![1, 2, 3] }, Request::ExtendPcr { index: 16, data: vec![1, 2, 3] }),
+        (
+            OracleRequest::ExtendPCR { index: 16, data: vec![1, 2, 3] },
+            Request::ExtendPcr { index: 16, data: vec![1, 2, 3] },
+        ),
         (OracleRequest::LockPCR { index: 31 }, Request::LockPcr { index: 31 }),
         (OracleRequest::LockPCRs { range: 300 }, Request::LockPcrs { range: 300 }),
         (OracleRequest::DescribeNSM, Request::DescribeNsm),
@@ -45,7 +50,11 @@ fn requests_encode_exactly_as_nsm_api_does() {
                 nonce: None,
                 public_key: Some(ByteBuf::from(vec![4; 97])),
             },
-            Request::Attestation { user_data: Some(b"user".to_vec()), nonce: None, public_key: Some(vec![4; 97]) },
+            Request::Attestation {
+                user_data: Some(b"user".to_vec()),
+                nonce: None,
+                public_key: Some(vec![4; 97]),
+            },
         ),
     ];
     for (oracle, ours) in pairs {
@@ -82,7 +91,10 @@ fn responses_decode_with_nsm_api_and_match_its_encoding() {
     };
     assert_eq!(extended, carve_eif::measure::extend_zero(b"x").to_vec());
     assert!(matches!(oracle_call(&mut nsm, &OracleRequest::LockPCR { index: 16 }), OracleResponse::LockPCR));
-    assert!(matches!(oracle_call(&mut nsm, &OracleRequest::LockPCRs { range: 20 }), OracleResponse::LockPCRs));
+    assert!(matches!(
+        oracle_call(&mut nsm, &OracleRequest::LockPCRs { range: 20 }),
+        OracleResponse::LockPCRs
+    ));
     match oracle_call(&mut nsm, &OracleRequest::GetRandom) {
         OracleResponse::GetRandom { random } => assert_eq!(random.len(), 256),
         other => panic!("{other:?}"),
@@ -100,15 +112,27 @@ fn errors_are_the_nsm_api_codes() {
         (OracleRequest::LockPCR { index: 0 }, "ReadOnlyIndex"),
         (OracleRequest::LockPCRs { range: 33 }, "InvalidIndex"),
         (
-            OracleRequest::Attestation { user_data: Some(ByteBuf::from(vec![0; 513])), nonce: None, public_key: None },
+            OracleRequest::Attestation {
+                user_data: Some(ByteBuf::from(vec![0; 513])),
+                nonce: None,
+                public_key: None,
+            },
             "InputTooLarge",
         ),
         (
-            OracleRequest::Attestation { user_data: None, nonce: Some(ByteBuf::from(vec![0; 513])), public_key: None },
+            OracleRequest::Attestation {
+                user_data: None,
+                nonce: Some(ByteBuf::from(vec![0; 513])),
+                public_key: None,
+            },
             "InputTooLarge",
         ),
         (
-            OracleRequest::Attestation { user_data: None, nonce: None, public_key: Some(ByteBuf::from(vec![0; 1025])) },
+            OracleRequest::Attestation {
+                user_data: None,
+                nonce: None,
+                public_key: Some(ByteBuf::from(vec![0; 1025])),
+            },
             "InputTooLarge",
         ),
     ];
@@ -147,11 +171,25 @@ fn attestation_documents_verify_with_aws_crates_and_openssl() {
     assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-demo"[..]));
     assert_eq!(doc.nonce.as_deref().map(Vec::as_slice), Some(&[7u8; 512][..]));
     assert_eq!(doc.public_key, None);
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     assert!(doc.timestamp <= now_ms && now_ms - doc.timestamp < 60_000);
     // The nine keys, in Nitro's order.
     let keys = payload_keys(&payload);
-    assert_eq!(keys, ["module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle", "public_key", "user_data", "nonce"]);
+    assert_eq!(
+        keys,
+        [
+            "module_id",
+            "digest",
+            "timestamp",
+            "pcrs",
+            "certificate",
+            "cabundle",
+            "public_key",
+            "user_data",
+            "nonce"
+        ]
+    );
 
     let leaf = openssl::x509::X509::from_der(&doc.certificate).unwrap();
     assert!(cose.verify_signature::<Openssl>(leaf.public_key().unwrap().as_ref()).unwrap());

@@ -21,13 +21,22 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let state = tempfile::tempdir().unwrap();
-    let nsm = Nsm::new("i-0000000000000000-enc2".into(), &BootMeasurements::default(), CertificateAuthority::open(state.path()).unwrap()).unwrap();
+    let nsm = Nsm::new(
+        "i-0000000000000000-enc2".into(),
+        &BootMeasurements::default(),
+        CertificateAuthority::open(state.path()).unwrap(),
+    )
+    .unwrap();
     let ca = CertificateAuthority::open(state.path()).unwrap();
     Fixture { _state: state, ca, nsm }
 }
 
 fn attest(nsm: &mut Nsm, nonce: &[u8]) -> Vec<u8> {
-    let request = Request::Attestation { user_data: Some(b"hello".to_vec()), nonce: Some(nonce.to_vec()), public_key: None };
+    let request = Request::Attestation {
+        user_data: Some(b"hello".to_vec()),
+        nonce: Some(nonce.to_vec()),
+        public_key: None,
+    };
     match nsm.respond(request) {
         Response::Attestation { document } => document,
         other => panic!("{other:?}"),
@@ -48,7 +57,8 @@ fn a_fresh_document_verifies_with_its_nonce_and_pcrs() {
     let mut f = fixture();
     let document = attest(&mut f.nsm, b"n0nce");
     let pcrs = BTreeMap::from([(0, vec![0; 48]), (16, vec![0; 48])]);
-    let verdict = check(&document, &f.ca, &Expectations { nonce: Some(b"n0nce".to_vec()), pcrs: BTreeMap::new() });
+    let verdict =
+        check(&document, &f.ca, &Expectations { nonce: Some(b"n0nce".to_vec()), pcrs: BTreeMap::new() });
     assert!(verdict.valid, "{verdict:?}");
     assert_eq!(verdict.checks.signature, Some(true));
     assert_eq!(verdict.checks.nonce, Some(true));
@@ -118,7 +128,9 @@ fn an_expired_leaf_fails() {
 /// A forger with a key of their own puts the real chain around a leaf they made.
 fn forged(f: &Fixture, profile: Profile, signer: &SigningKey, root_only: bool) -> Vec<u8> {
     let key = SigningKey::random(&mut rand_core::OsRng);
-    let leaf = pki::issue(profile, "CN=forged", key.verifying_key(), signer, SystemTime::now(), pki::LEAF_LIFETIME).unwrap();
+    let leaf =
+        pki::issue(profile, "CN=forged", key.verifying_key(), signer, SystemTime::now(), pki::LEAF_LIFETIME)
+            .unwrap();
     let mut genuine = f.ca.issue_leaf("x", SystemTime::now()).unwrap();
     if root_only {
         genuine.cabundle.truncate(1);
@@ -143,9 +155,16 @@ fn a_self_made_leaf_is_not_accepted() {
     let stranger = SigningKey::random(&mut rand_core::OsRng);
     let issuer = f.ca.issue_leaf("x", SystemTime::now()).unwrap();
     let intermediate = pki::certificate_from_der(&issuer.cabundle[1]).unwrap();
-    let profile = Profile::Leaf { issuer: intermediate.tbs_certificate.subject.clone(), enable_key_agreement: false, enable_key_encipherment: false };
+    let profile = Profile::Leaf {
+        issuer: intermediate.tbs_certificate.subject.clone(),
+        enable_key_agreement: false,
+        enable_key_encipherment: false,
+    };
     let verdict = check(&forged(&f, profile, &stranger, false), &f.ca, &Expectations::default());
-    assert_eq!(reason(&verdict), "certificate \"CN=forged\": the signature does not verify with its issuer's key");
+    assert_eq!(
+        reason(&verdict),
+        "certificate \"CN=forged\": the signature does not verify with its issuer's key"
+    );
 }
 
 #[test]

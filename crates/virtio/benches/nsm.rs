@@ -28,7 +28,12 @@ fn micros(d: Duration) -> f64 {
 
 fn main() {
     let mut driver = Driver::new(&BootMeasurements::default());
-    let request = Request::Attestation { user_data: Some(b"carve-bench".to_vec()), nonce: Some(vec![7; 64]), public_key: None }.encode();
+    let request = Request::Attestation {
+        user_data: Some(b"carve-bench".to_vec()),
+        nonce: Some(vec![7; 64]),
+        public_key: None,
+    }
+    .encode();
     let payload_len = driver.call(&request).len();
     assert!(matches!(decode_variant(&driver.call(&request)), Some(ref v) if v == "Attestation"));
     let key = p384::ecdsa::SigningKey::random(&mut rand_core::OsRng);

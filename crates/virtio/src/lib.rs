@@ -6,8 +6,8 @@
 
 pub mod fault;
 mod link;
-pub mod nsm;
 pub mod mmio;
+pub mod nsm;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -34,6 +34,19 @@ pub(crate) fn command_channel() -> std::io::Result<(CommandSender, CommandReceiv
 }
 
 impl CommandSender {
+    /// Hands the driver's queues to the event loop, if there are as many as the device has.
+    pub(crate) fn activate(
+        &self,
+        expected: usize,
+        queues: Vec<Queue>,
+        signals: Arc<DeviceSignals>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != expected {
+            return Err(ActivateError::QueueCount { expected, found: queues.len() });
+        }
+        self.send(Command::Activate { queues, signals })
+    }
+
     pub(crate) fn send(&self, command: Command) -> Result<(), ActivateError> {
         self.commands
             .send(command)

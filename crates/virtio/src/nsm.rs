@@ -90,10 +90,7 @@ impl VirtioDevice for NsmDevice {
         queues: Vec<Queue>,
         signals: Arc<DeviceSignals>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, found: queues.len() });
-        }
-        self.commands.send(Command::Activate { queues, signals })
+        self.commands.activate(1, queues, signals)
     }
 
     fn reset(&mut self) {
@@ -199,7 +196,10 @@ impl NsmBackend {
         } else if layout.response_len < RESPONSE_BUFFER {
             self.fault(
                 "response-size",
-                format_args!("a response buffer of {} bytes; NSM drivers supply {RESPONSE_BUFFER}", layout.response_len),
+                format_args!(
+                    "a response buffer of {} bytes; NSM drivers supply {RESPONSE_BUFFER}",
+                    layout.response_len
+                ),
             );
             Response::Error(ErrorCode::BufferTooSmall).encode()
         } else {

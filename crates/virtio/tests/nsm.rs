@@ -52,7 +52,12 @@ fn a_request_split_over_several_buffers_is_joined() {
     let request = Request::DescribeNsm.encode();
     d.mem.write_slice(&request, GuestAddress(DATA)).unwrap();
     let (a, b) = (request.len() as u32 / 2, request.len() as u32 - request.len() as u32 / 2);
-    d.submit(&[(DATA, a, 0), (DATA + u64::from(a), b, 0), (DATA + 0x4000, 0x1000, F_WRITE), (DATA + 0x5000, 0x2000, F_WRITE)]);
+    d.submit(&[
+        (DATA, a, 0),
+        (DATA + u64::from(a), b, 0),
+        (DATA + 0x4000, 0x1000, F_WRITE),
+        (DATA + 0x5000, 0x2000, F_WRITE),
+    ]);
     let (_, len) = d.used().unwrap();
     let mut response = vec![0; len as usize];
     d.mem.read_slice(&mut response, GuestAddress(DATA + 0x4000)).unwrap();

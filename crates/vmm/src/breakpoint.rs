@@ -54,7 +54,8 @@ pub trait GuestView {
         for (i, byte) in out.iter_mut().enumerate() {
             let at = linear.wrapping_add(i as u64);
             let physical = self.translate(at).ok_or(BreakpointError::Unmapped(at))?;
-            *byte = self.memory().read_obj(GuestAddress(physical)).map_err(|_| BreakpointError::Unmapped(at))?;
+            *byte =
+                self.memory().read_obj(GuestAddress(physical)).map_err(|_| BreakpointError::Unmapped(at))?;
         }
         Ok(())
     }
@@ -63,7 +64,9 @@ pub trait GuestView {
         for (i, byte) in bytes.iter().enumerate() {
             let at = linear.wrapping_add(i as u64);
             let physical = self.translate(at).ok_or(BreakpointError::Unmapped(at))?;
-            self.memory().write_obj(*byte, GuestAddress(physical)).map_err(|_| BreakpointError::Unmapped(at))?;
+            self.memory()
+                .write_obj(*byte, GuestAddress(physical))
+                .map_err(|_| BreakpointError::Unmapped(at))?;
         }
         Ok(())
     }
@@ -94,7 +97,11 @@ pub fn deliver(fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), BreakpointError
 }
 
 /// The delivery itself, on registers and a view of guest memory (tested without KVM).
-pub fn deliver_on(view: &impl GuestView, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Result<(), BreakpointError> {
+pub fn deliver_on(
+    view: &impl GuestView,
+    regs: &mut kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<(), BreakpointError> {
     let mut opcode = [0u8];
     view.read(sregs.cs.base.wrapping_add(regs.rip), &mut opcode)?;
     if opcode[0] != INT3 {
@@ -129,12 +136,15 @@ pub fn deliver_on(view: &impl GuestView, regs: &mut kvm_regs, sregs: &kvm_sregs)
         return Err(BreakpointError::UnsupportedGate("the handler is in another code segment"));
     }
 
-    let stack = if ist != 0 {
-        view.read_u64(sregs.tr.base + TSS_IST1 + 8 * u64::from(ist - 1))?
-    } else {
-        regs.rsp
-    };
-    let frame = [regs.rip.wrapping_add(1), u64::from(sregs.cs.selector), regs.rflags, regs.rsp, u64::from(sregs.ss.selector)];
+    let stack =
+        if ist != 0 { view.read_u64(sregs.tr.base + TSS_IST1 + 8 * u64::from(ist - 1))? } else { regs.rsp };
+    let frame = [
+        regs.rip.wrapping_add(1),
+        u64::from(sregs.cs.selector),
+        regs.rflags,
+        regs.rsp,
+        u64::from(sregs.ss.selector),
+    ];
     let top = (stack & !0xf).wrapping_sub(8 * frame.len() as u64);
     let bytes: Vec<u8> = frame.iter().flat_map(|v| v.to_le_bytes()).collect();
     view.write(top, &bytes)?;

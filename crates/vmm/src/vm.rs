@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
 use std::thread;
@@ -270,7 +270,8 @@ impl Vm {
             device_handlers.push(Box::new(backend));
         }
         if let Some(nsm) = config.nsm {
-            let (device, backend) = carve_virtio::nsm::NsmDevice::new(nsm, mem.clone()).map_err(VmError::Nsm)?;
+            let (device, backend) =
+                carve_virtio::nsm::NsmDevice::new(nsm, mem.clone()).map_err(VmError::Nsm)?;
             virtio.attach(Box::new(device), &mem)?;
             device_handlers.push(Box::new(backend));
         }
@@ -296,16 +297,15 @@ impl Vm {
         let supported =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
         let platform = Platform::host(&supported);
-        let context =
-            Arc::new(VcpuContext {
-                pio,
-                mmio,
-                exit,
-                stats: Default::default(),
-                mem: mem.clone(),
-                platform,
-                state_requests: Default::default(),
-            });
+        let context = Arc::new(VcpuContext {
+            pio,
+            mmio,
+            exit,
+            stats: Default::default(),
+            mem: mem.clone(),
+            platform,
+            state_requests: Default::default(),
+        });
 
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
@@ -393,7 +393,11 @@ impl Vm {
             .map_err(|e| VmError::Host(e.to_string()))?;
         signal_ids.push(usr1);
         let threads_to_kick = threads.iter().map(|h| h.as_pthread_t()).collect();
-        events.add_subscriber(Box::new(StateRequest { reader, context: context.clone(), threads: threads_to_kick }));
+        events.add_subscriber(Box::new(StateRequest {
+            reader,
+            context: context.clone(),
+            threads: threads_to_kick,
+        }));
         while !context.exit.is_requested() {
             if let Err(e) = events.run() {
                 context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));

@@ -46,16 +46,21 @@ fn main(boot: &BootInfo) -> ! {
                 }
                 let mut scratch = [0u8; MAX_PAYLOAD as usize];
                 let mut attestation = Attestation::new();
-                let served = serve(&mut vsock, limit, |_, _| false, |vsock, conn| {
-                    if vsock.local_port(conn) == ATTESTATION_PORT {
-                        match nsm.as_mut() {
-                            Some(nsm) => attestation.step(vsock, conn, nsm),
-                            None => false,
+                let served = serve(
+                    &mut vsock,
+                    limit,
+                    |_, _| false,
+                    |vsock, conn| {
+                        if vsock.local_port(conn) == ATTESTATION_PORT {
+                            match nsm.as_mut() {
+                                Some(nsm) => attestation.step(vsock, conn, nsm),
+                                None => false,
+                            }
+                        } else {
+                            echo_step(vsock, conn, &mut scratch)
                         }
-                    } else {
-                        echo_step(vsock, conn, &mut scratch)
-                    }
-                });
+                    },
+                );
                 println!("  served {} sessions", served);
             }
             Err(e) => println!("  vsock:         unusable: {}", e),

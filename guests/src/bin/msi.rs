@@ -63,7 +63,11 @@ fn main(_boot: &BootInfo) -> ! {
     program(3000, FIRST_VECTOR + 1);
     set_masked(3000, false);
     write_phys::<u32>(DOORBELL, 3000);
-    check!(wait_for(1, 0, SPINS) == 1, "vector 3000 of the store (past 2048) fires at {:#x}", FIRST_VECTOR + 1);
+    check!(
+        wait_for(1, 0, SPINS) == 1,
+        "vector 3000 of the store (past 2048) fires at {:#x}",
+        FIRST_VECTOR + 1
+    );
 
     program(0, FIRST_VECTOR + 2);
     write_phys::<u32>(DOORBELL, 0);

@@ -54,12 +54,18 @@ fn main(boot: &BootInfo) -> ! {
     show("DescribePCR4", nsm.call(pcr_request(&mut buf, "DescribePCR", 4, None)));
 
     let extended = nsm.call(pcr_request(&mut buf, "ExtendPCR", 16, Some(b"carve")));
-    check!(response_bytes(extended, "ExtendPCR", "data").map(|d| d.len()) == Ok(48), "ExtendPCR 16 answers 48 bytes");
+    check!(
+        response_bytes(extended, "ExtendPCR", "data").map(|d| d.len()) == Ok(48),
+        "ExtendPCR 16 answers 48 bytes"
+    );
     show("ExtendPCR16", extended);
     let locked = nsm.call(pcr_request(&mut buf, "LockPCR", 16, None));
     check!(locked == b"\x67LockPCR", "LockPCR 16 answers \"LockPCR\"");
     let again = nsm.call(pcr_request(&mut buf, "ExtendPCR", 16, Some(b"x")));
-    check!(response_bytes(again, "ExtendPCR", "data") == Err("ReadOnlyIndex"), "extending a locked PCR is ReadOnlyIndex");
+    check!(
+        response_bytes(again, "ExtendPCR", "data") == Err("ReadOnlyIndex"),
+        "extending a locked PCR is ReadOnlyIndex"
+    );
     let past = nsm.call(pcr_request(&mut buf, "DescribePCR", 32, None));
     check!(response_bytes(past, "DescribePCR", "data") == Err("InvalidIndex"), "PCR 32 is InvalidIndex");
     let garbage = nsm.call(&[0xff, 0x00]);

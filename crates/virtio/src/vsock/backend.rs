@@ -26,8 +26,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::connection::{ConnKey, Connection, State};
 use super::proto::*;
 use super::{VsockError, EVENTS, HOST_CID, PARENT_CID, RX, TX};
-use crate::link::{Command, CommandReceiver};
 use crate::fault::FaultLog;
+use crate::link::{Command, CommandReceiver};
 use crate::DeviceSignals;
 
 /// Largest payload carve takes in one guest packet (Linux sends at most 64 KiB).

@@ -128,10 +128,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         signals: Arc<DeviceSignals>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_COUNT {
-            return Err(ActivateError::QueueCount { expected: QUEUE_COUNT, found: queues.len() });
-        }
-        self.commands.send(Command::Activate { queues, signals })
+        self.commands.activate(QUEUE_COUNT, queues, signals)
     }
 
     fn reset(&mut self) {

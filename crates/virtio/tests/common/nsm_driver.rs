@@ -46,7 +46,12 @@ pub struct Driver {
 impl Driver {
     pub fn new(boot: &BootMeasurements) -> Driver {
         let state = tempfile::tempdir().unwrap();
-        let nsm = Nsm::new("i-0000000000000000-enc3".into(), boot, CertificateAuthority::open(state.path()).unwrap()).unwrap();
+        let nsm = Nsm::new(
+            "i-0000000000000000-enc3".into(),
+            boot,
+            CertificateAuthority::open(state.path()).unwrap(),
+        )
+        .unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (device, backend) = NsmDevice::new(nsm, mem.clone()).unwrap();
         let stats = backend.stats();
@@ -54,7 +59,8 @@ impl Driver {
         events.add_subscriber(Box::new(backend));
         let line = Arc::new(CountingLine::default());
         let transport = MmioTransport::new(Box::new(device), mem.clone(), line.clone());
-        let mut driver = Driver { transport, mem, events, line, stats, avail_idx: 0, used_seen: 0, _state: state };
+        let mut driver =
+            Driver { transport, mem, events, line, stats, avail_idx: 0, used_seen: 0, _state: state };
         driver.handshake();
         driver
     }
