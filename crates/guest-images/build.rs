@@ -35,6 +35,48 @@ fn main() {
         fs::write(out.join(format!("{name}.bzimage")), bzimage(&elf)).unwrap();
         fs::copy(multiboot.join(name), out.join(format!("{name}.multiboot.elf"))).unwrap();
     }
+    write_demo_eif(&fs::read(out.join("demo.bzimage")).unwrap(), &out.join("demo.eif"));
+}
+
+/// The demo enclave: the demo guest (bzImage form) as an EIF's kernel, with an empty newc
+/// ramdisk (an EIF needs one). Fixed metadata keeps the image, and so its PCRs, reproducible.
+fn write_demo_eif(bzimage: &[u8], path: &Path) {
+    use carve_eif::metadata::{BuildInfo, IdentityInfo};
+    use carve_eif::{EifBuilder, SectionInput};
+    let ramdisk = empty_newc_archive();
+    let identity = IdentityInfo {
+        image_name: "carve-demo".into(),
+        image_version: env::var("CARGO_PKG_VERSION").unwrap(),
+        build_info: BuildInfo {
+            build_time: "1970-01-01T00:00:00Z".into(),
+            build_tool: "carve".into(),
+            build_tool_version: env::var("CARGO_PKG_VERSION").unwrap(),
+            operating_system: "carve demo guest".into(),
+            kernel_version: "carve-demo".into(),
+        },
+        docker_info: serde_json::json!({}),
+        custom_metadata: serde_json::json!({}),
+    };
+    let mut file = fs::File::create(path).unwrap();
+    EifBuilder::new(SectionInput::bytes("demo.bzimage", bzimage), DEMO_CMDLINE, identity.to_json())
+        .ramdisk(SectionInput::bytes("demo-ramdisk.cpio", &ramdisk))
+        .write(&mut file)
+        .expect("writing the demo EIF");
+}
+
+/// What the demo enclave's kernel is started with (and measured with).
+const DEMO_CMDLINE: &str = "console=ttyS0";
+
+/// A newc cpio archive holding only its trailer.
+fn empty_newc_archive() -> Vec<u8> {
+    let name = b"TRAILER!!!\0";
+    let mut archive = format!("070701{:08x}{:08x}{}", 0, 0, "00000000".repeat(9)).into_bytes();
+    archive.extend_from_slice(format!("{:08x}{:08x}", name.len(), 0).as_bytes());
+    archive.extend_from_slice(name);
+    while archive.len() % 4 != 0 {
+        archive.push(0);
+    }
+    archive
 }
 
 /// Every guest binary: the files in `guests/src/bin/`.

@@ -5,10 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use carve_nsm::pcr::BootMeasurements;
 use carve_nsm::pki::{self, CertificateAuthority, PkiError};
 use carve_nsm::verify::{self, Expectations};
-use carve_nsm::Nsm;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use clap::{Args, Subcommand};
 
@@ -60,13 +58,9 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(STATUS_CARVE_ERROR as u8)
 }
 
-fn open_ca() -> Result<CertificateAuthority, PkiError> {
+/// carve's CA, from (or created in) the state directory.
+pub fn open_ca() -> Result<CertificateAuthority, PkiError> {
     CertificateAuthority::open(&pki::state_dir()?)
-}
-
-/// An NSM for `module_id` whose leaf carve's CA issues.
-pub fn open_nsm(module_id: String, boot: &BootMeasurements) -> Result<Nsm, PkiError> {
-    Nsm::new(module_id, boot, open_ca()?)
 }
 
 pub fn run(command: AttestationCommand) -> ExitCode {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use carve_eif::measure::{hex, PcrHasher};
@@ -30,6 +30,9 @@ pub struct BuildArgs {
     /// Build from a Dockerfile directory (needs a container builder; not supported by carve).
     #[arg(long, value_name = "DIR")]
     docker_dir: Option<PathBuf>,
+    /// Write carve's built-in demo enclave (the demo guest as the image's kernel).
+    #[arg(long, conflicts_with_all = ["kernel", "oci_archive", "docker_uri", "docker_dir"])]
+    demo: bool,
     /// Kernel image (bzImage) for building without a container image.
     #[arg(long, value_name = "PATH", requires_all = ["cmdline", "ramdisk"])]
     kernel: Option<PathBuf>,
@@ -267,6 +270,9 @@ struct ImageParts {
 
 pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
     eprintln!("Start building the Enclave Image...");
+    if args.demo {
+        return write_demo(&args.output_file);
+    }
     if args.kernel.is_none()
         && args.oci_archive.is_none()
         && args.docker_uri.is_none()
@@ -314,6 +320,19 @@ pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
     let output = &args.output_file;
     let measurements = write_atomically(output, |file| {
         builder.write(file).map_err(|e| eif_error(ErrorCode::EIF_BUILDING, output, e))
+    })?;
+    eprintln!("Enclave Image successfully created.");
+    print_json(&BuildOutput { measurements: measurements.to_map() });
+    Ok(())
+}
+
+/// Writes the demo enclave built into carve and prints its measurements.
+fn write_demo(output: &Path) -> Result<(), NitroError> {
+    let measurements = write_atomically(output, |file| {
+        file.write_all(carve_guest_images::DEMO_EIF).map_err(|e| NitroError::file(output, "write", e))?;
+        let summary = carve_eif::read(carve_guest_images::DEMO_EIF, None, &mut carve_eif::reader::Discard)
+            .map_err(|e| eif_error(ErrorCode::EIF_BUILDING, output, e))?;
+        Ok(summary.measurements)
     })?;
     eprintln!("Enclave Image successfully created.");
     print_json(&BuildOutput { measurements: measurements.to_map() });

@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
+use carve_nsm::pcr::ParentIdentity;
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
-use carve_vmm::{EntryCheck, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
+use carve_vmm::{EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
 
 #[derive(Subcommand)]
@@ -26,7 +26,8 @@ pub enum VmCommand {
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("image").required(true).args(["kernel", "demo"])))]
+#[command(group(ArgGroup::new("image").required(true).args(["kernel", "demo", "eif"])))]
+#[command(group(ArgGroup::new("with_nsm").args(["nsm", "eif"]).multiple(true)))]
 pub struct RunArgs {
     /// Kernel image: bzImage, ELF vmlinux with a PVH note, or multiboot v1 ELF.
     #[arg(long, value_name = "PATH")]
@@ -34,6 +35,13 @@ pub struct RunArgs {
     /// Run the built-in demo guest instead of a kernel file.
     #[arg(long)]
     demo: bool,
+    /// Boot an enclave image (EIF) as Nitro does, with an NSM holding its PCRs. Its console is
+    /// readable only with --debug-mode, which makes the image PCRs read as zero.
+    #[arg(long, value_name = "PATH", conflicts_with = "initrd")]
+    eif: Option<PathBuf>,
+    /// Run the enclave image in debug mode: console readable, image PCRs zero.
+    #[arg(long, requires = "eif")]
+    debug_mode: bool,
     /// Kernel command line.
     #[arg(long, value_name = "TEXT", default_value = "")]
     cmdline: String,
@@ -49,9 +57,9 @@ pub struct RunArgs {
     /// CPU template masking guest CPUID (see `carve vm cpu-templates`).
     #[arg(long, value_name = "NAME", default_value = "host")]
     cpu_template: String,
-    /// Serial console destination: stdout, file:PATH or none.
-    #[arg(long, value_name = "SINK", default_value = "stdout", value_parser = parse_serial)]
-    serial: SerialArg,
+    /// Serial console destination: stdout (the default), file:PATH or none.
+    #[arg(long, value_name = "SINK", value_parser = parse_serial)]
+    serial: Option<SerialArg>,
     /// Map QEMU's pc-testdev (I/O 0xe0-0xeb, 0x2000-0x2017; MMIO 0xff000000) for kvm-unit-tests.
     #[arg(long)]
     testdev: bool,
@@ -67,10 +75,10 @@ pub struct RunArgs {
     #[arg(long)]
     nsm: bool,
     /// The parent's role, measured into the NSM's PCR3.
-    #[arg(long, value_name = "TEXT", requires = "nsm")]
+    #[arg(long, value_name = "TEXT", requires = "with_nsm")]
     parent_role: Option<String>,
     /// The parent's instance ID, measured into the NSM's PCR4.
-    #[arg(long, value_name = "TEXT", requires = "nsm")]
+    #[arg(long, value_name = "TEXT", requires = "with_nsm")]
     parent_id: Option<String>,
     /// Write vCPU 0's initial state (the `check-state` JSON format) to FILE before running.
     #[arg(long, value_name = "FILE")]
@@ -165,26 +173,42 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Ok(template) => template,
         Err(e) => return fail(e),
     };
-    let kernel = match args.kernel {
-        Some(path) => KernelSpec::Path(path),
-        None => KernelSpec::Embedded { name: "carve-demo", image: carve_guest_images::DEMO_ELF },
+    let kernel = match (args.kernel, &args.eif) {
+        (Some(path), _) => KernelSpec::Path(path),
+        (None, Some(eif)) => KernelSpec::Eif(eif.clone()),
+        (None, None) => KernelSpec::Embedded { name: "carve-demo", image: carve_guest_images::DEMO_ELF },
+    };
+    // As on Nitro, only a debug-mode enclave's console can be read.
+    let serial = match (args.serial, args.eif.is_some() && !args.debug_mode) {
+        (None | Some(SerialArg::None), true) => SerialArg::None,
+        (Some(_), true) => {
+            eprintln!(
+                "carve: error: the console of an enclave image not in debug mode cannot be read; add \
+                 --debug-mode (its image PCRs then read as zero)"
+            );
+            return ExitCode::from(2);
+        }
+        (serial, false) => serial.unwrap_or(SerialArg::Stdout),
     };
     let load_state = match args.load_state.as_deref().map(read_state).transpose() {
         Ok(state) => state,
         Err(e) => return fail(e),
     };
-    let nsm = if args.nsm {
-        let parent = ParentIdentity { role: args.parent_role, instance_id: args.parent_id };
-        // A plain VM has no image: its PCR0/1/2/8 stay zero.
-        let boot = BootMeasurements { image: None, parent, debug_mode: false };
-        match crate::attestation::open_nsm(format!("i-0000000000000000-vm{:x}", std::process::id()), &boot) {
-            Ok(nsm) => Some(nsm),
+    // An enclave image always comes with its NSM; a plain VM's has zero image PCRs.
+    let nsm = if args.nsm || args.eif.is_some() {
+        match crate::attestation::open_ca() {
+            Ok(ca) => Some(NsmConfig {
+                module_id: format!("i-0000000000000000-vm{:x}", std::process::id()),
+                parent: ParentIdentity { role: args.parent_role, instance_id: args.parent_id },
+                debug_mode: args.debug_mode,
+                ca,
+            }),
             Err(e) => return fail(e),
         }
     } else {
         None
     };
-    let serial_to_stdout = matches!(args.serial, SerialArg::Stdout);
+    let serial_to_stdout = matches!(serial, SerialArg::Stdout);
     let config = VmConfig {
         kernel,
         cmdline: args.cmdline,
@@ -192,7 +216,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         memory_mib: args.memory,
         vcpus: args.vcpus,
         cpu_template,
-        serial: match args.serial {
+        serial: match serial {
             SerialArg::Stdout => SerialSink::Stdout,
             SerialArg::File(path) => SerialSink::File(path),
             SerialArg::None => SerialSink::None,

@@ -238,3 +238,134 @@ fn the_demo_serves_verified_attestations_on_port_5006() {
     assert!(stdout(&out).contains("attestation on port 5006"), "{}", stdout(&out));
     assert!(stdout(&out).contains("served 2 sessions"), "{}", stdout(&out));
 }
+
+/// Asks the demo on vsock port 5006 for a document with `nonce`.
+fn demo_attestation(uds: &Path, nonce: &[u8]) -> Vec<u8> {
+    let (mut stream, _) = connect_guest(uds, 5006).expect("the demo accepts on 5006");
+    stream.write_all(&(nonce.len() as u32).to_be_bytes()).unwrap();
+    stream.write_all(nonce).unwrap();
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).unwrap();
+    let mut document = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut document).unwrap();
+    document
+}
+
+/// `carve vm run --eif` on the demo enclave, with a vsock device, serving one session.
+fn run_demo_eif(dir: &Path, state: &Path, extra: &[&str]) -> (Vec<u8>, Output) {
+    let eif = dir.join("demo.eif");
+    let uds = dir.join("v.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_carve"))
+        .env("CARVE_STATE_DIR", state)
+        .args(["vm", "run", "--eif", eif.to_str().unwrap(), "--cmdline", "echo_sessions=1", "--vsock"])
+        .arg(format!("cid=13,uds={}", uds.display()))
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vm = Vm(Some(child));
+    let document = demo_attestation(&uds, b"eif-nonce");
+    (document, vm.wait())
+}
+
+#[test]
+fn an_enclave_image_boots_from_its_copy_and_its_pcrs_reach_the_document() {
+    if !kvm_usable("an_enclave_image_boots_from_its_copy_and_its_pcrs_reach_the_document") {
+        return;
+    }
+    let dir = fresh_dir("nsm-eif");
+    let state = dir.join("state");
+    let eif = dir.join("demo.eif");
+    let built = carve_in(&state, &["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()]);
+    assert_eq!(built.status.code(), Some(0), "{}", stderr(&built));
+    let measurements: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
+    let pcr = |n: &str| measurements["Measurements"][n].as_str().unwrap().to_string();
+
+    // Not in debug mode: no console, the image's PCRs in the document.
+    let (document, out) = run_demo_eif(&dir, &state, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty(), "a non-debug enclave's console is not shown: {}", stdout(&out));
+    let doc = verify_with_oracles(&document);
+    for (index, name) in [(0usize, "PCR0"), (1, "PCR1"), (2, "PCR2")] {
+        assert_eq!(hex::encode(&doc.pcrs[&index]), pcr(name), "{name}");
+    }
+    assert_eq!(doc.pcrs[&8].as_slice(), &[0u8; 48], "an unsigned image has PCR8 zero");
+    let path = dir.join("eif.cose");
+    std::fs::write(&path, &document).unwrap();
+    let pcr0 = format!("0={}", pcr("PCR0"));
+    let pcr2 = format!("2={}", pcr("PCR2"));
+    let verified = carve_in(
+        &state,
+        &["attestation", "verify", "--doc", path.to_str().unwrap(), "--pcr", &pcr0, "--pcr", &pcr2],
+    );
+    assert_eq!(verified.status.code(), Some(0), "{}{}", stdout(&verified), stderr(&verified));
+
+    // Debug mode: the console shows, and the image PCRs read as zero.
+    let (document, out) = run_demo_eif(&dir, &state, &["--debug-mode"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("command line:  console=ttyS0 echo_sessions=1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("module:        124 bytes"), "the ramdisk is the initrd: {}", stdout(&out));
+    let doc = verify_with_oracles(&document);
+    for index in [0usize, 1, 2] {
+        assert_eq!(doc.pcrs[&index].as_slice(), &[0u8; 48], "PCR{index} in debug mode");
+    }
+}
+
+#[test]
+fn enclave_images_that_cannot_boot_are_refused_with_one_line() {
+    let dir = fresh_dir("nsm-eif-bad");
+    let state = dir.join("state");
+    let eif = dir.join("demo.eif");
+    assert!(carve_in(&state, &["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()])
+        .status
+        .success());
+    let run = |path: &Path, extra: &[&str]| {
+        carve_in(&state, &[&["vm", "run", "--eif", path.to_str().unwrap()][..], extra].concat())
+    };
+
+    let out = run(&eif, &["--serial", "stdout"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("add --debug-mode"), "{}", stderr(&out));
+    let out = run(&eif, &["--initrd", eif.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "--initrd conflicts with --eif");
+
+    if !kvm_usable("enclave_images_that_cannot_boot_are_refused_with_one_line") {
+        return;
+    }
+    let mut bytes = std::fs::read(&eif).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let corrupt = dir.join("corrupt.eif");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let out = run(&corrupt, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("the enclave image is not bootable"), "{}", stderr(&out));
+
+    // 12 MiB of guest memory leaves 4 MiB above the copy's 8 MiB start: too little for a 6 MiB image.
+    let big_ramdisk = dir.join("big.cpio");
+    std::fs::write(&big_ramdisk, vec![0u8; 6 << 20]).unwrap();
+    let big = dir.join("big.eif");
+    let kernel = dir.join("demo.bzimage");
+    std::fs::write(&kernel, carve_guest_images::DEMO_BZIMAGE).unwrap();
+    let built = carve_in(
+        &state,
+        &[
+            "build-enclave",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "x",
+            "--ramdisk",
+            big_ramdisk.to_str().unwrap(),
+            "--output-file",
+            big.to_str().unwrap(),
+        ],
+    );
+    assert!(built.status.success(), "{}", stderr(&built));
+    let out = run(&big, &["--memory", "12"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("do not fit in guest memory above 8 MiB"), "{}", stderr(&out));
+}

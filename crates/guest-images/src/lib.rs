@@ -11,6 +11,9 @@ pub static DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"
 /// The demo guest as a bzImage, so it can stand where a Linux kernel stands.
 pub static DEMO_BZIMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bzimage"));
 
+/// The demo enclave: an EIF whose kernel is [`DEMO_BZIMAGE`] (`carve build-enclave --demo`).
+pub static DEMO_EIF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.eif"));
+
 include!(concat!(env!("OUT_DIR"), "/guest_names.rs"));
 
 /// How a guest is packaged for the VMM.

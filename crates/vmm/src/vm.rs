@@ -18,6 +18,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
+use carve_nsm::pki::CertificateAuthority;
+
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
 use crate::cpuid::{self, CpuTemplate};
@@ -80,6 +83,8 @@ pub enum VmError {
     Vsock(#[from] carve_virtio::vsock::VsockError),
     #[error("cannot attach the NSM device: {0}")]
     Nsm(std::io::Error),
+    #[error("cannot give the NSM a signing identity: {0}")]
+    NsmIdentity(carve_nsm::pki::PkiError),
     #[error("no room for another virtio device: carve maps at most {VIRTIO_MMIO_SLOTS}")]
     TooManyVirtioDevices,
     #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
@@ -136,8 +141,13 @@ pub enum SerialSink {
 
 /// The kernel to boot.
 pub enum KernelSpec {
+    /// An Enclave Image Format file, booted as Nitro does (boot/eif.rs).
+    Eif(PathBuf),
     Path(PathBuf),
-    Embedded { name: &'static str, image: &'static [u8] },
+    Embedded {
+        name: &'static str,
+        image: &'static [u8],
+    },
 }
 
 /// A virtio-vsock device whose host side is Unix sockets at `uds` (and `uds`_PORT).
@@ -145,6 +155,17 @@ pub enum KernelSpec {
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
+}
+
+/// The NSM to attach: who the VM is, who launched it, and the CA that signs for it. The image
+/// PCRs come from the enclave image being booted (zeros without one).
+pub struct NsmConfig {
+    /// The enclave ID, reported as `module_id` and the leaf certificate's CN.
+    pub module_id: String,
+    pub parent: ParentIdentity,
+    /// Debug-mode enclaves report their image PCRs as zeros.
+    pub debug_mode: bool,
+    pub ca: CertificateAuthority,
 }
 
 pub struct VmConfig {
@@ -163,8 +184,8 @@ pub struct VmConfig {
     pub load_state: Option<StateFile>,
     pub entry_check: EntryCheck,
     pub vsock: Option<VsockConfig>,
-    /// The Nitro Secure Module the guest reaches through virtio-nsm.
-    pub nsm: Option<carve_nsm::Nsm>,
+    /// A Nitro Secure Module the guest reaches through virtio-nsm.
+    pub nsm: Option<NsmConfig>,
 }
 
 impl VmConfig {
@@ -219,11 +240,15 @@ impl Vm {
         }
         let vcpu_count = config.vcpus as u8;
 
-        let mut kernel = open_kernel(&config.kernel)?;
+        // An enclave image's kernel and ramdisks are read from its copy in guest memory, below.
+        let mut kernel = match &config.kernel {
+            KernelSpec::Eif(_) => None,
+            spec => Some(open_kernel(spec)?),
+        };
         let mut initrd = match &config.initrd {
-            Some(path) => {
-                Some(File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?)
-            }
+            Some(path) => Some(KernelImage::File(
+                File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?,
+            )),
             None => None,
         };
         let serial_output = open_serial(config.serial)?;
@@ -260,6 +285,17 @@ impl Vm {
             mmio.insert(Arc::new(Mutex::new(msi)), MSI_TESTDEV_START, MSI_TESTDEV_LEN)?;
         }
 
+        let mut cmdline = config.cmdline.clone();
+        let mut image_measurements = None;
+        if let KernelSpec::Eif(path) = &config.kernel {
+            let image = boot::eif::copy_into(&mem, path)?;
+            kernel = Some(KernelImage::Guest(image.kernel));
+            initrd = Some(KernelImage::Guest(image.initrd));
+            // The image's command line is used as measured; carve's additions follow it.
+            cmdline = format!("{} {cmdline}", image.cmdline).trim().to_string();
+            image_measurements = Some(image.measurements);
+        }
+
         let mut virtio =
             VirtioDevices { vm: &vm_fd, interrupts: &interrupts, mmio: &mut mmio, slots: Vec::new() };
         let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
@@ -269,19 +305,26 @@ impl Vm {
             virtio.attach(Box::new(device), &mem)?;
             device_handlers.push(Box::new(backend));
         }
-        if let Some(nsm) = config.nsm {
+        if let Some(setup) = config.nsm {
+            let measurements = BootMeasurements {
+                image: image_measurements,
+                parent: setup.parent,
+                debug_mode: setup.debug_mode,
+            };
+            let nsm = carve_nsm::Nsm::new(setup.module_id, &measurements, setup.ca)
+                .map_err(VmError::NsmIdentity)?;
             let (device, backend) =
                 carve_virtio::nsm::NsmDevice::new(nsm, mem.clone()).map_err(VmError::Nsm)?;
             virtio.attach(Box::new(device), &mem)?;
             device_handlers.push(Box::new(backend));
         }
         let slots = virtio.slots;
-        let mut cmdline = config.cmdline.clone();
         for slot in &slots {
             cmdline = format!("{cmdline} {}", slot.cmdline_param()).trim_start().to_string();
         }
 
         let kernel_name = kernel_name(&config.kernel);
+        let mut kernel = kernel.expect("a kernel file, an embedded kernel or an enclave image's");
         let boot = boot::load(
             &mem,
             BootSource {
@@ -538,12 +581,13 @@ fn open_kernel(spec: &KernelSpec) -> Result<KernelImage, VmError> {
             }
         }
         KernelSpec::Embedded { image, .. } => Ok(KernelImage::Embedded(Cursor::new(image))),
+        KernelSpec::Eif(_) => unreachable!("enclave images are loaded from guest memory"),
     }
 }
 
 fn kernel_name(spec: &KernelSpec) -> String {
     match spec {
-        KernelSpec::Path(path) => path.display().to_string(),
+        KernelSpec::Path(path) | KernelSpec::Eif(path) => path.display().to_string(),
         KernelSpec::Embedded { name, .. } => name.to_string(),
     }
 }

@@ -9,6 +9,7 @@
 //! | ELF64 vmlinux without either      | Linux 64-bit boot from the ELF entry      |
 
 pub mod cpu_state;
+pub mod eif;
 mod linux;
 mod multiboot;
 mod pvh;
@@ -57,6 +58,13 @@ pub enum BootError {
     SegmentOutsideRam { addr: u64, size: u64 },
     #[error("cannot write boot parameters: {0}")]
     Configure(#[from] linux_loader::configurator::Error),
+    #[error("the enclave image is not bootable: {0}")]
+    Eif(String),
+    #[error(
+        "the enclave image ({size} bytes) and a copy of its ramdisks ({ramdisks} bytes) do not fit \
+         in guest memory above 8 MiB ({room} bytes); give the VM more memory"
+    )]
+    EifTooLarge { size: u64, ramdisks: u64, room: u64 },
     #[error("cannot write boot structures into guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
@@ -85,10 +93,12 @@ impl KernelFormat {
 pub trait Image: Read + ReadVolatile + Seek {}
 impl<T: Read + ReadVolatile + Seek> Image for T {}
 
-/// A kernel image carve was given: a file, or one built into the binary.
+/// A kernel or initrd image: a file, one built into the binary, or part of an enclave image
+/// already in guest memory.
 pub enum KernelImage {
     File(std::fs::File),
     Embedded(std::io::Cursor<&'static [u8]>),
+    Guest(eif::GuestBytes),
 }
 
 impl Read for KernelImage {
@@ -96,6 +106,7 @@ impl Read for KernelImage {
         match self {
             KernelImage::File(f) => f.read(buf),
             KernelImage::Embedded(c) => c.read(buf),
+            KernelImage::Guest(g) => g.read(buf),
         }
     }
 }
@@ -105,6 +116,7 @@ impl Seek for KernelImage {
         match self {
             KernelImage::File(f) => f.seek(pos),
             KernelImage::Embedded(c) => c.seek(pos),
+            KernelImage::Guest(g) => g.seek(pos),
         }
     }
 }
@@ -117,6 +129,7 @@ impl ReadVolatile for KernelImage {
         match self {
             KernelImage::File(f) => f.read_volatile(buf),
             KernelImage::Embedded(c) => c.read_volatile(buf),
+            KernelImage::Guest(g) => g.read_volatile(buf),
         }
     }
 }

@@ -1,0 +1,157 @@
+//! Booting an Enclave Image Format file as Nitro does: the whole EIF is copied into guest
+//! memory at 8 MiB, then the kernel, its command line and the concatenated ramdisks are loaded
+//! from that copy by the Linux boot protocol (the job of the Nitro hypervisor, which carve stands
+//! in for). The image's measurements come from the same checked pass that locates the sections.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use carve_eif::{EifSummary, Measurements, SectionType};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
+
+use super::BootError;
+use crate::memory::low_ram_end;
+
+/// Where the EIF copy starts in guest memory.
+pub const EIF_LOAD_ADDRESS: u64 = 8 << 20;
+
+/// An EIF copied into guest memory, with its sections located in the copy.
+pub struct LoadedEif {
+    pub kernel: GuestBytes,
+    /// Every ramdisk, in file order, read as one initrd.
+    pub initrd: GuestBytes,
+    /// The image's command line (trailing NULs dropped).
+    pub cmdline: String,
+    pub measurements: Measurements,
+    /// Bytes of guest memory the copy occupies from [`EIF_LOAD_ADDRESS`].
+    pub size: u64,
+}
+
+/// Checks the EIF at `path` (format, CRC) and copies it into `mem` at [`EIF_LOAD_ADDRESS`].
+pub fn copy_into(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedEif, BootError> {
+    let summary = carve_eif::read_file(path).map_err(|e| BootError::Eif(e.to_string()))?;
+    summary.check_crc().map_err(|e| BootError::Eif(e.to_string()))?;
+    let mut file = File::open(path).map_err(BootError::ReadKernel)?;
+    let size = file.seek(SeekFrom::End(0)).map_err(BootError::ReadKernel)?;
+    // The ramdisks are copied out of the EIF to the top of low RAM; the two must not meet.
+    let ramdisks: u64 =
+        summary.sections.iter().filter(|s| s.section_type == SectionType::Ramdisk).map(|s| s.size).sum();
+    let room = low_ram_end(mem).saturating_sub(EIF_LOAD_ADDRESS);
+    if size + ramdisks.next_multiple_of(4096) > room {
+        return Err(BootError::EifTooLarge { size, ramdisks, room });
+    }
+    file.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
+    mem.read_exact_volatile_from(GuestAddress(EIF_LOAD_ADDRESS), &mut file, size as usize)
+        .map_err(|e| BootError::ReadKernel(std::io::Error::other(e)))?;
+    locate(mem, &summary, size)
+}
+
+fn locate(mem: &GuestMemoryMmap, summary: &EifSummary, size: u64) -> Result<LoadedEif, BootError> {
+    let pieces = |kind: SectionType| -> Vec<(u64, u64)> {
+        summary
+            .sections
+            .iter()
+            .filter(|s| s.section_type == kind)
+            .map(|s| (EIF_LOAD_ADDRESS + s.data_offset(), s.size))
+            .collect()
+    };
+    // The reader guarantees exactly one kernel and one cmdline and at least one ramdisk.
+    let kernel = GuestBytes::new(mem.clone(), pieces(SectionType::Kernel));
+    let mut cmdline = GuestBytes::new(mem.clone(), pieces(SectionType::Cmdline));
+    let mut text = Vec::new();
+    cmdline.read_to_end(&mut text).map_err(BootError::ReadKernel)?;
+    while text.last() == Some(&0) {
+        text.pop();
+    }
+    let cmdline =
+        String::from_utf8(text).map_err(|_| BootError::Eif("the cmdline section is not UTF-8".into()))?;
+    Ok(LoadedEif {
+        kernel,
+        initrd: GuestBytes::new(mem.clone(), pieces(SectionType::Ramdisk)),
+        cmdline,
+        measurements: summary.measurements,
+        size,
+    })
+}
+
+/// Pieces of guest memory read as one seekable byte stream.
+pub struct GuestBytes {
+    mem: GuestMemoryMmap,
+    pieces: Vec<(u64, u64)>,
+    len: u64,
+    pos: u64,
+}
+
+impl GuestBytes {
+    pub fn new(mem: GuestMemoryMmap, pieces: Vec<(u64, u64)>) -> GuestBytes {
+        let len = pieces.iter().map(|p| p.1).sum();
+        GuestBytes { mem, pieces, len, pos: 0 }
+    }
+
+    /// The guest address and length of the longest run readable at the current position.
+    fn run(&self, want: usize) -> Option<(u64, usize)> {
+        let mut start = 0;
+        for &(addr, len) in &self.pieces {
+            if self.pos < start + len {
+                let offset = self.pos - start;
+                return Some((addr + offset, ((len - offset) as usize).min(want)));
+            }
+            start += len;
+        }
+        None
+    }
+}
+
+impl Read for GuestBytes {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some((addr, n)) = self.run(buf.len()) else { return Ok(0) };
+        self.mem.read_slice(&mut buf[..n], GuestAddress(addr)).map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for GuestBytes {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(n) => self.len.checked_add_signed(n),
+            SeekFrom::Current(n) => self.pos.checked_add_signed(n),
+        };
+        self.pos = target.ok_or_else(|| std::io::Error::other("seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
+impl ReadVolatile for GuestBytes {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let mut chunk = vec![0u8; buf.len().min(1 << 20)];
+        let n = self.read(&mut chunk).map_err(VolatileMemoryError::IOError)?;
+        buf.copy_from(&chunk[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_read_as_one_stream_and_seek() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x100)).unwrap();
+        mem.write_slice(b", world", GuestAddress(0x900)).unwrap();
+        let mut bytes = GuestBytes::new(mem, vec![(0x100, 5), (0x900, 7)]);
+        assert_eq!(bytes.seek(SeekFrom::End(0)).unwrap(), 12);
+        bytes.seek(SeekFrom::Start(3)).unwrap();
+        let mut out = String::new();
+        bytes.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "lo, world");
+        assert!(bytes.seek(SeekFrom::Current(-20)).is_err());
+    }
+}
