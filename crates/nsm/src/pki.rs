@@ -2,9 +2,9 @@
 //! directory, and a short-lived leaf per VM whose key signs that VM's attestation documents.
 //! Relying parties pin carve's root (`carve attestation root`) where they would pin AWS's.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -99,10 +99,14 @@ impl CertificateAuthority {
     /// renewing an intermediate near its end. Concurrent carve processes serialise on a lock.
     pub fn open(state: &Path) -> Result<CertificateAuthority, PkiError> {
         let paths = Paths { dir: state.join("ca") };
-        for dir in [state, paths.dir.as_path()] {
-            fs::create_dir_all(dir).map_err(io("create", dir))?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", dir))?;
+        // A state directory carve creates is private; one that exists keeps its mode (it may
+        // be a directory the user chose), while `ca/` is carve's own and always private.
+        if !state.exists() {
+            DirBuilder::new().recursive(true).mode(0o700).create(state).map_err(io("create", state))?;
         }
+        let ca_dir = paths.dir.as_path();
+        DirBuilder::new().recursive(true).mode(0o700).create(ca_dir).map_err(io("create", ca_dir))?;
+        fs::set_permissions(ca_dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", ca_dir))?;
         let lock_path = paths.file("lock");
         let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path);
         let lock = lock.map_err(io("open", &lock_path))?;
@@ -289,17 +293,18 @@ mod tests {
 
     #[test]
     fn the_ca_is_created_once_with_private_permissions_and_reloaded() {
-        let state = tempfile::tempdir().unwrap();
-        let first = CertificateAuthority::open(state.path()).unwrap();
-        let second = CertificateAuthority::open(state.path()).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let state = parent.path().join("carve");
+        let first = CertificateAuthority::open(&state).unwrap();
+        let second = CertificateAuthority::open(&state).unwrap();
         assert_eq!(first.root_pem(), second.root_pem());
         assert_eq!(first.intermediate, second.intermediate);
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
-        assert_eq!(mode(state.path()), 0o700);
-        assert_eq!(mode(&state.path().join("ca")), 0o700);
-        assert_eq!(mode(&state.path().join("ca/root.key")), 0o600);
-        assert_eq!(mode(&state.path().join("ca/intermediate.key")), 0o600);
-        assert!(!state.path().join("ca/root.tmp").exists());
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join("ca")), 0o700);
+        assert_eq!(mode(&state.join("ca/root.key")), 0o600);
+        assert_eq!(mode(&state.join("ca/intermediate.key")), 0o600);
+        assert!(!state.join("ca/root.tmp").exists());
     }
 
     #[test]
