@@ -207,20 +207,11 @@ fn the_demo_serves_verified_attestations_on_port_5006() {
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let uds = dir.join("v.sock");
-    let vm = {
-        std::env::set_var("CARVE_STATE_DIR", &state);
-        Vm::start(&["--demo"], &uds, 11, &["--nsm", "--cmdline", "echo_sessions=2"])
-    };
+    let mut vm = start_vm(&state, &["--demo"], 11, &uds, &["--nsm", "--cmdline", "echo_sessions=2"]);
     let mut nonces = Vec::new();
     for (i, len) in [1usize, 512].into_iter().enumerate() {
-        let (mut stream, _) = connect_guest(&uds, 5006).expect("the demo accepts on 5006");
         let nonce = bytes(len, i as u64 + 5);
-        stream.write_all(&(len as u32).to_be_bytes()).unwrap();
-        stream.write_all(&nonce).unwrap();
-        let mut prefix = [0u8; 4];
-        stream.read_exact(&mut prefix).unwrap();
-        let mut document = vec![0u8; u32::from_be_bytes(prefix) as usize];
-        stream.read_exact(&mut document).unwrap();
+        let document = demo_attestation(&mut vm, &uds, &nonce);
         let doc = verify_with_oracles(&document);
         assert_eq!(doc.nonce.as_deref(), Some(&nonce));
         assert_eq!(doc.user_data.as_deref().map(Vec::as_slice), Some(&b"carve-demo"[..]));
@@ -239,34 +230,52 @@ fn the_demo_serves_verified_attestations_on_port_5006() {
     assert!(stdout(&out).contains("served 2 sessions"), "{}", stdout(&out));
 }
 
-/// Asks the demo on vsock port 5006 for a document with `nonce`.
-fn demo_attestation(uds: &Path, nonce: &[u8]) -> Vec<u8> {
-    let (mut stream, _) = connect_guest(uds, 5006).expect("the demo accepts on 5006");
-    stream.write_all(&(nonce.len() as u32).to_be_bytes()).unwrap();
-    stream.write_all(nonce).unwrap();
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).unwrap();
-    let mut document = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    stream.read_exact(&mut document).unwrap();
-    document
+/// Asks the demo on vsock port 5006 for a document with `nonce`; on failure, shows what the VM
+/// said.
+fn demo_attestation(vm: &mut Vm, uds: &Path, nonce: &[u8]) -> Vec<u8> {
+    let exchange = || -> Result<Vec<u8>, String> {
+        let (mut stream, _) = connect_guest(uds, 5006).ok_or("the demo refused port 5006")?;
+        stream.write_all(&(nonce.len() as u32).to_be_bytes()).map_err(|e| e.to_string())?;
+        stream.write_all(nonce).map_err(|e| e.to_string())?;
+        let mut prefix = [0u8; 4];
+        stream.read_exact(&mut prefix).map_err(|e| format!("reading the length: {e}"))?;
+        let mut document = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        stream.read_exact(&mut document).map_err(|e| format!("reading the document: {e}"))?;
+        Ok(document)
+    };
+    exchange().unwrap_or_else(|problem| {
+        let mut child = vm.0.take().unwrap();
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!("{problem}\n--- serial ---\n{}\n--- stderr ---\n{}", stdout(&out), stderr(&out))
+    })
 }
 
-/// `carve vm run --eif` on the demo enclave, with a vsock device, serving one session.
-fn run_demo_eif(dir: &Path, state: &Path, extra: &[&str]) -> (Vec<u8>, Output) {
-    let eif = dir.join("demo.eif");
-    let uds = dir.join("v.sock");
+/// `carve vm run` with `image` and a vsock device (guest `cid`) at `uds`, its CA in `state`;
+/// debug logging, so a failure shows what the devices did.
+fn start_vm(state: &Path, image: &[&str], cid: u32, uds: &Path, extra: &[&str]) -> Vm {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_carve"))
         .env("CARVE_STATE_DIR", state)
-        .args(["vm", "run", "--eif", eif.to_str().unwrap(), "--cmdline", "echo_sessions=1", "--vsock"])
-        .arg(format!("cid=13,uds={}", uds.display()))
+        .args(["vm", "run", "--log-level", "debug"])
+        .args(image)
+        .arg("--vsock")
+        .arg(format!("cid={cid},uds={}", uds.display()))
         .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let vm = Vm(Some(child));
-    let document = demo_attestation(&uds, b"eif-nonce");
+    Vm(Some(child))
+}
+
+/// `carve vm run --eif` on the demo enclave, serving one attestation; `run` names its socket.
+fn run_demo_eif(dir: &Path, state: &Path, run: u32, extra: &[&str]) -> (Vec<u8>, Output) {
+    let eif = dir.join("demo.eif");
+    let uds = dir.join(format!("v{run}.sock"));
+    let image = ["--eif", eif.to_str().unwrap(), "--cmdline", "echo_sessions=1"];
+    let mut vm = start_vm(state, &image, 20 + run, &uds, extra);
+    let document = demo_attestation(&mut vm, &uds, b"eif-nonce");
     (document, vm.wait())
 }
 
@@ -284,7 +293,7 @@ fn an_enclave_image_boots_from_its_copy_and_its_pcrs_reach_the_document() {
     let pcr = |n: &str| measurements["Measurements"][n].as_str().unwrap().to_string();
 
     // Not in debug mode: no console, the image's PCRs in the document.
-    let (document, out) = run_demo_eif(&dir, &state, &[]);
+    let (document, out) = run_demo_eif(&dir, &state, 1, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).is_empty(), "a non-debug enclave's console is not shown: {}", stdout(&out));
     let doc = verify_with_oracles(&document);
@@ -303,7 +312,7 @@ fn an_enclave_image_boots_from_its_copy_and_its_pcrs_reach_the_document() {
     assert_eq!(verified.status.code(), Some(0), "{}{}", stdout(&verified), stderr(&verified));
 
     // Debug mode: the console shows, and the image PCRs read as zero.
-    let (document, out) = run_demo_eif(&dir, &state, &["--debug-mode"]);
+    let (document, out) = run_demo_eif(&dir, &state, 2, &["--debug-mode"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("command line:  console=ttyS0 echo_sessions=1"), "{}", stdout(&out));
     assert!(stdout(&out).contains("module:        124 bytes"), "the ramdisk is the initrd: {}", stdout(&out));
