@@ -92,6 +92,7 @@ impl Attestation {
         match vsock.state(conn) {
             State::Established => {}
             State::Reset => {
+                println!("  attestation:   the peer reset the connection");
                 self.finish(vsock, conn);
                 return false;
             }
@@ -139,6 +140,7 @@ impl Attestation {
                 }
             }
         } else if got == 0 && vsock.peer_closed(conn) {
+            println!("  attestation:   the peer closed after {} of {} bytes", self.filled, want);
             self.finish(vsock, conn);
             return false;
         }

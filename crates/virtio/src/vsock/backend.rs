@@ -359,6 +359,13 @@ impl VsockBackend {
 
     /// Answers a packet for no connection (or to nobody carve serves) with RST.
     fn refuse(&mut self, h: &Header, key: ConnKey) {
+        log::debug!(
+            target: "carve::virtio",
+            "{NAME}: refused op {} from guest port {} to port {}: no such connection",
+            h.op,
+            key.guest_port,
+            key.host_port
+        );
         if h.op != OP_RST {
             let control = Control {
                 host_port: key.host_port,
@@ -628,6 +635,7 @@ impl VsockBackend {
 
     fn close(&mut self, key: ConnKey) {
         if let Some(peer) = self.peers.remove(&key) {
+            log::debug!(target: "carve::virtio", "{NAME}: host port {} to guest port {} closed", key.host_port, key.guest_port);
             self.roles.remove(&peer.conn.stream.as_raw_fd());
             self.closed.push(peer.conn.stream);
         }
@@ -695,6 +703,7 @@ fn read_host_data<B: BitmapSlice>(
     };
     let len = match result {
         Ok(0) => {
+            log::debug!(target: "carve::virtio", "{NAME}: host port {} reached end of stream", key.host_port);
             // End of the host's stream: the guest hears it will get no more.
             peer.conn.host_eof = true;
             peer.host_readable = false;
@@ -709,7 +718,8 @@ fn read_host_data<B: BitmapSlice>(
             peer.host_readable = e.kind() == ErrorKind::Interrupted;
             return None;
         }
-        Err(_) => {
+        Err(e) => {
+            log::debug!(target: "carve::virtio", "{NAME}: host port {} failed: {e}", key.host_port);
             peer.host_readable = false;
             peer.conn.host_eof = true;
             control.op = OP_RST;
