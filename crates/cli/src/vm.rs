@@ -40,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "initrd")]
     eif: Option<PathBuf>,
     /// Run the enclave image in debug mode: console readable, image PCRs zero.
-    #[arg(long, requires = "eif")]
+    #[arg(long)]
     debug_mode: bool,
     /// Kernel command line.
     #[arg(long, value_name = "TEXT", default_value = "")]
@@ -178,6 +178,11 @@ fn run_vm(args: RunArgs) -> ExitCode {
         (None, Some(eif)) => KernelSpec::Eif(eif.clone()),
         (None, None) => KernelSpec::Embedded { name: "carve-demo", image: carve_guest_images::DEMO_ELF },
     };
+    // clap does not enforce `requires` on a plain flag.
+    if args.debug_mode && args.eif.is_none() {
+        eprintln!("carve: error: --debug-mode applies to enclave images; use it with --eif");
+        return ExitCode::from(2);
+    }
     // As on Nitro, only a debug-mode enclave's console can be read.
     let serial = match (args.serial, args.eif.is_some() && !args.debug_mode) {
         (None | Some(SerialArg::None), true) => SerialArg::None,

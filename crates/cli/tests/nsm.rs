@@ -339,10 +339,18 @@ fn enclave_images_that_cannot_boot_are_refused_with_one_line() {
     assert!(stderr(&out).contains("add --debug-mode"), "{}", stderr(&out));
     let out = run(&eif, &["--initrd", eif.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "--initrd conflicts with --eif");
+    let out = carve_in(&state, &["vm", "run", "--demo", "--debug-mode"]);
+    assert_eq!(out.status.code(), Some(2), "--debug-mode without --eif: {}", stderr(&out));
+    assert!(stderr(&out).contains("use it with --eif"), "{}", stderr(&out));
+    let out = carve_in(&state, &["vm", "run", "--demo", "--parent-id", "i-1"]);
+    assert_eq!(out.status.code(), Some(2), "--parent-id without an NSM: {}", stderr(&out));
 
     if !kvm_usable("enclave_images_that_cannot_boot_are_refused_with_one_line") {
         return;
     }
+    let out = run(&dir.join("missing.eif"), &[]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("the enclave image is not bootable: cannot read"), "{}", stderr(&out));
     let mut bytes = std::fs::read(&eif).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;

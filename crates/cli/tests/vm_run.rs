@@ -221,3 +221,38 @@ fn int3_reaches_the_guests_breakpoint_handler() {
     assert!(delivered == 0 || delivered == 3, "{line}");
     eprintln!("int3s delivered by carve on this host: {delivered}");
 }
+
+#[test]
+fn sigusr1_prints_every_vcpus_registers_while_the_vm_runs() {
+    if !kvm_usable("sigusr1_prints_every_vcpus_registers_while_the_vm_runs") {
+        return;
+    }
+    // The demo with a vsock device serves echo until stopped: a VM that keeps running.
+    let uds = temp_path("sigusr1.sock");
+    let _ = std::fs::remove_file(&uds);
+    let serial = temp_path("sigusr1-serial.log");
+    let _ = std::fs::remove_file(&serial);
+    let sink = format!("file:{}", serial.display());
+    let vm = Vm::start(&["--demo"], &uds, 31, &["--vcpus", "2", "--serial", &sink]);
+    let pid = vm.0.as_ref().unwrap().id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    // Once the guest serves echo, the VM runs (and SIGUSR1 is handled); then ask and stop.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("echo on port")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal("-USR1");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    signal("-TERM");
+    let out = vm.wait();
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    for vcpu in 0..2 {
+        let line = format!("carve: vCPU {vcpu} is running. Registers: RIP=");
+        assert!(stderr(&out).contains(&line), "no registers for vCPU {vcpu}: {}", stderr(&out));
+    }
+}

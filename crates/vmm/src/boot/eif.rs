@@ -29,22 +29,29 @@ pub struct LoadedEif {
     pub size: u64,
 }
 
-/// Checks the EIF at `path` (format, CRC) and copies it into `mem` at [`EIF_LOAD_ADDRESS`].
+/// Copies the EIF at `path` into `mem` at [`EIF_LOAD_ADDRESS`], then checks the copy (format,
+/// CRC) and measures it in one pass: the file is read once, and what is measured is what boots.
 pub fn copy_into(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedEif, BootError> {
-    let summary = carve_eif::read_file(path).map_err(|e| BootError::Eif(e.to_string()))?;
-    summary.check_crc().map_err(|e| BootError::Eif(e.to_string()))?;
-    let mut file = File::open(path).map_err(BootError::ReadKernel)?;
+    let not_bootable = |e: &dyn std::fmt::Display| BootError::Eif(e.to_string());
+    let mut file = File::open(path).map_err(|e| not_bootable(&format_args!("cannot read the image: {e}")))?;
     let size = file.seek(SeekFrom::End(0)).map_err(BootError::ReadKernel)?;
-    // The ramdisks are copied out of the EIF to the top of low RAM; the two must not meet.
-    let ramdisks: u64 =
-        summary.sections.iter().filter(|s| s.section_type == SectionType::Ramdisk).map(|s| s.size).sum();
     let room = low_ram_end(mem).saturating_sub(EIF_LOAD_ADDRESS);
-    if size + ramdisks.next_multiple_of(4096) > room {
-        return Err(BootError::EifTooLarge { size, ramdisks, room });
+    if size > room {
+        return Err(BootError::EifTooLarge { size, ramdisks: 0, room });
     }
     file.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
     mem.read_exact_volatile_from(GuestAddress(EIF_LOAD_ADDRESS), &mut file, size as usize)
         .map_err(|e| BootError::ReadKernel(std::io::Error::other(e)))?;
+    let copy = GuestBytes::new(mem.clone(), vec![(EIF_LOAD_ADDRESS, size)]);
+    let summary =
+        carve_eif::read(copy, Some(size), &mut carve_eif::reader::Discard).map_err(|e| not_bootable(&e))?;
+    summary.check_crc().map_err(|e| not_bootable(&e))?;
+    // The ramdisks are copied out of the image to the top of low RAM; the two must not meet.
+    let ramdisks: u64 =
+        summary.sections.iter().filter(|s| s.section_type == SectionType::Ramdisk).map(|s| s.size).sum();
+    if size + ramdisks.next_multiple_of(4096) > room {
+        return Err(BootError::EifTooLarge { size, ramdisks, room });
+    }
     locate(mem, &summary, size)
 }
 
