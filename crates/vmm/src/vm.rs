@@ -240,11 +240,7 @@ impl Vm {
         }
         let vcpu_count = config.vcpus as u8;
 
-        // An enclave image's kernel and ramdisks are read from its copy in guest memory, below.
-        let mut kernel = match &config.kernel {
-            KernelSpec::Eif(_) => None,
-            spec => Some(open_kernel(spec)?),
-        };
+        let mut kernel = open_kernel(&config.kernel)?;
         let mut initrd = match &config.initrd {
             Some(path) => Some(KernelImage::File(
                 File::open(path).map_err(|source| VmError::OpenInitrd { path: path.clone(), source })?,
@@ -579,7 +575,9 @@ fn load_state(
     Ok(())
 }
 
-fn open_kernel(spec: &KernelSpec) -> Result<KernelImage, VmError> {
+/// Opens a kernel file or embedded image; `None` for an enclave image, whose kernel is read
+/// from its copy in guest memory once that exists.
+fn open_kernel(spec: &KernelSpec) -> Result<Option<KernelImage>, VmError> {
     match spec {
         KernelSpec::Path(path) => {
             let file =
@@ -589,11 +587,11 @@ fn open_kernel(spec: &KernelSpec) -> Result<KernelImage, VmError> {
                     path: path.clone(),
                     source: std::io::Error::from_raw_os_error(libc::EISDIR),
                 }),
-                _ => Ok(KernelImage::File(file)),
+                _ => Ok(Some(KernelImage::File(file))),
             }
         }
-        KernelSpec::Embedded { image, .. } => Ok(KernelImage::Embedded(Cursor::new(image))),
-        KernelSpec::Eif(_) => unreachable!("enclave images are loaded from guest memory"),
+        KernelSpec::Embedded { image, .. } => Ok(Some(KernelImage::Embedded(Cursor::new(image)))),
+        KernelSpec::Eif(_) => Ok(None),
     }
 }
 
