@@ -511,3 +511,39 @@ pub fn serve(
         }
     }
 }
+
+/// The parent's port for Nitro's boot heartbeat.
+pub const HEARTBEAT_PORT: u32 = 9000;
+/// The byte the enclave sends and the parent echoes.
+pub const HEARTBEAT_BYTE: u8 = 0xB7;
+
+/// Tells the parent the enclave booted, as Nitro's init does: connect to the parent's port
+/// 9000, send 0xB7, expect it echoed, close. Fails if nobody listens (a plain VM).
+pub fn heartbeat(vsock: &mut Vsock) -> Result<(), &'static str> {
+    let conn = vsock.connect(HEARTBEAT_PORT).ok_or("no free connection")?;
+    let mut sent = false;
+    loop {
+        vsock.poll(|_| {});
+        match vsock.state(conn) {
+            State::Connecting => continue,
+            State::Established => {}
+            _ => {
+                vsock.release(conn);
+                return Err("the parent refused the connection");
+            }
+        }
+        if !sent {
+            sent = vsock.send(conn, &[HEARTBEAT_BYTE]) == 1;
+            continue;
+        }
+        let mut echo = [0u8; 1];
+        if vsock.recv(conn, &mut echo) == 1 {
+            vsock.close(conn);
+            return if echo[0] == HEARTBEAT_BYTE { Ok(()) } else { Err("the parent echoed a wrong byte") };
+        }
+        if vsock.peer_closed(conn) {
+            vsock.close(conn);
+            return Err("the parent closed without echoing");
+        }
+    }
+}

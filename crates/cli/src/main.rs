@@ -4,6 +4,7 @@
 
 mod attestation;
 mod cpio;
+mod enclave;
 mod image;
 mod logger;
 mod nitro_error;
@@ -26,6 +27,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start an enclave from an EIF (or --demo) on CPUs and hugepages from the pool.
+    RunEnclave(Box<enclave::RunArgs>),
+    /// Describe the running enclaves (JSON array).
+    DescribeEnclaves(enclave::DescribeArgs),
+    /// Terminate an enclave (or --all), giving its CPUs and memory back.
+    TerminateEnclave(enclave::TerminateArgs),
+    /// Stream a debug-mode enclave's console.
+    Console(enclave::ConsoleArgs),
+    /// Block until an enclave ends and say why (carve's addition to nitro-cli).
+    Wait(enclave::WaitArgs),
+    /// Set the enclave CPU pool and reserve its hugepages (nitro-cli's allocator service).
+    Allocator(enclave::AllocatorArgs),
+    /// The enclave process (started by run-enclave; not for direct use).
+    #[command(name = "__enclave-process", hide = true)]
+    EnclaveProcess,
     /// Run and inspect plain microVMs (carve's VMM underneath enclaves).
     #[command(subcommand)]
     Vm(vm::VmCommand),
@@ -47,10 +63,23 @@ enum Command {
     },
 }
 
+/// nitro-cli's name and version, for when carve is installed as `nitro-cli`.
+const NITRO_CLI_NAME: &str = "nitro-cli";
+const NITRO_CLI_VERSION: &str = "1.5.0";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    logger::init(cli.log_level);
+    let cli = parse_command_line();
+    // An enclave process's log (run dir's enclaves.log) records at least its life events.
+    let is_enclave_process = matches!(cli.command, Command::EnclaveProcess);
+    logger::init(if is_enclave_process { cli.log_level.max(log::LevelFilter::Info) } else { cli.log_level });
     let result = match cli.command {
+        Command::EnclaveProcess => return enclave::enclave_process(),
+        Command::Allocator(args) => return enclave::allocator(args),
+        Command::RunEnclave(args) => enclave::run_enclave(*args),
+        Command::DescribeEnclaves(args) => enclave::describe_enclaves(args),
+        Command::TerminateEnclave(args) => enclave::terminate_enclave(args),
+        Command::Console(args) => enclave::console(args),
+        Command::Wait(args) => enclave::wait(args),
         Command::Vm(command) => return vm::run(command),
         Command::Attestation(command) => return attestation::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
@@ -63,4 +92,24 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => error.report(),
     }
+}
+
+/// Invoked as `nitro-cli` (a symlink or copy), carve answers as nitro-cli: its name in help
+/// and errors, `Nitro CLI 1.5.0` for `--version`.
+fn parse_command_line() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(|arg0| std::path::Path::new(&arg0).file_name().map(|n| n.to_os_string()).unwrap_or(arg0));
+    let mut command = Cli::command();
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new(NITRO_CLI_NAME)) {
+        command = command
+            .name(NITRO_CLI_NAME)
+            .bin_name(NITRO_CLI_NAME)
+            .display_name("Nitro CLI")
+            .version(NITRO_CLI_VERSION)
+            .arg_required_else_help(true);
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

@@ -84,6 +84,11 @@ impl ErrorCode {
     pub const HASHER: ErrorCode = ErrorCode(57);
     pub const SIGNING: ErrorCode = ErrorCode(60);
 
+    /// The code numbered `number`; numbers nitro-cli does not define become E00.
+    pub fn from_number(number: u8) -> ErrorCode {
+        ErrorCode(if CODES.iter().any(|(n, ..)| *n == number) { number } else { 0 })
+    }
+
     /// `E19` → the code, if nitro-cli defines it.
     pub fn parse(text: &str) -> Option<ErrorCode> {
         let number: u8 = text.strip_prefix('E')?.parse().ok()?;

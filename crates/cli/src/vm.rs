@@ -232,6 +232,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         entry_check: EntryCheck::default(),
         vsock: args.vsock,
         nsm,
+        ..VmConfig::new(KernelSpec::Path(PathBuf::new()))
     };
     let vm = match Vm::build(config) {
         Ok(vm) => vm,

@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums_and_name_each_virtio_device() {
-        let mem = crate::memory::create(128).unwrap();
+        let mem = crate::memory::create(128, crate::memory::MemoryBacking::Anonymous).unwrap();
         let slots = [
             VirtioSlot { base: 0xd000_0000, len: 0x1000, irq: 5 },
             VirtioSlot { base: 0xd000_1000, len: 0x1000, irq: 6 },

@@ -41,6 +41,8 @@ pub enum VmExit {
     VmmFailure(String),
     /// carve was asked to stop (SIGINT, SIGTERM or SIGHUP); the VM was torn down cleanly.
     Stopped(i32),
+    /// Its owner ended the VM through a [`crate::VmStopper`] (an enclave's terminate).
+    Terminated,
 }
 
 impl VmExit {
@@ -48,12 +50,27 @@ impl VmExit {
     /// belong to the guest's debug-exit writes, as QEMU's isa-debug-exit defines them.
     pub fn status(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff => STATUS_POWER_OFF,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Terminated => STATUS_POWER_OFF,
             VmExit::DebugExit(value) => (((value << 1) | 1) & 0xff) as i32,
             VmExit::Crash(_) => STATUS_GUEST_CRASH,
             VmExit::VmmFailure(_) => STATUS_CARVE_ERROR,
             // The shell's convention for a process ended by a signal.
             VmExit::Stopped(signal) => 128 + signal,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    /// Why the VM ended, as one line for logs and `carve wait`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "the guest reset the machine"),
+            VmExit::PowerOff => write!(f, "the guest powered off"),
+            VmExit::DebugExit(value) => write!(f, "the guest wrote {value:#x} to the debug-exit port"),
+            VmExit::Crash(report) => write!(f, "the guest crashed: {}", report.explanation),
+            VmExit::VmmFailure(message) => write!(f, "carve failed: {message}"),
+            VmExit::Stopped(signal) => write!(f, "carve was stopped by signal {signal}"),
+            VmExit::Terminated => write!(f, "terminated on request"),
         }
     }
 }

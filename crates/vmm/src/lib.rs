@@ -24,4 +24,7 @@ pub mod vm;
 pub mod x86;
 
 pub use exit::VmExit;
-pub use vm::{EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmOutcome, VsockConfig};
+pub use memory::MemoryBacking;
+pub use vm::{
+    EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmOutcome, VmStopper, VsockConfig,
+};

@@ -1,8 +1,12 @@
-//! Guest RAM: anonymous mappings split around the MMIO gap below 4 GiB, registered with KVM.
+//! Guest RAM: anonymous or hugetlb mappings split around the MMIO gap below 4 GiB, registered
+//! with KVM.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -17,7 +21,30 @@ pub enum MemoryError {
     Map { mib: u64, source: vm_memory::mmap::FromRangesError },
     #[error("KVM refused guest memory slot {slot}: {source}")]
     RegisterSlot { slot: u32, source: kvm_ioctls::Error },
+    #[error(
+        "not enough free hugepages for {mib} MiB of guest memory ({missing_mib} MiB short); reserve \
+         more with `carve allocator`"
+    )]
+    InsufficientHugepages { mib: u64, missing_mib: u64 },
+    #[error("cannot map {mib} MiB of hugepage memory: {source}")]
+    MapHugepages { mib: u64, source: vm_memory::mmap::MmapRegionError },
 }
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Ordinary anonymous memory, faulted in as the guest touches it.
+    #[default]
+    Anonymous,
+    /// Reserved hugetlb pages, 1 GiB where they fit and are free, else 2 MiB, all faulted in
+    /// at start (as Nitro donates hugepages to an enclave). Sizes round up to 2 MiB.
+    Hugepages,
+}
+
+/// Hugepage sizes carve uses, largest first, with their mmap flags.
+pub const HUGEPAGE_SIZES: [(u64, i32); 2] = [(1 << 30, libc::MAP_HUGE_1GB), (2 << 20, libc::MAP_HUGE_2MB)];
+/// Hugepage-backed guests are sized in whole 2 MiB pages.
+pub const HUGEPAGE_GRANULE: u64 = 2 << 20;
 
 /// An e820 memory-map entry as every boot protocol describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,13 +90,77 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestMemoryMmap, MemoryError> {
     if mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(mib));
+    }
+    if backing == MemoryBacking::Hugepages {
+        return create_hugepages(mib);
     }
     let ranges: Vec<_> =
         ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+}
+
+/// Guest RAM from hugetlb pages: one mapping per 1 GiB page where a 1 GiB-aligned gigabyte is
+/// left and such a page is free, then 2 MiB pages for the rest of each range. The kernel
+/// reserves hugetlb pages at mmap time, so a shortfall is an error here, never a SIGBUS later.
+fn create_hugepages(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = (mib << 20).next_multiple_of(HUGEPAGE_GRANULE);
+    let mut regions = Vec::new();
+    let mut allocated = 0;
+    for range in ram_regions(size) {
+        let mut at = range.base;
+        while at < range.end() {
+            let remaining = range.end() - at;
+            let mut mapped = None;
+            for (page, flag) in HUGEPAGE_SIZES {
+                if remaining < page || at % page != 0 {
+                    continue;
+                }
+                // One 1 GiB page per mapping, so a partial supply of them is still used.
+                let len = if page == 1 << 30 { page } else { remaining - remaining % page };
+                match map_hugepages(len, flag) {
+                    Ok(region) => {
+                        mapped = Some((region, len));
+                        break;
+                    }
+                    Err(vm_memory::mmap::MmapRegionError::Mmap(e))
+                        if e.raw_os_error() == Some(libc::ENOMEM) => {}
+                    Err(source) => return Err(MemoryError::MapHugepages { mib, source }),
+                }
+            }
+            let Some((region, len)) = mapped else {
+                return Err(MemoryError::InsufficientHugepages {
+                    mib,
+                    missing_mib: (size - allocated) >> 20,
+                });
+            };
+            allocated += len;
+            regions.push(GuestRegionMmap::new(region, GuestAddress(at)).expect("guest ranges do not wrap"));
+            at += len;
+        }
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| MemoryError::Map { mib, source: vm_memory::mmap::FromRangesError::Collection(e) })
+}
+
+fn map_hugepages(
+    len: u64,
+    size_flag: i32,
+) -> Result<vm_memory::mmap::MmapRegion, vm_memory::mmap::MmapRegionError> {
+    MmapRegionBuilder::new(len as usize)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | size_flag | libc::MAP_POPULATE,
+        )
+        .with_hugetlbfs(true)
+        .build()
+}
+
+/// Bytes of guest RAM `mem` holds.
+pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
@@ -117,6 +208,6 @@ mod tests {
 
     #[test]
     fn too_small_is_refused() {
-        assert!(matches!(create(4), Err(MemoryError::TooSmall(4))));
+        assert!(matches!(create(4, MemoryBacking::Anonymous), Err(MemoryError::TooSmall(4))));
     }
 }

@@ -39,7 +39,7 @@ use crate::interrupts::{InterruptError, InterruptManager};
 use crate::layout::{
     KVM_TSS_ADDRESS, MSI_TESTDEV_START, SERIAL_IRQ, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START,
 };
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, MemoryBacking, MemoryError};
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{self, IoStatsSnapshot, Vcpu, VcpuContext};
 
@@ -186,6 +186,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// A Nitro Secure Module the guest reaches through virtio-nsm.
     pub nsm: Option<NsmConfig>,
+    pub memory_backing: MemoryBacking,
+    /// Host CPU each vCPU thread is pinned to, by vCPU index; empty leaves them unpinned.
+    pub vcpu_affinity: Vec<usize>,
 }
 
 impl VmConfig {
@@ -204,6 +207,8 @@ impl VmConfig {
             entry_check: EntryCheck::default(),
             vsock: None,
             nsm: None,
+            memory_backing: MemoryBacking::Anonymous,
+            vcpu_affinity: Vec::new(),
         }
     }
 }
@@ -223,6 +228,7 @@ pub struct Vm {
     serial_input: bool,
     boot: BootSetup,
     entry_warnings: Vec<String>,
+    vcpu_affinity: Vec<usize>,
     /// Device event handlers (virtio backends) that run on the VM's event loop.
     device_handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
     _vm_fd: Arc<VmFd>,
@@ -251,7 +257,7 @@ impl Vm {
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
         // Memory first: registering slots once the irqchip exists costs KVM far more.
-        let mem = memory::create(config.memory_mib)?;
+        let mem = memory::create(config.memory_mib, config.memory_backing)?;
         memory::register(&vm_fd, &mem)?;
         vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_error("set the TSS address"))?;
         vm_fd.create_irq_chip().map_err(kvm_error("create the in-kernel irqchip"))?;
@@ -367,6 +373,7 @@ impl Vm {
             serial_input: config.serial_input,
             boot,
             entry_warnings,
+            vcpu_affinity: config.vcpu_affinity,
             device_handlers,
             _vm_fd: vm_fd,
             _kvm: kvm,
@@ -380,6 +387,16 @@ impl Vm {
 
     pub fn boot_setup(&self) -> &BootSetup {
         &self.boot
+    }
+
+    /// Bytes of guest RAM (hugepage-backed guests round up to whole pages).
+    pub fn memory_size(&self) -> u64 {
+        memory::total_size(&self.context.mem)
+    }
+
+    /// A handle that ends the VM from another thread once it runs.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.context.exit.clone())
     }
 
     /// The boot vCPU, before the VM runs (for inspecting or checking its state).
@@ -416,7 +433,18 @@ impl Vm {
         let mut threads = Vec::new();
         for vcpu in self.vcpus {
             let name = format!("carve-vcpu{}", vcpu.index);
-            match thread::Builder::new().name(name).spawn(move || vcpu.run()) {
+            let host_cpu = self.vcpu_affinity.get(vcpu.index).copied();
+            let run = move || {
+                if let Some(cpu) = host_cpu {
+                    if let Err(e) = pin_current_thread(cpu) {
+                        let message = format!("cannot pin vCPU {} to host CPU {cpu}: {e}", vcpu.index);
+                        vcpu.context.exit.request(VmExit::VmmFailure(message));
+                        return;
+                    }
+                }
+                vcpu.run()
+            };
+            match thread::Builder::new().name(name).spawn(run) {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     context.exit.request(VmExit::VmmFailure(format!("cannot start a vCPU thread: {e}")));
@@ -465,6 +493,22 @@ impl Vm {
         let exit = context.exit.take().expect("the loop ends only once an exit was requested");
         Ok(VmOutcome { exit, io: context.stats.snapshot() })
     }
+}
+
+/// Ends a running VM from another thread; the VM's exit is then [`VmExit::Terminated`].
+#[derive(Clone)]
+pub struct VmStopper(Arc<ExitSignal>);
+
+impl VmStopper {
+    pub fn stop(&self) {
+        self.0.request(VmExit::Terminated);
+    }
+}
+
+fn pin_current_thread(cpu: usize) -> rustix::io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
 }
 
 /// Event-loop rounds that drain device work after the vCPUs stopped; each round takes every

@@ -1,13 +1,15 @@
-//! carve's demo guest: says what it booted with; with a vsock device it serves echo on port 5005
-//! and, with an NSM, attestation on port 5006 (a u32 big-endian length and that many nonce bytes
-//! in; a u32 big-endian length and the attestation document out). `echo_sessions=N` on the
-//! command line stops it after N sessions of either kind; then it powers off cleanly.
+//! carve's demo guest (and demo enclave): says what it booted with; with a vsock device it sends
+//! Nitro's boot heartbeat to the parent's port 9000, serves echo on port 5005 and, with an NSM,
+//! attestation on port 5006 (a u32 big-endian length and that many nonce bytes in; a u32
+//! big-endian length and the attestation document out). A connection to port 5007 tells it to
+//! stop; so does `echo_sessions=N` on the command line after N sessions of either kind. Either
+//! way it powers off cleanly.
 #![no_std]
 #![no_main]
 
 use carve_guests::nsm::{attestation_request, response_bytes, Nsm, DEVICE_ID as NSM_ID};
 use carve_guests::virtio::find_device_of_type;
-use carve_guests::vsock::{echo_step, serve, ConnId, State, Vsock, MAX_PAYLOAD};
+use carve_guests::vsock::{echo_step, heartbeat, serve, ConnId, State, Vsock, MAX_PAYLOAD};
 use carve_guests::{fw_cfg, guest_main, param, parse_u64, println, BootInfo};
 
 guest_main!(main);
@@ -15,6 +17,7 @@ guest_main!(main);
 const DMA: u64 = 0x0200_0000;
 const ECHO_PORT: u32 = 5005;
 const ATTESTATION_PORT: u32 = 5006;
+const SHUTDOWN_PORT: u32 = 5007;
 const MAX_NONCE: usize = 512;
 const VSOCK_ID: u32 = 19;
 
@@ -38,8 +41,13 @@ fn main(boot: &BootInfo) -> ! {
         match Vsock::new(device, DMA + Nsm::dma_size()) {
             Ok(mut vsock) => {
                 let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64).map(|n| n as u32);
-                println!("  vsock:         CID {}, echo on port {}", vsock.cid, ECHO_PORT);
+                match heartbeat(&mut vsock) {
+                    Ok(()) => println!("  heartbeat:     acknowledged by the parent"),
+                    Err(e) => println!("  heartbeat:     none ({})", e),
+                }
+                println!("  vsock:         CID {}, echo on port {}, stop on port {}", vsock.cid, ECHO_PORT, SHUTDOWN_PORT);
                 vsock.listen(ECHO_PORT);
+                vsock.listen(SHUTDOWN_PORT);
                 if nsm.is_some() {
                     println!("  nsm:           attestation on port {}", ATTESTATION_PORT);
                     vsock.listen(ATTESTATION_PORT);
@@ -49,7 +57,7 @@ fn main(boot: &BootInfo) -> ! {
                 let served = serve(
                     &mut vsock,
                     limit,
-                    |_, _| false,
+                    |vsock, conn| vsock.local_port(conn) == SHUTDOWN_PORT,
                     |vsock, conn| {
                         if vsock.local_port(conn) == ATTESTATION_PORT {
                             match nsm.as_mut() {

@@ -1,0 +1,545 @@
+//! The enclave process: one per enclave, detached from the terminal, holding the VM (its
+//! memory and pinned vCPU threads) for the enclave's life. It claims resources under the run
+//! directory's lock, boots the image, waits for the heartbeat, reports to the CLI that
+//! launched it, then answers describe / console / terminate / wait on its control socket until
+//! the enclave ends, and finally gives everything back.
+
+use std::fs::File;
+use std::io::{BufReader, Seek, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use carve_nsm::pcr::ParentIdentity;
+use carve_vmm::boot::BootError;
+use carve_vmm::memory::MemoryError;
+use carve_vmm::{
+    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmOutcome, VmStopper,
+    VsockConfig,
+};
+
+use crate::args::{check_memory, CpuRequest};
+use crate::console::{Chunk, Console};
+use crate::error::{code, Failure, Result};
+use crate::heartbeat::{self, HeartbeatListener};
+use crate::ids;
+use crate::pool::{Pool, Topology};
+use crate::protocol::{receive, send, EnclaveState, LaunchEvent, LaunchRequest, Reply, Request, RunInfo};
+use crate::run_dir::{self, Claim, Record, RunDir};
+
+/// The lowest CID carve hands out when asked to choose one.
+const FIRST_AUTO_CID: u64 = 16;
+
+/// Runs an enclave process: the launch request on stdin, launch events on stdout (which is
+/// then let go, so the CLI sees its end), logs on stderr. Returns the process status.
+pub fn main() -> i32 {
+    let _ = rustix::process::setsid();
+    let mut events = std::io::stdout();
+    let request: LaunchRequest = match receive(&mut BufReader::new(std::io::stdin())) {
+        Ok(Some(request)) => request,
+        other => {
+            let failure =
+                Failure::new(code::SERDE, format!("no launch request on standard input: {other:?}"));
+            let _ = send(&mut events, &LaunchEvent::Failed(failure));
+            return 1;
+        }
+    };
+    let notify = |text: &str| {
+        let _ = send(&mut std::io::stdout(), &LaunchEvent::Notice(text.to_string()));
+    };
+    let enclave = match launch(request, &notify) {
+        Ok(enclave) => enclave,
+        Err(failure) => {
+            log::error!("launch failed: [ E{:02} ] {}", failure.code, failure.message);
+            let _ = send(&mut events, &LaunchEvent::Failed(failure));
+            return 1;
+        }
+    };
+    let _ = send(&mut events, &LaunchEvent::Started(enclave.state.run.clone()));
+    // Standard output goes to /dev/null so the launching CLI reads its end and returns.
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdout(&null);
+    }
+    enclave.serve();
+    0
+}
+
+/// A booted enclave and what it holds. Field order is drop order: sockets, then the claim.
+struct Enclave {
+    state: EnclaveState,
+    vm: JoinHandle<std::result::Result<VmOutcome, VmError>>,
+    stopper: VmStopper,
+    console: Console,
+    control: UnixListener,
+    control_path: PathBuf,
+    vsock_path: PathBuf,
+    uid: u32,
+    _claim: Claim,
+}
+
+/// The enclave's end, for `wait` and terminate replies.
+#[derive(Default)]
+struct Ending {
+    reason: Mutex<Option<String>>,
+    ended: Condvar,
+}
+
+impl Ending {
+    fn wait(&self) -> String {
+        let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        let reason = self.ended.wait_while(reason, |r| r.is_none()).unwrap_or_else(PoisonError::into_inner);
+        reason.clone().unwrap_or_default()
+    }
+
+    fn set(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        self.ended.notify_all();
+    }
+}
+
+fn launch(request: LaunchRequest, notify: &dyn Fn(&str)) -> Result<Enclave> {
+    let args = &request.args;
+    let run_dir = RunDir::open()?;
+    let pool = read_pool(&run_dir)?;
+    let (image, image_name) = open_image(&request)?;
+    let image_size = image.metadata().map_err(|e| Failure::file(&image_path(&image), "read", e))?.len();
+    check_memory(args.memory_mib, image_size)?;
+    let summary = carve_eif::read(&image, Some(image_size), &mut carve_eif::reader::Discard)
+        .map_err(|e| Failure::new(code::EIF_PARSING, format!("{image_name}: {e}")))?;
+    if summary.signature_check() == Some(false) {
+        return Err(Failure::new(
+            code::SIGNATURE_CHECKER,
+            format!(
+                "{image_name}: the image's signature does not match its PCRs or its certificate is not valid"
+            ),
+        ));
+    }
+    if !summary.crc_ok() {
+        return Err(Failure::new(code::EIF_PARSING, format!("{image_name}: the image's CRC does not match")));
+    }
+    let uid = rustix::process::getuid().as_raw();
+
+    // Resources are chosen and claimed under the run directory's lock.
+    let lock = run_dir.lock()?;
+    let others = run_dir.live_records(&lock);
+    let cpus = choose_cpus(&request.cpus, &pool, &others)?;
+    let cid = choose_cid(args.enclave_cid, &others)?;
+    let slot = new_slot(&others);
+    let id = ids::enclave_id(slot);
+    let taken: Vec<String> = others.iter().map(|r| r.name.clone()).collect();
+    let name = ids::unique_name(
+        args.enclave_name.as_deref().unwrap_or(&ids::name_from_eif(&args.eif_path())),
+        &taken,
+    );
+    let record =
+        Record { slot, id: id.clone(), name, cid, uid, pid: std::process::id(), cpus: cpus.pinned.clone() };
+    let claim = run_dir.claim(&record, &lock)?;
+    let control_path = run_dir.control_socket(slot);
+    let control = UnixListener::bind(&control_path).map_err(|e| {
+        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
+    })?;
+    // Anyone may ask; the process itself decides who may terminate (nitro-cli's 0766).
+    let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o766));
+    let vsock_path = run_dir.vsock_socket(&id);
+    let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
+        .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e));
+    drop(lock);
+    let cleanup = SocketFiles(vec![control_path.clone(), vsock_path.clone()]);
+    let heartbeat = heartbeat?;
+
+    notify("Start allocating memory...");
+    let console = Console::new();
+    let ca = carve_nsm::pki::state_dir()
+        .and_then(|dir| carve_nsm::pki::CertificateAuthority::open(&dir))
+        .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot open carve's attestation CA: {e}")))?;
+    let config = VmConfig {
+        cmdline: String::new(),
+        memory_mib: args.memory_mib,
+        vcpus: cpus.count,
+        serial: if args.debug_mode {
+            SerialSink::Writer(Box::new(console.clone()))
+        } else {
+            SerialSink::None
+        },
+        vsock: Some(VsockConfig { cid, uds: vsock_path.clone() }),
+        nsm: Some(NsmConfig {
+            module_id: id.clone(),
+            parent: ParentIdentity::default(),
+            debug_mode: args.debug_mode,
+            ca,
+        }),
+        memory_backing: if pool.development { MemoryBacking::Anonymous } else { MemoryBacking::Hugepages },
+        vcpu_affinity: cpus.pinned.iter().map(|&c| c as usize).collect(),
+        ..VmConfig::new(KernelSpec::Eif(image_path(&image)))
+    };
+    let vm = Vm::build(config).map_err(vm_failure)?;
+    let memory_mib = vm.memory_size() >> 20;
+    let stopper = vm.stopper();
+    let vm = thread::Builder::new()
+        .name("carve-vm".into())
+        .spawn(move || vm.run())
+        .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot start the VM thread: {e}")))?;
+    drop(image);
+
+    let timeout = heartbeat::timeout(image_size, args.memory_mib);
+    if let Err(e) = heartbeat.wait(timeout, || vm.is_finished()) {
+        stopper.stop();
+        let ended = match vm.join() {
+            Ok(Ok(outcome)) => format!(" ({})", outcome.exit),
+            _ => String::new(),
+        };
+        return Err(Failure::new(
+            code::ENCLAVE_BOOT_FAILURE,
+            format!("Waiting on enclave to boot failed with error: {e}{ended}"),
+        ));
+    }
+    drop(heartbeat);
+    notify(&format!(
+        "Started enclave with enclave-cid: {cid}, memory: {memory_mib} MiB, cpu-ids: {:?}",
+        cpus.pinned
+    ));
+    std::mem::forget(cleanup);
+    log::info!("enclave {id} ({}) started: CID {cid}, {memory_mib} MiB, CPUs {:?}", record.name, cpus.pinned);
+    Ok(Enclave {
+        state: EnclaveState {
+            run: RunInfo {
+                name: record.name,
+                id,
+                pid: std::process::id(),
+                cid,
+                cpu_count: cpus.count as usize,
+                cpu_ids: cpus.pinned,
+                memory_mib,
+            },
+            state: "RUNNING".into(),
+            debug_mode: args.debug_mode,
+            development: pool.development,
+            measurements: summary.measurements.to_map(),
+            metadata: summary.metadata.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+        },
+        vm,
+        stopper,
+        console,
+        control,
+        control_path,
+        vsock_path,
+        uid,
+        _claim: claim,
+    })
+}
+
+/// Removes socket files if a launch fails after creating them.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn image_path(image: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", image.as_raw_fd()))
+}
+
+/// The image to boot: the file, or the built-in demo in an anonymous memory file (nothing to
+/// clean up, whatever happens).
+fn open_image(request: &LaunchRequest) -> Result<(File, String)> {
+    if request.demo {
+        let fd = rustix::fs::memfd_create("carve-demo.eif", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+        let mut file = File::from(fd);
+        file.write_all(carve_guest_images::DEMO_EIF)
+            .and_then(|()| file.rewind())
+            .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+        return Ok((file, "the demo enclave image".into()));
+    }
+    let path = request.args.eif_path();
+    let file = File::open(&path).map_err(|e| Failure::file(&path, "open", e))?;
+    Ok((file, path.display().to_string()))
+}
+
+fn read_pool(run_dir: &RunDir) -> Result<Pool> {
+    let path = run_dir.pool_file();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            Failure::new(code::SERDE, format!("the CPU pool file {} is not valid: {e}", path.display()))
+        }),
+        // No pool yet: like an empty ne_cpus.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Pool::default()),
+        Err(e) => Err(Failure::file(&path, "read", e)),
+    }
+}
+
+struct CpuChoice {
+    count: u32,
+    /// Host CPUs the vCPUs are pinned to, in vCPU order (empty in development mode).
+    pinned: Vec<u32>,
+}
+
+/// The driver's CPU rules, against the pool less what running enclaves own.
+fn choose_cpus(request: &CpuRequest, pool: &Pool, others: &[Record]) -> Result<CpuChoice> {
+    let pool_hint =
+        "; set the pool with `carve allocator` (cpu_count / cpu_pool in the allocator configuration)";
+    if let CpuRequest::Ids(ids) = request {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = ids.iter().find(|id| !seen.insert(**id)) {
+            return Err(Failure::new(
+                code::INVALID_CPU_CONFIGURATION,
+                format!("CPU {dup} was requested more than once"),
+            ));
+        }
+    }
+    let count = match request {
+        CpuRequest::Count(0) => {
+            return Err(Failure::new(code::INVALID_ARGUMENT, "`cpu-count` must be at least 1"));
+        }
+        CpuRequest::Ids(ids) if ids.is_empty() => {
+            return Err(Failure::new(code::MISSING_ARGUMENT, "`cpu-ids` needs at least one CPU"));
+        }
+        CpuRequest::Count(n) => *n,
+        CpuRequest::Ids(ids) => ids.len() as u32,
+    };
+    if pool.development {
+        return Ok(CpuChoice { count, pinned: Vec::new() });
+    }
+    let used: Vec<u32> = others.iter().flat_map(|r| r.cpus.iter().copied()).collect();
+    let free: Vec<u32> = pool.cpus.iter().copied().filter(|c| !used.contains(c)).collect();
+    let topology = Topology::host();
+    let pinned = match request {
+        CpuRequest::Ids(ids) => {
+            for id in ids {
+                if !pool.cpus.contains(id) {
+                    return Err(Failure::new(
+                        code::NO_SUCH_CPU_IN_POOL,
+                        format!("CPU {id} is not in the enclave CPU pool {:?}{pool_hint}", pool.cpus),
+                    ));
+                }
+                if used.contains(id) {
+                    return Err(Failure::new(
+                        code::IOCTL_FAILURE,
+                        format!("CPU {id} is already used by another enclave"),
+                    ));
+                }
+                if let Some(sibling) = topology.core_of(*id).into_iter().find(|s| !ids.contains(s)) {
+                    return Err(Failure::new(
+                        code::IOCTL_FAILURE,
+                        format!("Full CPU cores must be used: CPU {id}'s sibling {sibling} is not requested"),
+                    ));
+                }
+            }
+            ids.clone()
+        }
+        CpuRequest::Count(n) => {
+            let n = *n as usize;
+            if n > pool.cpus.len() {
+                return Err(Failure::new(
+                    code::INSUFFICIENT_CPUS,
+                    format!(
+                        "Insufficient CPUs available in the pool. User provided `cpu-count` is {n}, which is more \
+                         than the configured CPU pool size ({}){pool_hint}",
+                        pool.cpus.len()
+                    ),
+                ));
+            }
+            // Whole cores first, as the driver fills them.
+            let mut chosen = Vec::new();
+            for &cpu in &free {
+                let core = topology.core_of(cpu);
+                if chosen.len() + core.len() <= n
+                    && !chosen.contains(&cpu)
+                    && core.iter().all(|c| free.contains(c))
+                {
+                    chosen.extend(core);
+                }
+            }
+            if chosen.len() < n {
+                return Err(Failure::new(
+                    code::INSUFFICIENT_CPUS,
+                    format!(
+                        "Insufficient CPUs available in the pool: {n} requested, {} of the pool's {} are free{pool_hint}",
+                        free.len(),
+                        pool.cpus.len()
+                    ),
+                ));
+            }
+            chosen
+        }
+    };
+    Ok(CpuChoice { count, pinned })
+}
+
+fn choose_cid(requested: Option<u64>, others: &[Record]) -> Result<u64> {
+    match requested {
+        Some(cid) if cid != 0 => {
+            crate::args::check_cid(cid)?;
+            match others.iter().find(|r| r.cid == cid) {
+                Some(other) => Err(Failure::new(
+                    code::INVALID_ARGUMENT,
+                    format!("CID {cid} is already used by enclave {}", other.id),
+                )),
+                None => Ok(cid),
+            }
+        }
+        _ => Ok((FIRST_AUTO_CID..).find(|cid| others.iter().all(|r| r.cid != *cid)).expect("a free CID")),
+    }
+}
+
+/// A fresh slot number (random, as Nitro's slot uids look), unused by running enclaves.
+fn new_slot(others: &[Record]) -> u64 {
+    loop {
+        let mut bytes = [0u8; 8];
+        let _ = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty());
+        let slot = u64::from_le_bytes(bytes) >> 1;
+        if slot != 0 && others.iter().all(|r| r.slot != slot) {
+            return slot;
+        }
+    }
+}
+
+fn vm_failure(error: VmError) -> Failure {
+    let code = match &error {
+        VmError::Memory(MemoryError::InsufficientHugepages { .. }) => code::INSUFFICIENT_MEMORY_AVAILABLE,
+        VmError::Memory(_) => code::INSUFFICIENT_MEMORY_AVAILABLE,
+        VmError::Boot(BootError::EifTooLarge { .. }) => code::MEMORY_OVERFLOW,
+        VmError::Boot(_) => code::EIF_PARSING,
+        VmError::KvmUnavailable { .. } => code::INVALID_ENCLAVE_FD,
+        _ => code::IOCTL_FAILURE,
+    };
+    Failure::new(code, error)
+}
+
+impl Enclave {
+    /// Answers the control socket until the enclave ends, then gives everything back.
+    fn serve(self) {
+        let ending = Arc::new(Ending::default());
+        let terminating = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(self.state);
+        let _ = self.control.set_nonblocking(true);
+        let mut clients: Vec<JoinHandle<()>> = Vec::new();
+        while !self.vm.is_finished() {
+            match self.control.accept() {
+                Ok((stream, _)) => {
+                    let session = Session {
+                        state: state.clone(),
+                        ending: ending.clone(),
+                        terminating: terminating.clone(),
+                        stopper: self.stopper.clone(),
+                        console: self.console.clone(),
+                        owner: self.uid,
+                    };
+                    if let Ok(handle) =
+                        thread::Builder::new().name("carve-client".into()).spawn(move || session.run(stream))
+                    {
+                        clients.push(handle);
+                    }
+                }
+                Err(_) => {
+                    let mut fds = [rustix::event::PollFd::new(&self.control, rustix::event::PollFlags::IN)];
+                    let slice = rustix::event::Timespec { tv_sec: 0, tv_nsec: 50_000_000 };
+                    let _ = rustix::event::poll(&mut fds, Some(&slice));
+                }
+            }
+            clients.retain(|c| !c.is_finished());
+        }
+        let reason = match self.vm.join() {
+            Ok(Ok(outcome)) => outcome.exit.to_string(),
+            Ok(Err(e)) => format!("carve failed: {e}"),
+            Err(_) => "carve's VM thread panicked".into(),
+        };
+        log::info!("enclave {} ended: {reason}", state.run.id);
+        self.console.close();
+        // Give back before anyone hears the enclave ended: memory went with the VM; now the
+        // sockets and the claim on CPUs and slot.
+        drop(self.control);
+        let _ = std::fs::remove_file(&self.control_path);
+        let _ = std::fs::remove_file(&self.vsock_path);
+        drop(self._claim);
+        ending.set(reason);
+        for client in clients {
+            let _ = client.join();
+        }
+    }
+}
+
+/// One connection on the control socket.
+struct Session {
+    state: Arc<EnclaveState>,
+    ending: Arc<Ending>,
+    terminating: Arc<AtomicBool>,
+    stopper: VmStopper,
+    console: Console,
+    owner: u32,
+}
+
+impl Session {
+    fn run(self, mut stream: UnixStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = match receive::<Request>(&mut BufReader::new(&stream)) {
+            Ok(Some(request)) => request,
+            _ => return,
+        };
+        let reply = match request {
+            Request::Describe => {
+                let mut state = (*self.state).clone();
+                if self.terminating.load(Ordering::Acquire) {
+                    state.state = "TERMINATING".into();
+                }
+                Reply::Described(Box::new(state))
+            }
+            Request::Terminate => {
+                let peer = rustix::net::sockopt::socket_peercred(&stream).map(|c| c.uid.as_raw());
+                match peer {
+                    Ok(uid) if uid == 0 || uid == self.owner => {
+                        self.terminating.store(true, Ordering::Release);
+                        self.stopper.stop();
+                        self.ending.wait();
+                        Reply::Done
+                    }
+                    _ => Reply::Failed(Failure::new(
+                        code::COMMAND_NOT_EXECUTED,
+                        format!(
+                            "only the user who launched enclave {} (uid {}) or root may terminate it",
+                            self.state.run.id, self.owner
+                        ),
+                    )),
+                }
+            }
+            Request::Wait => Reply::Ended(self.ending.wait()),
+            Request::Console if !self.state.debug_mode => Reply::Failed(Failure::new(
+                code::CONSOLE_CONNECTION,
+                "The enclave was not started with the debug flag set, so its console cannot be attached",
+            )),
+            Request::Console => {
+                if send(&mut stream, &Reply::Done).is_ok() {
+                    self.stream_console(&mut stream);
+                }
+                return;
+            }
+        };
+        let _ = send(&mut stream, &reply);
+    }
+
+    fn stream_console(&self, stream: &mut UnixStream) {
+        let mut at = self.console.oldest();
+        loop {
+            match self.console.read(at, Duration::from_millis(200)) {
+                Chunk::Data(data, next) => {
+                    if stream.write_all(&data).is_err() {
+                        return;
+                    }
+                    at = next;
+                }
+                Chunk::Idle => {}
+                Chunk::Closed => return,
+            }
+        }
+    }
+}
