@@ -1,0 +1,628 @@
+//! The enclave lifecycle end to end on /dev/kvm: run-enclave / describe-enclaves / console /
+//! terminate-enclave / wait, the CPU pool and hugepages, the heartbeat, recovery after an
+//! enclave process is killed, nitro-cli's E-codes, and leak-free launch/terminate cycles.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{fresh_dir, guest, kvm_usable, stderr, stdout, Format};
+use serde_json::Value;
+
+/// One isolated carve host: its own run and state directories.
+struct Host {
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Host {
+    fn new(name: &str) -> Host {
+        let root = fresh_dir(&format!("enclaves-{name}"));
+        Host { run_dir: root.join("run"), state_dir: root.join("state") }
+    }
+
+    fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(program);
+        command.args(args).env("CARVE_RUN_DIR", &self.run_dir).env("CARVE_STATE_DIR", &self.state_dir);
+        command
+    }
+
+    fn carve(&self, args: &[&str]) -> Output {
+        self.command(Path::new(env!("CARGO_BIN_EXE_carve")), args).output().expect("carve runs")
+    }
+
+    fn development(&self) {
+        let config = self.run_dir.with_file_name("dev.yaml");
+        std::fs::write(&config, "development: true\n").unwrap();
+        let out = self.carve(&["allocator", "--config", config.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    /// run-enclave; returns its JSON.
+    fn run(&self, args: &[&str]) -> Value {
+        let mut all = vec!["run-enclave"];
+        all.extend_from_slice(args);
+        let out = self.carve(&all);
+        assert!(out.status.success(), "run-enclave {args:?}: {}{}", stdout(&out), stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn describe(&self) -> Vec<Value> {
+        let out = self.carve(&["describe-enclaves"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+    }
+
+    fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.run_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Waits until no enclave is listed (an enclave that ended on its own).
+    fn wait_until_empty(&self) {
+        let deadline = Instant::now() + common::TIMEOUT;
+        while !self.describe().is_empty() {
+            assert!(Instant::now() < deadline, "the enclave did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.carve(&["terminate-enclave", "--all"]);
+    }
+}
+
+fn status(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// Asserts a nitro-cli failure: `[ Exx ]` first on stderr, exit status xx.
+fn assert_fails(out: &Output, code: i32, says: &str) {
+    let err = stderr(out);
+    assert_eq!(status(out), code, "expected E{code:02}: {err}");
+    assert!(err.contains(&format!("[ E{code:02} ]")) && err.contains(says), "{err}");
+}
+
+/// The keys of a JSON object in the order the text has them.
+fn key_order(json: &str) -> Vec<String> {
+    json.lines()
+        .filter(|l| l.starts_with("  \"") || l.starts_with("    \""))
+        .filter(|l| !l.trim_start().starts_with("\"PCR") && !l.trim_start().starts_with("\"HashAlgorithm"))
+        .map(|l| l.trim().split('"').nth(1).unwrap().to_string())
+        .collect()
+}
+
+fn talk(vsock: &Path, port: u32, send: &[u8]) -> Vec<u8> {
+    let mut stream = UnixStream::connect(vsock).unwrap();
+    stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while byte[0] != b'\n' {
+        stream.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    assert!(line.starts_with(b"OK "), "{}", String::from_utf8_lossy(&line));
+    stream.write_all(send).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+#[test]
+fn launch_describe_console_terminate_in_development_mode() {
+    if !kvm_usable("launch_describe_console_terminate_in_development_mode") {
+        return;
+    }
+    let host = Host::new("lifecycle");
+    host.development();
+    let out = host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64", "--debug-mode"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "Start allocating memory...\nStarted enclave with enclave-cid: 16, memory: 64 MiB, cpu-ids: []\n"
+    );
+    let text = stdout(&out);
+    assert_eq!(
+        key_order(&text),
+        ["EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB"]
+    );
+    let first: Value = serde_json::from_str(&text).unwrap();
+    let id = first["EnclaveID"].as_str().unwrap().to_string();
+    assert!(id.starts_with("i-") && id.contains("-enc"), "{id}");
+    assert_eq!(first["EnclaveName"], "demo");
+    assert_eq!(first["MemoryMiB"], 64);
+
+    // A second enclave: same image, so its name is de-duplicated; its own CID.
+    let second = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
+    assert_eq!(second["EnclaveName"], "demo_1");
+    assert_eq!(second["EnclaveCID"], 17);
+
+    let out = host.carve(&["describe-enclaves"]);
+    let described: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(described.len(), 2);
+    let first_text = stdout(&out);
+    assert_eq!(
+        key_order(&first_text)[..12],
+        [
+            "EnclaveName",
+            "EnclaveID",
+            "ProcessID",
+            "EnclaveCID",
+            "NumberOfCPUs",
+            "CPUIDs",
+            "MemoryMiB",
+            "State",
+            "Flags",
+            "Measurements",
+            "DevelopmentMode",
+            "EnclaveName"
+        ]
+    );
+    let mine = described.iter().find(|d| d["EnclaveID"] == id.as_str()).unwrap();
+    assert_eq!(mine["State"], "RUNNING");
+    assert_eq!(mine["Flags"], "DEBUG_MODE");
+    assert_eq!(mine["ProcessID"], first["ProcessID"]);
+    let built = host.carve(&[
+        "build-enclave",
+        "--demo",
+        "--output-file",
+        host.run_dir.join("demo.eif").to_str().unwrap(),
+    ]);
+    let built: Value = serde_json::from_slice(&built.stdout).unwrap();
+    assert_eq!(mine["Measurements"], built["Measurements"]);
+    std::fs::remove_file(host.run_dir.join("demo.eif")).unwrap();
+    let other = described.iter().find(|d| d["EnclaveName"] == "demo_1").unwrap();
+    assert_eq!(other["Flags"], "NONE");
+
+    // The console replays what the enclave printed, including its heartbeat.
+    let out = host.carve(&["console", "--enclave-id", &id, "--disconnect-timeout", "1"]);
+    let console = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(console.starts_with(
+        "Connecting to the console for enclave 16...\nSuccessfully connected to the console.\n"
+    ));
+    assert!(console.contains("Hello from the carve demo guest!"), "{console}");
+    assert!(console.contains("heartbeat:     acknowledged by the parent"), "{console}");
+    assert_fails(&host.carve(&["console", "--enclave-name", "demo_1"]), 44, "debug flag");
+
+    // The parent reaches the enclave over its vsock socket.
+    let vsock = host.run_dir.join(format!("{id}.vsock"));
+    assert_eq!(talk(&vsock, 5005, b"through the enclave"), b"through the enclave");
+
+    // `wait` returns when the enclave ends; terminate says so as nitro-cli does.
+    let waiter = {
+        let mut command =
+            host.command(Path::new(env!("CARGO_BIN_EXE_carve")), &["wait", "--enclave-name", "demo"]);
+        command.stdout(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let out = host.carve(&["terminate-enclave", "--enclave-id", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), format!("Successfully terminated enclave {id}.\n"));
+    let terminated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(terminated, serde_json::json!({"EnclaveName": "demo", "EnclaveID": id, "Terminated": true}));
+    let waited = waiter.wait_with_output().unwrap();
+    assert_eq!(stdout(&waited), format!("Enclave {id} ended: terminated on request\n"));
+
+    // The other enclave stops itself when told (port 5007): its process cleans up alone.
+    let other_id = other["EnclaveID"].as_str().unwrap();
+    talk(&host.run_dir.join(format!("{other_id}.vsock")), 5007, b"");
+    host.wait_until_empty();
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+}
+
+fn build_eif(host: &Host, guest_name: &str, cmdline: &str) -> PathBuf {
+    let ramdisk = host.run_dir.with_file_name("empty.cpio");
+    std::fs::write(&ramdisk, b"").unwrap();
+    let eif = host.run_dir.with_file_name(format!("{guest_name}.eif"));
+    let out = host.carve(&[
+        "build-enclave",
+        "--kernel",
+        guest(guest_name, Format::BzImage).to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--ramdisk",
+        ramdisk.to_str().unwrap(),
+        "--output-file",
+        eif.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eif
+}
+
+#[test]
+fn no_heartbeat_is_e36_and_nothing_is_left() {
+    if !kvm_usable("no_heartbeat_is_e36_and_nothing_is_left") {
+        return;
+    }
+    let host = Host::new("heartbeat");
+    host.development();
+    let hang = build_eif(&host, "exit", "console=ttyS0 mode=hang");
+    let started = Instant::now();
+    let out = host
+        .command(
+            Path::new(env!("CARGO_BIN_EXE_carve")),
+            &["run-enclave", "--eif-path", hang.to_str().unwrap(), "--cpu-count", "1", "--memory", "64"],
+        )
+        .env("CARVE_HEARTBEAT_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    assert_fails(&out, 36, "no heartbeat within 2s");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(host.describe().is_empty());
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+
+    // An image that crashes at once fails as soon as it stops, not at the timeout.
+    let crash = build_eif(&host, "exit", "console=ttyS0 mode=triple");
+    let started = Instant::now();
+    let out = host.carve(&[
+        "run-enclave",
+        "--eif-path",
+        crash.to_str().unwrap(),
+        "--cpu-count",
+        "1",
+        "--memory",
+        "64",
+    ]);
+    assert_fails(&out, 36, "stopped before it sent its heartbeat");
+    assert!(stderr(&out).contains("triple-faulted"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+}
+
+#[test]
+fn a_killed_enclave_process_leaves_nothing_that_breaks_the_next_command() {
+    if !kvm_usable("a_killed_enclave_process_leaves_nothing_that_breaks_the_next_command") {
+        return;
+    }
+    let host = Host::new("sigkill");
+    host.development();
+    let first = host.run(&["--demo", "--cpu-count", "1", "--memory", "64", "--enclave-cid", "20"]);
+    let pid = first["ProcessID"].as_i64().unwrap().to_string();
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + common::TIMEOUT;
+    while Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(host.describe().is_empty(), "a dead enclave is not listed");
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"], "its files are cleaned");
+    // Its name and CID are free again.
+    let again = host.run(&["--demo", "--cpu-count", "1", "--memory", "64", "--enclave-cid", "20"]);
+    assert_eq!(again["EnclaveName"], "demo");
+    assert_eq!(again["EnclaveCID"], 20);
+}
+
+#[test]
+fn bad_input_gets_nitro_cli_codes() {
+    let host = Host::new("bad-input");
+    let run = |args: &[&str]| {
+        let mut all = vec!["run-enclave"];
+        all.extend_from_slice(args);
+        host.carve(&all)
+    };
+    let eif = host.run_dir.with_file_name("missing.eif");
+    let eif = eif.to_str().unwrap();
+    assert_fails(
+        &run(&["--eif-path", eif, "--cpu-count", "1", "--memory", "64Q"]),
+        3,
+        "valid size indicator",
+    );
+    assert_fails(
+        &run(&["--eif-path", eif, "--cpu-count", "1", "--memory", "lots"]),
+        3,
+        "does not contain a number",
+    );
+    assert_fails(
+        &run(&["--eif-path", eif, "--cpu-count", "one", "--memory", "64"]),
+        3,
+        "`cpu-count` is not a number",
+    );
+    assert_fails(
+        &run(&["--eif-path", eif, "--cpu-ids", "1", "x", "--memory", "64"]),
+        3,
+        "`cpu-id` is not a number",
+    );
+    for (cid, says) in [
+        ("1", "well-known"),
+        ("2", "well-known"),
+        ("3", "parent VM"),
+        ("4294967295", "well-known"),
+        ("4294967296", "u32 max"),
+    ] {
+        assert_fails(
+            &run(&["--eif-path", eif, "--cpu-count", "1", "--memory", "64", "--enclave-cid", cid]),
+            3,
+            says,
+        );
+    }
+    assert_fails(
+        &run(&["--eif-path", eif, "--cpu-count", "1", "--memory", "64", "--enclave-cid", "x"]),
+        3,
+        "not a number",
+    );
+    // A usage error as clap reports it: exactly one CPU choice.
+    assert_eq!(status(&run(&["--eif-path", eif, "--memory", "64"])), 2);
+    assert_eq!(status(&run(&["--eif-path", eif, "--cpu-count", "1", "--cpu-ids", "1", "--memory", "64"])), 2);
+
+    let config = host.run_dir.with_file_name("config.json");
+    let with_config = |json: &str| {
+        std::fs::write(&config, json).unwrap();
+        run(&["--config", config.to_str().unwrap()])
+    };
+    assert_fails(&with_config("{not json"), 17, "Invalid JSON format");
+    assert_fails(&with_config(r#"{"eif_path": "x.eif", "memory_mib": 64}"#), 1, "Missing both");
+    assert_fails(
+        &with_config(r#"{"eif_path": "x.eif", "memory_mib": 64, "cpu_count": 1, "cpu_ids": [1]}"#),
+        2,
+        "cannot be used together",
+    );
+    assert_fails(&run(&["--config", "/nonexistent/config.json"]), 19, "/nonexistent/config.json");
+    assert_eq!(
+        status(&run(&["--config", config.to_str().unwrap(), "--memory", "64"])),
+        2,
+        "config excludes flags"
+    );
+
+    // The image: missing → E19; garbage → E35; too big for the memory → E26.
+    assert_fails(&run(&["--eif-path", eif, "--cpu-count", "1", "--memory", "64"]), 19, "missing.eif");
+    let garbage = host.run_dir.with_file_name("garbage.eif");
+    std::fs::write(&garbage, common::bytes(4096, 1)).unwrap();
+    let garbage = garbage.to_str().unwrap();
+    assert_fails(&run(&["--eif-path", garbage, "--cpu-count", "1", "--memory", "64"]), 35, "not an EIF");
+    assert_fails(
+        &run(&["--eif-path", garbage, "--cpu-count", "1", "--memory", "32"]),
+        26,
+        "minimum memory should be 64 MB",
+    );
+    assert_fails(
+        &run(&["--eif-path", garbage, "--cpu-count", "1", "--memory", "0"]),
+        26,
+        "greater than 0 MB",
+    );
+    let big = host.run_dir.with_file_name("big.eif");
+    std::fs::File::create(&big).unwrap().set_len(30 << 20).unwrap();
+    assert_fails(
+        &run(&["--eif-path", big.to_str().unwrap(), "--cpu-count", "1", "--memory", "100"]),
+        26,
+        "minimum memory should be 120 MB",
+    );
+
+    // No pool yet: CPUs cannot be had.
+    assert_fails(&run(&["--demo", "--cpu-count", "1", "--memory", "64"]), 22, "carve allocator");
+    assert_fails(&run(&["--demo", "--cpu-ids", "1", "--memory", "64"]), 21, "not in the enclave CPU pool");
+    assert_fails(&run(&["--demo", "--cpu-ids", "1", "1", "--memory", "64"]), 20, "more than once");
+
+    // Naming enclaves that do not exist.
+    assert_fails(&host.carve(&["terminate-enclave", "--enclave-name", "nobody"]), 58, "nobody");
+    assert_fails(
+        &host.carve(&["terminate-enclave", "--enclave-id", "i-0000000000000000-enc1234"]),
+        39,
+        "No enclave with ID",
+    );
+    assert_fails(&host.carve(&["console", "--enclave-id", "bogus"]), 3, "not an enclave ID");
+    assert_eq!(status(&host.carve(&["terminate-enclave"])), 2);
+    assert_eq!(status(&host.carve(&["console", "--enclave-id", "a", "--enclave-name", "b"])), 2);
+    let out = host.carve(&["terminate-enclave", "--all"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).trim(), "[]");
+    assert_eq!(stdout(&host.carve(&["describe-enclaves"])).trim(), "[]");
+    assert_eq!(host.files(), ["carve.lock", "enclaves.log"]);
+
+    // The allocator's own statuses (nitro-cli's allocator script).
+    let yaml = host.run_dir.with_file_name("allocator.yaml");
+    std::fs::write(&yaml, "---\nmemory_mib: 64\ncpu_pool: 0\n").unwrap();
+    let out = host.carve(&["allocator", "--config", yaml.to_str().unwrap()]);
+    assert_eq!(status(&out), 200, "{}", stderr(&out));
+    assert!(stderr(&out).contains("CPU 0"), "{}", stderr(&out));
+    std::fs::write(&yaml, "---\nmemory_mib: 64\n").unwrap();
+    assert_eq!(status(&host.carve(&["allocator", "--config", yaml.to_str().unwrap()])), 200);
+    let out = host.carve(&["allocator", "--config", "/nonexistent.yaml"]);
+    assert_eq!(status(&out), 1);
+    assert!(stderr(&out).contains("/nonexistent.yaml"));
+}
+
+#[test]
+fn invoked_as_nitro_cli_it_answers_as_nitro_cli() {
+    let host = Host::new("nitro-cli");
+    std::fs::create_dir_all(&host.run_dir).unwrap();
+    let link = host.run_dir.with_file_name("nitro-cli");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_carve"), &link).unwrap();
+    let out = host.command(&link, &["--version"]).output().unwrap();
+    assert_eq!(stdout(&out), "Nitro CLI 1.5.0\n");
+    let out = host.command(&link, &["describe-enclaves"]).output().unwrap();
+    assert_eq!(stdout(&out).trim(), "[]");
+    let out = host.command(&link, &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Usage: nitro-cli"), "{}", stderr(&out));
+    let out = host
+        .command(&link, &["run-enclave", "--eif-path", "x", "--cpu-count", "1", "--memory", "9X"])
+        .output()
+        .unwrap();
+    assert_fails(&out, 3, "size indicator");
+}
+
+/// Hugepage counts on node 0 as the test found them, written back however the test ends.
+struct HugepageGuard {
+    host_counts: Vec<(PathBuf, String)>,
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+const NODE0_2M: &str = "/sys/devices/system/node/node0/hugepages/hugepages-2048kB";
+
+impl HugepageGuard {
+    fn new(host: &Host) -> HugepageGuard {
+        let host_counts = ["hugepages-2048kB", "hugepages-1048576kB"]
+            .iter()
+            .map(|size| {
+                PathBuf::from(format!("/sys/devices/system/node/node0/hugepages/{size}/nr_hugepages"))
+            })
+            .filter_map(|path| std::fs::read_to_string(&path).ok().map(|count| (path, count)))
+            .collect();
+        HugepageGuard { host_counts, run_dir: host.run_dir.clone(), state_dir: host.state_dir.clone() }
+    }
+}
+
+impl Drop for HugepageGuard {
+    fn drop(&mut self) {
+        let host = Host { run_dir: self.run_dir.clone(), state_dir: self.state_dir.clone() };
+        let _ = host.carve(&["terminate-enclave", "--all"]);
+        let _ = host.carve(&["allocator", "--clear"]);
+        for (path, count) in &self.host_counts {
+            let _ = std::fs::write(path, count.trim());
+        }
+        std::mem::forget(host);
+    }
+}
+
+fn free_2m_pages() -> u64 {
+    std::fs::read_to_string(format!("{NODE0_2M}/free_hugepages")).unwrap().trim().parse().unwrap()
+}
+
+fn vcpu_affinity(pid: &str) -> Vec<String> {
+    let mut affinities = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("carve-vcpu") {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+            affinities.push(line.split_whitespace().nth(1).unwrap().to_string());
+        }
+    }
+    affinities
+}
+
+/// (open fds, threads) of a process once the boot's short-lived connections have closed: the
+/// value `expected` once it shows, else what it is after a second.
+fn settled_shape(pid: &str, expected: Option<(usize, usize)>) -> (usize, usize) {
+    let shape = || (count_entries(&format!("/proc/{pid}/fd")), count_entries(&format!("/proc/{pid}/task")));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut now = shape();
+    while Instant::now() < deadline && Some(now) != expected {
+        std::thread::sleep(Duration::from_millis(20));
+        now = shape();
+    }
+    now
+}
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
+    if !kvm_usable("pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles") {
+        return;
+    }
+    if !rustix_is_root()
+        || !Path::new(NODE0_2M).exists()
+        || !Path::new("/sys/devices/system/cpu/cpu1").exists()
+    {
+        eprintln!("SKIPPED pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles: needs root, 2 MiB hugepages and a CPU 1");
+        return;
+    }
+    let host = Host::new("pool");
+    let _guard = HugepageGuard::new(&host);
+    let yaml = host.run_dir.with_file_name("allocator.yaml");
+    std::fs::write(&yaml, "---\n# nitro-cli's format\nmemory_mib: 128\ncpu_pool: 1\n").unwrap();
+    let out = host.carve(&["allocator", "--config", yaml.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(format!("{NODE0_2M}/nr_hugepages")).unwrap().trim(), "64");
+    let free = free_2m_pages();
+    assert!(free >= 64, "{free}");
+
+    let enclave = host.run(&["--demo", "--cpu-ids", "1", "--memory", "64"]);
+    assert_eq!(enclave["CPUIDs"], serde_json::json!([1]));
+    assert_eq!(enclave["MemoryMiB"], 64);
+    let pid = enclave["ProcessID"].to_string();
+    assert_eq!(vcpu_affinity(&pid), ["1"], "the vCPU thread runs on its pool CPU only");
+    // Requests and vsock sessions leave no fds or threads behind in the enclave process.
+    let baseline = settled_shape(&pid, None);
+    let vsock = host.run_dir.join(format!("{}.vsock", enclave["EnclaveID"].as_str().unwrap()));
+    for _ in 0..20 {
+        assert_eq!(host.describe().len(), 1);
+        assert_eq!(talk(&vsock, 5005, b"ping"), b"ping");
+    }
+    assert_fails(&host.carve(&["console", "--enclave-name", "demo"]), 44, "debug flag");
+    assert_eq!(
+        settled_shape(&pid, Some(baseline)),
+        baseline,
+        "(fds, threads) after 20 requests and sessions"
+    );
+    assert_eq!(free_2m_pages(), free - 32, "guest memory is 32 hugepages");
+    assert!(!host.describe()[0].as_object().unwrap().contains_key("DevelopmentMode"));
+
+    // CPU 1 is taken: no second enclave; the pool cannot change under a running enclave.
+    assert_fails(
+        &host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64"]),
+        22,
+        "0 of the pool's 1 are free",
+    );
+    let out = host.carve(&["allocator", "--config", yaml.to_str().unwrap()]);
+    assert_eq!(status(&out), 1);
+    assert!(stderr(&out).contains("running"), "{}", stderr(&out));
+
+    let out = host.carve(&["terminate-enclave", "--enclave-name", "demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(free_2m_pages(), free, "terminate gives the hugepages back");
+
+    // More memory than the reservation: E27, and nothing half-started survives.
+    let out = host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "256"]);
+    assert_fails(&out, 27, "hugepages");
+    assert_eq!(free_2m_pages(), free);
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+
+    // A hundred launch/terminate cycles: every enclave process gone, its pages and files back,
+    // and the last enclave process no bigger (fds, threads) than the first.
+    let mut first_shape = None;
+    let mut pids = Vec::new();
+    for cycle in 0..100 {
+        let enclave = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
+        let pid = enclave["ProcessID"].to_string();
+        match first_shape {
+            None => first_shape = Some(settled_shape(&pid, None)),
+            Some(first) => {
+                assert_eq!(
+                    settled_shape(&pid, Some(first)),
+                    first,
+                    "cycle {cycle}: (fds, threads) of the enclave process"
+                )
+            }
+        }
+        let out = host.carve(&["terminate-enclave", "--all"]);
+        assert!(out.status.success(), "cycle {cycle}: {}", stderr(&out));
+        pids.push(pid);
+    }
+    assert_eq!(free_2m_pages(), free, "no hugepage leaked");
+    assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in &pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.contains(") Z "), "enclave process {pid} still runs: {stat}");
+    }
+
+    let out = host.carve(&["allocator", "--clear"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(host.files(), ["carve.lock", "enclaves.log"]);
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
