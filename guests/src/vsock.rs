@@ -142,6 +142,10 @@ impl Vsock {
         }
     }
 
+    pub fn is_listening(&self, port: u32) -> bool {
+        port != 0 && self.listening.contains(&port)
+    }
+
     pub fn state(&self, conn: ConnId) -> State {
         self.conns[conn].state
     }
@@ -494,6 +498,12 @@ pub fn serve(
     loop {
         let mut accepted = [false; MAX_CONNECTIONS];
         vsock.poll(|Event::Accepted(conn)| accepted[conn] = true);
+        // Connections accepted while someone else polled (say, during the heartbeat).
+        for conn in 0..MAX_CONNECTIONS {
+            if !open[conn] && vsock.state(conn) == State::Established && vsock.is_listening(vsock.local_port(conn)) {
+                accepted[conn] = true;
+            }
+        }
         for conn in (0..MAX_CONNECTIONS).filter(|&conn| accepted[conn]) {
             if stop(vsock, conn) {
                 return sessions;

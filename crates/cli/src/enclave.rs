@@ -296,7 +296,7 @@ pub fn wait(args: WaitArgs) -> Result<(), NitroError> {
 }
 
 pub fn enclave_process() -> ExitCode {
-    ExitCode::from(carve_enclave::process::main() as u8)
+    ExitCode::from(carve_enclave::process::main(carve_guest_images::DEMO_EIF) as u8)
 }
 
 pub fn allocator(args: AllocatorArgs) -> ExitCode {

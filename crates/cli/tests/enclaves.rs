@@ -531,7 +531,7 @@ fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
     if !kvm_usable("pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles") {
         return;
     }
-    if !rustix_is_root()
+    if !rustix::process::geteuid().is_root()
         || !Path::new(NODE0_2M).exists()
         || !Path::new("/sys/devices/system/cpu/cpu1").exists()
     {
@@ -621,8 +621,4 @@ fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
     let out = host.carve(&["allocator", "--clear"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(host.files(), ["carve.lock", "enclaves.log"]);
-}
-
-fn rustix_is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }

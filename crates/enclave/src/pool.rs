@@ -134,7 +134,11 @@ impl Topology {
     }
 }
 
-/// A Linux cpu-list: `2,3,6-9`, lines allowed. Malformed → E23; a backwards range → E24.
+/// Linux's largest possible CPU id (NR_CPUS is at most 8192).
+const MAX_CPU_ID: u32 = 8191;
+
+/// A Linux cpu-list: `2,3,6-9`, lines allowed. Malformed → E23; a backwards range or an id
+/// beyond Linux's largest → E24.
 pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
     let mut cpus = BTreeSet::new();
     for part in text.split([',', '\n']).map(str::trim).filter(|p| !p.is_empty()) {
@@ -155,11 +159,14 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
                         format!("the CPU range {part} runs backwards"),
                     ));
                 }
-                cpus.extend(first..=last);
+                cpus.extend(first..=last.min(MAX_CPU_ID + 1));
             }
             None => {
                 cpus.insert(number(part)?);
             }
+        }
+        if cpus.last().is_some_and(|&cpu| cpu > MAX_CPU_ID) {
+            return Err(Failure::new(code::CPU_ERROR, format!("{part}: CPU ids end at {MAX_CPU_ID}")));
         }
     }
     Ok(cpus.into_iter().collect())
@@ -316,6 +323,8 @@ mod tests {
         assert_eq!(parse_cpu_list("").unwrap(), Vec::<u32>::new());
         assert_eq!(parse_cpu_list("1,x").unwrap_err().code, code::MALFORMED_CPU_ID);
         assert_eq!(parse_cpu_list("5-2").unwrap_err().code, code::CPU_ERROR);
+        assert_eq!(parse_cpu_list("0-4294967295").unwrap_err().code, code::CPU_ERROR);
+        assert_eq!(parse_cpu_list("8192").unwrap_err().code, code::CPU_ERROR);
     }
 
     /// A fake sysfs: `cores` lists each core's CPUs, `nodes` each node's CPUs.

@@ -35,8 +35,9 @@ use crate::run_dir::{self, Claim, Record, RunDir};
 const FIRST_AUTO_CID: u64 = 16;
 
 /// Runs an enclave process: the launch request on stdin, launch events on stdout (which is
-/// then let go, so the CLI sees its end), logs on stderr. Returns the process status.
-pub fn main() -> i32 {
+/// then let go, so the CLI sees its end), logs on stderr. `demo_image` is the EIF that
+/// `--demo` boots. Returns the process status.
+pub fn main(demo_image: &'static [u8]) -> i32 {
     let _ = rustix::process::setsid();
     let mut events = std::io::stdout();
     let request: LaunchRequest = match receive(&mut BufReader::new(std::io::stdin())) {
@@ -51,7 +52,7 @@ pub fn main() -> i32 {
     let notify = |text: &str| {
         let _ = send(&mut std::io::stdout(), &LaunchEvent::Notice(text.to_string()));
     };
-    let enclave = match launch(request, &notify) {
+    let enclave = match launch(request, demo_image, &notify) {
         Ok(enclave) => enclave,
         Err(failure) => {
             log::error!("launch failed: [ E{:02} ] {}", failure.code, failure.message);
@@ -101,11 +102,12 @@ impl Ending {
     }
 }
 
-fn launch(request: LaunchRequest, notify: &dyn Fn(&str)) -> Result<Enclave> {
+fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&str)) -> Result<Enclave> {
+    let started = std::time::Instant::now();
     let args = &request.args;
     let run_dir = RunDir::open()?;
     let pool = read_pool(&run_dir)?;
-    let (image, image_name) = open_image(&request)?;
+    let (image, image_name) = open_image(&request, demo_image)?;
     let image_size = image.metadata().map_err(|e| Failure::file(&image_path(&image), "read", e))?.len();
     check_memory(args.memory_mib, image_size)?;
     let summary = carve_eif::read(&image, Some(image_size), &mut carve_eif::reader::Discard)
@@ -177,6 +179,7 @@ fn launch(request: LaunchRequest, notify: &dyn Fn(&str)) -> Result<Enclave> {
         ..VmConfig::new(KernelSpec::Eif(image_path(&image)))
     };
     let vm = Vm::build(config).map_err(vm_failure)?;
+    let built = started.elapsed();
     let memory_mib = vm.memory_size() >> 20;
     let stopper = vm.stopper();
     let vm = thread::Builder::new()
@@ -203,7 +206,13 @@ fn launch(request: LaunchRequest, notify: &dyn Fn(&str)) -> Result<Enclave> {
         cpus.pinned
     ));
     std::mem::forget(cleanup);
-    log::info!("enclave {id} ({}) started: CID {cid}, {memory_mib} MiB, CPUs {:?}", record.name, cpus.pinned);
+    log::info!(
+        "enclave {id} ({}) started: CID {cid}, {memory_mib} MiB, CPUs {:?}; VM built in {built:.1?}, heartbeat \
+         after {:.1?}",
+        record.name,
+        cpus.pinned,
+        started.elapsed()
+    );
     Ok(Enclave {
         state: EnclaveState {
             run: RunInfo {
@@ -250,12 +259,12 @@ fn image_path(image: &File) -> PathBuf {
 
 /// The image to boot: the file, or the built-in demo in an anonymous memory file (nothing to
 /// clean up, whatever happens).
-fn open_image(request: &LaunchRequest) -> Result<(File, String)> {
+fn open_image(request: &LaunchRequest, demo_image: &[u8]) -> Result<(File, String)> {
     if request.demo {
         let fd = rustix::fs::memfd_create("carve-demo.eif", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
         let mut file = File::from(fd);
-        file.write_all(carve_guest_images::DEMO_EIF)
+        file.write_all(demo_image)
             .and_then(|()| file.rewind())
             .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
         return Ok((file, "the demo enclave image".into()));

@@ -41,16 +41,17 @@ fn main(boot: &BootInfo) -> ! {
         match Vsock::new(device, DMA + Nsm::dma_size()) {
             Ok(mut vsock) => {
                 let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64).map(|n| n as u32);
-                match heartbeat(&mut vsock) {
-                    Ok(()) => println!("  heartbeat:     acknowledged by the parent"),
-                    Err(e) => println!("  heartbeat:     none ({})", e),
-                }
                 println!("  vsock:         CID {}, echo on port {}, stop on port {}", vsock.cid, ECHO_PORT, SHUTDOWN_PORT);
                 vsock.listen(ECHO_PORT);
                 vsock.listen(SHUTDOWN_PORT);
                 if nsm.is_some() {
                     println!("  nsm:           attestation on port {}", ATTESTATION_PORT);
                     vsock.listen(ATTESTATION_PORT);
+                }
+                // Listening first: once the parent has the heartbeat, the services are up.
+                match heartbeat(&mut vsock) {
+                    Ok(()) => println!("  heartbeat:     acknowledged by the parent"),
+                    Err(e) => println!("  heartbeat:     none ({})", e),
                 }
                 let mut scratch = [0u8; MAX_PAYLOAD as usize];
                 let mut attestation = Attestation::new();
