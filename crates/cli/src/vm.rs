@@ -260,6 +260,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
     match &outcome.exit {
         VmExit::Crash(report) => eprintln!("carve: guest crashed: {}", report.explanation),
         VmExit::VmmFailure(message) => eprintln!("carve: error: {message}"),
+        VmExit::Halted => eprintln!("carve: {}; the VM is over", outcome.exit),
         _ => {}
     }
     ExitCode::from(outcome.exit.status() as u8)

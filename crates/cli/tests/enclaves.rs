@@ -548,7 +548,7 @@ fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
     let free = free_2m_pages();
     assert!(free >= 64, "{free}");
 
-    let enclave = host.run(&["--demo", "--cpu-ids", "1", "--memory", "64"]);
+    let enclave = host.run(&["--demo", "--cpu-ids", "1", "--memory", "64", "--debug-mode"]);
     assert_eq!(enclave["CPUIDs"], serde_json::json!([1]));
     assert_eq!(enclave["MemoryMiB"], 64);
     let pid = enclave["ProcessID"].to_string();
@@ -560,11 +560,14 @@ fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
         assert_eq!(host.describe().len(), 1);
         assert_eq!(talk(&vsock, 5005, b"ping"), b"ping");
     }
-    assert_fails(&host.carve(&["console", "--enclave-name", "demo"]), 44, "debug flag");
+    for _ in 0..3 {
+        let out = host.carve(&["console", "--enclave-name", "demo", "--disconnect-timeout", "1"]);
+        assert!(stdout(&out).contains("heartbeat:     acknowledged by the parent"), "{}", stderr(&out));
+    }
     assert_eq!(
         settled_shape(&pid, Some(baseline)),
         baseline,
-        "(fds, threads) after 20 requests and sessions"
+        "(fds, threads) after 20 requests and sessions and 3 consoles"
     );
     assert_eq!(free_2m_pages(), free - 32, "guest memory is 32 hugepages");
     assert!(!host.describe()[0].as_object().unwrap().contains_key("DevelopmentMode"));
@@ -621,4 +624,78 @@ fn pool_cpus_and_hugepages_and_a_hundred_leak_free_cycles() {
     let out = host.carve(&["allocator", "--clear"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(host.files(), ["carve.lock", "enclaves.log"]);
+}
+
+#[test]
+fn attach_console_follows_the_enclave_to_its_end() {
+    if !kvm_usable("attach_console_follows_the_enclave_to_its_end") {
+        return;
+    }
+    let host = Host::new("attach");
+    host.development();
+    let attached = host
+        .command(
+            Path::new(env!("CARGO_BIN_EXE_carve")),
+            &["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64", "--attach-console"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + common::TIMEOUT;
+    let id = loop {
+        if let Some(enclave) = host.describe().first() {
+            assert_eq!(enclave["Flags"], "DEBUG_MODE", "--attach-console implies debug mode");
+            break enclave["EnclaveID"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the enclave did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    talk(&host.run_dir.join(format!("{id}.vsock")), 5007, b"");
+    let out = attached.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let (json, console) = text.split_at(text.find("Connecting to the console").expect("console attached"));
+    let info: Value = serde_json::from_str(json).unwrap();
+    assert_eq!(info["EnclaveID"], id.as_str());
+    assert!(console.starts_with(&format!(
+        "Connecting to the console for enclave {}...\nSuccessfully connected to the console.\n",
+        info["EnclaveCID"]
+    )));
+    assert!(console.contains("Hello from the carve demo guest!"), "{console}");
+    assert!(console.contains("Demo guest done; powering off."), "{console}");
+    assert!(host.describe().is_empty());
+}
+
+#[test]
+fn other_users_may_look_but_not_terminate() {
+    if !kvm_usable("other_users_may_look_but_not_terminate") {
+        return;
+    }
+    if !rustix::process::geteuid().is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!(
+            "SKIPPED other_users_may_look_but_not_terminate: needs root and setpriv to act as another user"
+        );
+        return;
+    }
+    let host = Host::new("users");
+    host.development();
+    let enclave = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
+    let id = enclave["EnclaveID"].as_str().unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut all = vec!["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_carve")];
+        all.extend_from_slice(args);
+        host.command(Path::new("/usr/bin/setpriv"), &all).output().unwrap()
+    };
+    let out = as_nobody(&["describe-enclaves"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_fails(&as_nobody(&["terminate-enclave", "--enclave-id", id]), 38, "or root may terminate it");
+    let out = as_nobody(&["terminate-enclave", "--all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "[]", "others' enclaves are skipped");
+    assert_eq!(host.describe().len(), 1, "still running");
+    let out = host.carve(&["terminate-enclave", "--enclave-id", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -151,6 +151,33 @@ fn exit_statuses_follow_the_documented_convention() {
 }
 
 #[test]
+fn a_guest_that_can_never_run_again_ends_the_vm() {
+    if !kvm_usable("a_guest_that_can_never_run_again_ends_the_vm") {
+        return;
+    }
+    let kernel = guest("exit", Format::BzImage);
+    let kernel = kernel.to_str().unwrap();
+    // Halted with interrupts disabled (and, with two vCPUs, an AP never started): over, as
+    // after Linux's `halt`.
+    for vcpus in ["1", "2"] {
+        let started = std::time::Instant::now();
+        let out = carve(&["vm", "run", "--kernel", kernel, "--cmdline", "mode=halt", "--vcpus", vcpus]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stderr(&out).contains("every vCPU halted with interrupts disabled"), "{}", stderr(&out));
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+    // Halted waiting for interrupts is not the end: the PIT still ticks.
+    let mut vm = std::process::Command::new(env!("CARGO_BIN_EXE_carve"))
+        .args(["vm", "run", "--kernel", kernel, "--cmdline", "mode=halt-sti", "--serial", "none"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(vm.try_wait().unwrap().is_none(), "a guest waiting for interrupts was ended");
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+}
+
+#[test]
 fn demo_guest_runs_from_the_binary() {
     if !kvm_usable("demo_guest_runs_from_the_binary") {
         return;

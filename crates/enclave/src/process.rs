@@ -546,9 +546,28 @@ impl Session {
                     }
                     at = next;
                 }
+                // A reader that went away while the console was quiet is only seen by asking.
+                Chunk::Idle if peer_closed(stream) => return,
                 Chunk::Idle => {}
                 Chunk::Closed => return,
             }
         }
+    }
+}
+
+/// Whether the other end of `stream` has closed (what it sends is not used).
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut fds = [rustix::event::PollFd::new(stream, rustix::event::PollFlags::IN)];
+    let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    match rustix::event::poll(&mut fds, Some(&now)) {
+        Ok(0) => false,
+        Ok(_) => {
+            let mut scratch = [0u8; 256];
+            let _ = stream.set_nonblocking(true);
+            let closed = matches!(std::io::Read::read(&mut &*stream, &mut scratch), Ok(0) | Err(_));
+            let _ = stream.set_nonblocking(false);
+            closed
+        }
+        Err(_) => true,
     }
 }

@@ -78,23 +78,28 @@ impl RunDir {
         self.path.join("allocator.json")
     }
 
-    /// Takes the directory-wide lock that orders launches, cleanups and allocator changes.
+    /// Takes the directory-wide lock that orders launches, cleanups and allocator changes:
+    /// exclusively where this user may write the lock file, else shared (another user reading
+    /// root's enclaves: describe, or a terminate the enclave process will refuse).
     pub fn lock(&self) -> Result<DirLock> {
         let path = self.path.join("carve.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Failure::file(&path, "open the lock", e))?;
-        flock(&file, FlockOperation::LockExclusive)
+        let opened = OpenOptions::new().create(true).truncate(false).write(true).mode(0o644).open(&path);
+        let (file, exclusive) = match opened {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                (File::open(&path).map_err(|e| Failure::file(&path, "open the lock", e))?, false)
+            }
+            Err(e) => return Err(Failure::file(&path, "open the lock", e)),
+        };
+        let operation = if exclusive { FlockOperation::LockExclusive } else { FlockOperation::LockShared };
+        flock(&file, operation)
             .map_err(|e| Failure::new(code::LOCK_ACQUIRE, format!("cannot lock {}: {e}", path.display())))?;
-        Ok(DirLock { _file: file })
+        Ok(DirLock { _file: file, exclusive })
     }
 
-    /// Every live enclave's record, removing what dead processes left. Needs the dir lock.
-    pub fn live_records(&self, _lock: &DirLock) -> Vec<Record> {
+    /// Every live enclave's record, removing what dead processes left (when the lock is
+    /// exclusive). Needs the dir lock.
+    pub fn live_records(&self, lock: &DirLock) -> Vec<Record> {
         let Ok(entries) = std::fs::read_dir(&self.path) else { return Vec::new() };
         let mut records = Vec::new();
         for entry in entries.flatten() {
@@ -105,10 +110,12 @@ impl RunDir {
             let Ok(mut file) = File::open(&path) else { continue };
             if flock(&file, FlockOperation::NonBlockingLockShared).is_ok() {
                 // Nobody holds it: its process is gone (killed, or crashed before cleaning up).
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let record: Option<Record> = serde_json::from_str(&text).ok();
-                self.remove_leftovers(slot, record.as_ref());
+                if lock.exclusive {
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    let record: Option<Record> = serde_json::from_str(&text).ok();
+                    self.remove_leftovers(slot, record.as_ref());
+                }
                 continue;
             }
             let mut text = String::new();
@@ -164,6 +171,7 @@ pub fn heartbeat_socket(vsock: &Path) -> PathBuf {
 /// Held while the run directory's launches and cleanups must not interleave.
 pub struct DirLock {
     _file: File,
+    exclusive: bool,
 }
 
 /// A claimed slot: the record file exists and is locked until this drops, then removed.

@@ -43,6 +43,9 @@ pub enum VmExit {
     Stopped(i32),
     /// Its owner ended the VM through a [`crate::VmStopper`] (an enclave's terminate).
     Terminated,
+    /// Every vCPU halted with interrupts disabled (or was never started): nothing can run
+    /// again, as after Linux's `halt`. Nitro ends an enclave in this state; so does carve.
+    Halted,
 }
 
 impl VmExit {
@@ -50,7 +53,7 @@ impl VmExit {
     /// belong to the guest's debug-exit writes, as QEMU's isa-debug-exit defines them.
     pub fn status(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff | VmExit::Terminated => STATUS_POWER_OFF,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Terminated | VmExit::Halted => STATUS_POWER_OFF,
             VmExit::DebugExit(value) => (((value << 1) | 1) & 0xff) as i32,
             VmExit::Crash(_) => STATUS_GUEST_CRASH,
             VmExit::VmmFailure(_) => STATUS_CARVE_ERROR,
@@ -71,6 +74,7 @@ impl std::fmt::Display for VmExit {
             VmExit::VmmFailure(message) => write!(f, "carve failed: {message}"),
             VmExit::Stopped(signal) => write!(f, "carve was stopped by signal {signal}"),
             VmExit::Terminated => write!(f, "terminated on request"),
+            VmExit::Halted => write!(f, "every vCPU halted with interrupts disabled"),
         }
     }
 }

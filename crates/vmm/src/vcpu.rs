@@ -90,6 +90,17 @@ pub struct VcpuContext {
     pub platform: Platform,
     /// Bumped to ask every vCPU to print its registers (SIGUSR1); each prints once per bump.
     pub state_requests: AtomicU64,
+    /// The halt watch's current round (see [`HaltWatch`]); bumped, then every vCPU kicked.
+    pub halt_round: AtomicU64,
+    /// Per vCPU: the last round in which it found itself unable ever to run again.
+    pub stuck_in_round: Vec<AtomicU64>,
+}
+
+impl VcpuContext {
+    /// True when every vCPU reported itself stuck in `round`: nothing can ever run again.
+    pub fn all_stuck(&self, round: u64) -> bool {
+        self.stuck_in_round.iter().all(|r| r.load(Ordering::Acquire) == round)
+    }
 }
 
 pub struct Vcpu {
@@ -111,11 +122,19 @@ impl Vcpu {
     /// Runs until the VM is asked to exit, by this vCPU, another one, or the VMM.
     pub fn run(mut self) {
         let mut states_printed = 0;
+        let mut halt_checked = 0;
         while !self.context.exit.is_requested() {
             let requested = self.context.state_requests.load(Ordering::Acquire);
             if requested != states_printed {
                 states_printed = requested;
                 eprintln!("carve: vCPU {} is running. {}", self.index, self.describe_state());
+            }
+            let round = self.context.halt_round.load(Ordering::Acquire);
+            if round != halt_checked {
+                halt_checked = round;
+                if self.is_stuck() {
+                    self.context.stuck_in_round[self.index].store(round, Ordering::Release);
+                }
             }
             let step = self.run_once();
             let exit = match step {
@@ -261,6 +280,18 @@ impl Vcpu {
     }
 
     /// The registers and, when readable, the bytes at RIP.
+    /// Halted with interrupts disabled, or an AP never started: only another vCPU could wake it
+    /// (with an IPI or a SIPI).
+    fn is_stuck(&self) -> bool {
+        match self.fd.get_mp_state().map(|s| s.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => {
+                self.fd.get_regs().is_ok_and(|regs| regs.rflags & crate::x86::RFLAGS_IF == 0)
+            }
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => true,
+            _ => false,
+        }
+    }
+
     fn describe_state(&self) -> String {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
             return "Registers unavailable.".into();

@@ -350,6 +350,8 @@ impl Vm {
             mem: mem.clone(),
             platform,
             state_requests: Default::default(),
+            halt_round: Default::default(),
+            stuck_in_round: (0..vcpu_count).map(|_| Default::default()).collect(),
         });
 
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
@@ -459,12 +461,13 @@ impl Vm {
         let usr1 = signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, writer)
             .map_err(|e| VmError::Host(e.to_string()))?;
         signal_ids.push(usr1);
-        let threads_to_kick = threads.iter().map(|h| h.as_pthread_t()).collect();
+        let threads_to_kick: Vec<_> = threads.iter().map(|h| h.as_pthread_t()).collect();
         events.add_subscriber(Box::new(StateRequest {
             reader,
             context: context.clone(),
-            threads: threads_to_kick,
+            threads: threads_to_kick.clone(),
         }));
+        events.add_subscriber(Box::new(HaltWatch::new(context.clone(), threads_to_kick)?));
         while !context.exit.is_requested() {
             if let Err(e) = events.run() {
                 context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));
@@ -708,15 +711,57 @@ impl MutEventSubscriber for StateRequest {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.reader.read(&mut [0u8; 16]);
         self.context.state_requests.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        for &thread in &self.threads {
-            // SAFETY: the vCPU threads are joined only after the event loop that runs this has
-            // ended, so every id names a live thread; SIGRTMIN has a no-op handler.
-            unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
-        }
+        kick(&self.threads);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
+    }
+}
+
+/// Makes each vCPU thread return from KVM_RUN (EINTR) and look at its requests.
+fn kick(threads: &[libc::pthread_t]) {
+    for &thread in threads {
+        // SAFETY: the vCPU threads are joined only after the event loop that calls this has
+        // ended, so every id names a live thread; SIGRTMIN has a no-op handler.
+        unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
+    }
+}
+
+/// Ends the VM once nothing can run again. Every period it starts a round and kicks the vCPUs;
+/// each checks whether it is stuck (halted with interrupts disabled, or never started); if all
+/// were in the last round, the VM is over ([`VmExit::Halted`]). KVM keeps a halted vCPU inside
+/// KVM_RUN, so only asking tells.
+struct HaltWatch {
+    timer: vmm_sys_util::timerfd::TimerFd,
+    context: Arc<VcpuContext>,
+    threads: Vec<libc::pthread_t>,
+}
+
+const HALT_WATCH_PERIOD: Duration = Duration::from_millis(500);
+
+impl HaltWatch {
+    fn new(context: Arc<VcpuContext>, threads: Vec<libc::pthread_t>) -> Result<HaltWatch, VmError> {
+        let mut timer = vmm_sys_util::timerfd::TimerFd::new().map_err(|e| VmError::Host(e.to_string()))?;
+        timer.reset(HALT_WATCH_PERIOD, Some(HALT_WATCH_PERIOD)).map_err(|e| VmError::Host(e.to_string()))?;
+        Ok(HaltWatch { timer, context, threads })
+    }
+}
+
+impl MutEventSubscriber for HaltWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        let round = self.context.halt_round.load(std::sync::atomic::Ordering::Acquire);
+        if round > 0 && self.context.all_stuck(round) {
+            self.context.exit.request(VmExit::Halted);
+            return;
+        }
+        self.context.halt_round.store(round + 1, std::sync::atomic::Ordering::Release);
+        kick(&self.threads);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.timer, EventSet::IN)).expect("a fresh timerfd registers");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Ends the VM the way `mode=` asks, to prove carve's exit-status convention:
 //! `code:N` (debug-exit), `reset` (i8042), `triple` (triple fault), `exec-mmio` (an instruction
-//! fetch KVM cannot emulate), `hang` (spins until killed).
+//! fetch KVM cannot emulate), `hang` (spins until killed), `halt` (halts with interrupts
+//! disabled: nothing can run again), `halt-sti` (halts waiting for interrupts).
 #![no_std]
 #![no_main]
 
@@ -36,6 +37,11 @@ fn main(boot: &BootInfo) -> ! {
         }
         "hang" => loop {
             core::hint::spin_loop();
+        },
+        "halt" => carve_guests::halt_forever(),
+        "halt-sti" => loop {
+            // SAFETY: halting with interrupts enabled waits for the next one (the PIT's).
+            unsafe { core::arch::asm!("sti; hlt") };
         },
         _ => exit(0x7d),
     }
