@@ -145,3 +145,29 @@ pub fn connect_guest(uds: &Path, port: u32) -> Option<(UnixStream, u32)> {
     }
     None
 }
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
+pub fn signer(dir: &Path, name: &str) -> (String, String) {
+    let key = dir.join(format!("{name}.key")).to_str().unwrap().to_string();
+    let cert = dir.join(format!("{name}.pem")).to_str().unwrap().to_string();
+    openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", &key]);
+    openssl(&[
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        &key,
+        "-out",
+        &cert,
+        "-days",
+        "7",
+        "-subj",
+        "/O=carve/CN=tests",
+    ]);
+    (key, cert)
+}

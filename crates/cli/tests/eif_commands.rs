@@ -31,32 +31,6 @@ fn assert_nitro_error(out: &Output, code: u8, expected: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl").args(args).output().expect("openssl runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
-fn signer(dir: &Path, name: &str) -> (String, String) {
-    let key = dir.join(format!("{name}.key")).to_str().unwrap().to_string();
-    let cert = dir.join(format!("{name}.pem")).to_str().unwrap().to_string();
-    openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", &key]);
-    openssl(&[
-        "req",
-        "-new",
-        "-x509",
-        "-key",
-        &key,
-        "-out",
-        &cert,
-        "-days",
-        "7",
-        "-subj",
-        "/O=carve/CN=tests",
-    ]);
-    (key, cert)
-}
-
 fn build_kernel_image(dir: &Path, output: &Path, extra: &[&str]) -> Output {
     let kernel = dir.join("bzImage");
     let ramdisk = dir.join("ramdisk");

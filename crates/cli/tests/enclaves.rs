@@ -699,3 +699,99 @@ fn other_users_may_look_but_not_terminate() {
     let out = host.carve(&["terminate-enclave", "--enclave-id", id]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Asks the demo enclave for an attestation document (vsock port 5006) with `nonce`.
+fn attestation(vsock: &Path, nonce: &[u8]) -> Vec<u8> {
+    let mut request = (nonce.len() as u32).to_be_bytes().to_vec();
+    request.extend_from_slice(nonce);
+    let reply = talk(vsock, 5006, &request);
+    let len = u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
+    assert_eq!(reply.len(), 4 + len);
+    reply[4..].to_vec()
+}
+
+#[test]
+fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
+    if !kvm_usable("a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused") {
+        return;
+    }
+    let host = Host::new("signed");
+    host.development();
+    let dir = host.run_dir.parent().unwrap().to_path_buf();
+    let eif = dir.join("signed.eif");
+    let out = host.carve(&["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (key, cert) = common::signer(&dir, "signer");
+    let out = host.carve(&[
+        "sign-eif",
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--signing-certificate",
+        &cert,
+        "--private-key",
+        &key,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let measured: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pcr8 = measured["Measurements"]["PCR8"].as_str().unwrap().to_string();
+
+    // The config file route, with a name of its own.
+    let config = dir.join("run.json");
+    let json =
+        serde_json::json!({"eif_path": eif, "memory_mib": 64, "cpu_count": 1, "enclave_name": "signed-app"});
+    std::fs::write(&config, json.to_string()).unwrap();
+    let enclave = host.run(&["--config", config.to_str().unwrap()]);
+    assert_eq!(enclave["EnclaveName"], "signed-app");
+    let out = host.carve(&["describe-enclaves", "--metadata"]);
+    let described: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(described[0]["Measurements"]["PCR8"], pcr8.as_str());
+    assert!(
+        described[0]["ImageName"].is_string() && described[0]["Metadata"]["BuildTool"].is_string(),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&host.carve(&["describe-enclaves"])).contains("ImageName"), "metadata only when asked");
+
+    // The enclave's attestation carries PCR8, and the document verifies against carve's root.
+    let id = enclave["EnclaveID"].as_str().unwrap();
+    let document = attestation(&host.run_dir.join(format!("{id}.vsock")), b"signed nonce");
+    let doc_path = dir.join("attestation.cose");
+    std::fs::write(&doc_path, document).unwrap();
+    let out = host.carve(&[
+        "attestation",
+        "verify",
+        "--doc",
+        doc_path.to_str().unwrap(),
+        "--nonce",
+        &hex(b"signed nonce"),
+        "--pcr",
+        &format!("8={pcr8}"),
+        "--pcr",
+        &format!("0={}", measured["Measurements"]["PCR0"].as_str().unwrap()),
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(verdict["Chain"][2]["Subject"].as_str().unwrap().contains(id), "the leaf names the enclave");
+
+    // Tampering with the signed image (its command line): refused before anything starts.
+    let mut bytes = std::fs::read(&eif).unwrap();
+    let at = bytes.windows(13).position(|w| w == b"console=ttyS0").unwrap();
+    bytes[at + 12] = b'1';
+    let tampered = dir.join("tampered.eif");
+    std::fs::write(&tampered, bytes).unwrap();
+    let out = host.carve(&[
+        "run-enclave",
+        "--eif-path",
+        tampered.to_str().unwrap(),
+        "--cpu-count",
+        "1",
+        "--memory",
+        "64",
+    ]);
+    assert_fails(&out, 59, "signature");
+    assert_eq!(host.describe().len(), 1);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
