@@ -54,18 +54,18 @@ fn main() {
 
     println!("\n## Host memory per enclave beyond guest RAM\n");
     let bare = peak_rss_kib(&host, &["vm", "run", "--eif", exit_eif.to_str().unwrap(), "--memory", "64"]);
-    println!("| | RSS KiB | PSS KiB |\n|---|---|---|");
-    println!("| `carve vm run --eif` (bare VMM, same kind of image), peak RSS | {bare} | |");
+    println!("| | RSS KiB | PSS KiB | USS KiB |\n|---|---|---|---|");
+    println!("| `carve vm run --eif` (bare VMM, same kind of image), peak RSS | {bare} | | |");
     for (n, footprint) in [1, 4].iter().zip(shared_text) {
         println!(
-            "| enclave process outside guest RAM, {n} enclave(s) running, development mode | {} | {} |",
-            footprint.rss_kib, footprint.pss_kib
+            "| enclave process outside guest RAM, {n} enclave(s) running, development mode | {} | {} | {} |",
+            footprint.rss_kib, footprint.pss_kib, footprint.uss_kib
         );
     }
     match pool {
         Some(footprint) => println!(
-            "| enclave process, guest RAM in hugepages ({} KiB, not in RSS) | {} | {} |",
-            footprint.hugetlb_kib, footprint.rss_kib, footprint.pss_kib
+            "| enclave process, guest RAM in hugepages ({} KiB, not in RSS) | {} | {} | {} |",
+            footprint.hugetlb_kib, footprint.rss_kib, footprint.pss_kib, footprint.uss_kib
         ),
         None => println!("| enclave process with hugepages | needs root | |"),
     }
@@ -148,6 +148,8 @@ fn launch_and_time(host: &Host) -> f64 {
 struct Footprint {
     rss_kib: u64,
     pss_kib: u64,
+    /// Pages only this process maps: what one more enclave adds.
+    uss_kib: u64,
     hugetlb_kib: u64,
 }
 
@@ -162,7 +164,7 @@ fn footprint_of(host: &Host, count: usize) -> Footprint {
         pids.push(info["ProcessID"].to_string());
     }
     let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pids[0])).unwrap();
-    let mut footprint = Footprint { rss_kib: 0, pss_kib: 0, hugetlb_kib: 0 };
+    let mut footprint = Footprint { rss_kib: 0, pss_kib: 0, uss_kib: 0, hugetlb_kib: 0 };
     let mut guest_ram = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
@@ -172,6 +174,7 @@ fn footprint_of(host: &Host, count: usize) -> Footprint {
             "Size:" => guest_ram = kib() == 64 << 10,
             "Rss:" if !guest_ram => footprint.rss_kib += kib(),
             "Pss:" if !guest_ram => footprint.pss_kib += kib(),
+            "Private_Clean:" | "Private_Dirty:" if !guest_ram => footprint.uss_kib += kib(),
             "Private_Hugetlb:" => footprint.hugetlb_kib += kib(),
             _ => {}
         }
