@@ -93,6 +93,14 @@ pub fn load_idt() {
 /// Loads the IDT with the counting vectors, software-enables the local APIC and turns
 /// interrupts on.
 pub fn enable() {
+    install();
+    // SAFETY: only the counted vectors are routed to this vCPU by the tests that call this.
+    unsafe { asm!("sti", options(nostack)) };
+}
+
+/// Loads the IDT with the counting vectors and software-enables the local APIC (whose LVT
+/// entries can only be unmasked from then on); interrupts stay off.
+fn install() {
     let stubs: [unsafe extern "C" fn(); COUNTED] = [
         vector_stub_0,
         vector_stub_1,
@@ -108,8 +116,6 @@ pub fn enable() {
     }
     load_idt();
     write_phys::<u32>(LAPIC_SVR, 0x1ff);
-    // SAFETY: only the counted vectors are routed to this vCPU by the tests that call this.
-    unsafe { asm!("sti", options(nostack)) };
 }
 
 /// Waits (a bounded spin) until `index`'s count exceeds `seen`; returns the new count.
@@ -122,4 +128,45 @@ pub fn wait_for(index: usize, seen: u32, spins: u32) -> u32 {
         core::hint::spin_loop();
     }
     count(index)
+}
+
+const LAPIC_TIMER_LVT: u64 = LAPIC + 0x320;
+const LAPIC_TIMER_INITIAL: u64 = LAPIC + 0x380;
+const LAPIC_TIMER_DIVIDE: u64 = LAPIC + 0x3e0;
+const LAPIC_LVT0: u64 = LAPIC + 0x350;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_PERIODIC: u32 = 1 << 17;
+/// KVM's local APIC timer counts at 1 GHz with a divider of 1.
+const TIMER_COUNTS_PER_US: u32 = 1000;
+
+const IOAPIC: u64 = 0xfec0_0000;
+
+/// Sends IOAPIC `pin` (edge-triggered, active high, as carve's irqfd lines are) to `vector` on
+/// the boot vCPU.
+pub fn route_pin(pin: u32, vector: u8) {
+    let select = |register: u32, value: u32| {
+        write_phys::<u32>(IOAPIC, register);
+        write_phys::<u32>(IOAPIC + 0x10, value);
+    };
+    select(0x11 + 2 * pin, 0);
+    select(0x10 + 2 * pin, vector as u32);
+}
+
+/// Lets the vCPU sleep between polls: the counting vectors gated, the PIC's line masked (its
+/// vectors have no gates), and the local APIC timer ticking every `period_us` on
+/// `FIRST_VECTOR`, as a backstop for wake-ups. Interrupts stay off except inside [`idle`].
+pub fn start_ticks(period_us: u32) {
+    install();
+    write_phys::<u32>(LAPIC_LVT0, LVT_MASKED);
+    write_phys::<u32>(LAPIC_TIMER_DIVIDE, 0b1011);
+    write_phys::<u32>(LAPIC_TIMER_LVT, LVT_PERIODIC | FIRST_VECTOR as u32);
+    write_phys::<u32>(LAPIC_TIMER_INITIAL, period_us.saturating_mul(TIMER_COUNTS_PER_US));
+}
+
+/// Halts until the next interrupt (a tick from [`start_ticks`] at the latest). An interrupt
+/// that arrived since the caller last looked is pending, so it ends the halt at once: `sti`
+/// holds interrupts off for one more instruction, the `hlt`.
+pub fn idle() {
+    // SAFETY: every vector that can arrive is gated; interrupts are off again afterwards.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
 }

@@ -35,13 +35,15 @@ pub fn devices(cmdline: &str) -> impl Iterator<Item = (u64, u32)> + '_ {
 /// The announced device whose ID register reads `device_id`.
 pub fn find_device_of_type(cmdline: &str, device_id: u32) -> Option<MmioDevice> {
     devices(cmdline)
-        .map(|(base, _)| MmioDevice { base })
+        .map(|(base, irq)| MmioDevice { base, irq })
         .find(|d| d.read(0x000) == MAGIC && d.read(0x008) == device_id)
 }
 
 #[derive(Clone, Copy)]
 pub struct MmioDevice {
     pub base: u64,
+    /// Its interrupt line (an IOAPIC pin).
+    pub irq: u32,
 }
 
 impl MmioDevice {

@@ -142,6 +142,11 @@ impl Vsock {
         }
     }
 
+    /// The device's interrupt line.
+    pub fn irq(&self) -> u32 {
+        self.device.irq
+    }
+
     pub fn is_listening(&self, port: u32) -> bool {
         port != 0 && self.listening.contains(&port)
     }
@@ -260,12 +265,14 @@ impl Vsock {
         }
     }
 
-    /// Handles every packet the device has delivered; reports accepted connections.
-    pub fn poll(&mut self, mut on_event: impl FnMut(Event)) {
+    /// Handles every packet the device has delivered; reports accepted connections. Returns
+    /// how many packets arrived.
+    pub fn poll(&mut self, mut on_event: impl FnMut(Event)) -> usize {
         self.device.ack_interrupts();
         self.reclaim_tx();
-        let mut reposted = false;
+        let mut received = 0;
         while let Some((id, len)) = self.rx.pop_used() {
+            received += 1;
             let addr = self.rx.slot(id);
             if len >= HEADER {
                 if let Some(event) = self.receive(addr, len - HEADER) {
@@ -273,11 +280,11 @@ impl Vsock {
                 }
             }
             self.rx.push(id, SLOT, true);
-            reposted = true;
         }
-        if reposted {
+        if received > 0 {
             self.device.notify(0);
         }
+        received
     }
 
     fn receive(&mut self, addr: u64, payload: u32) -> Option<Event> {
@@ -490,14 +497,30 @@ pub fn serve_echo(
 pub fn serve(
     vsock: &mut Vsock,
     max_sessions: Option<u32>,
+    stop: impl FnMut(&mut Vsock, ConnId) -> bool,
+    step: impl FnMut(&mut Vsock, ConnId) -> bool,
+) -> u32 {
+    serve_with_idle(vsock, max_sessions, stop, step, || {})
+}
+
+/// [`serve`], calling `idle` whenever a round brought no packet (nothing can have changed:
+/// the services here only move when the peer sends data or credit).
+pub fn serve_with_idle(
+    vsock: &mut Vsock,
+    max_sessions: Option<u32>,
     mut stop: impl FnMut(&mut Vsock, ConnId) -> bool,
     mut step: impl FnMut(&mut Vsock, ConnId) -> bool,
+    mut idle: impl FnMut(),
 ) -> u32 {
     let mut open = [false; MAX_CONNECTIONS];
     let mut sessions = 0;
+    let mut received = 1;
     loop {
+        if received == 0 {
+            idle();
+        }
         let mut accepted = [false; MAX_CONNECTIONS];
-        vsock.poll(|Event::Accepted(conn)| accepted[conn] = true);
+        received = vsock.poll(|Event::Accepted(conn)| accepted[conn] = true);
         // Connections accepted while someone else polled (say, during the heartbeat).
         for conn in 0..MAX_CONNECTIONS {
             if !open[conn] && vsock.state(conn) == State::Established && vsock.is_listening(vsock.local_port(conn)) {

@@ -77,6 +77,13 @@ struct Host {
     state_dir: PathBuf,
 }
 
+impl Drop for Host {
+    /// A benchmark that stops half-way leaves no enclave running.
+    fn drop(&mut self) {
+        let _ = self.carve(&["terminate-enclave", "--all"]);
+    }
+}
+
 impl Host {
     fn carve(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_carve"))

@@ -293,10 +293,14 @@ fn a_killed_enclave_process_leaves_nothing_that_breaks_the_next_command() {
     let first = host.run(&["--demo", "--cpu-count", "1", "--memory", "64", "--enclave-cid", "20"]);
     let pid = first["ProcessID"].as_i64().unwrap().to_string();
     assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    // Dead once gone or a zombie whose every thread has exited (only then are its files, and
+    // with them its record's lock, let go).
     let deadline = Instant::now() + common::TIMEOUT;
-    while Path::new(&format!("/proc/{pid}/stat")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
-    {
+    let dead = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty() || (stat.contains(") Z") && count_entries(&format!("/proc/{pid}/task")) <= 1)
+    };
+    while !dead() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -9,7 +9,8 @@
 
 use carve_guests::nsm::{attestation_request, response_bytes, Nsm, DEVICE_ID as NSM_ID};
 use carve_guests::virtio::find_device_of_type;
-use carve_guests::vsock::{echo_step, heartbeat, serve, ConnId, State, Vsock, MAX_PAYLOAD};
+use carve_guests::interrupts;
+use carve_guests::vsock::{echo_step, heartbeat, serve_with_idle, ConnId, State, Vsock, MAX_PAYLOAD};
 use carve_guests::{fw_cfg, guest_main, param, parse_u64, println, BootInfo};
 
 guest_main!(main);
@@ -18,6 +19,7 @@ const DMA: u64 = 0x0200_0000;
 const ECHO_PORT: u32 = 5005;
 const ATTESTATION_PORT: u32 = 5006;
 const SHUTDOWN_PORT: u32 = 5007;
+const IDLE_TICK_US: u32 = 200_000;
 const MAX_NONCE: usize = 512;
 const VSOCK_ID: u32 = 19;
 
@@ -55,7 +57,10 @@ fn main(boot: &BootInfo) -> ! {
                 }
                 let mut scratch = [0u8; MAX_PAYLOAD as usize];
                 let mut attestation = Attestation::new();
-                let served = serve(
+                // Between requests the vCPU sleeps until the device interrupts (or a tick).
+                interrupts::start_ticks(IDLE_TICK_US);
+                interrupts::route_pin(vsock.irq(), interrupts::FIRST_VECTOR + 1);
+                let served = serve_with_idle(
                     &mut vsock,
                     limit,
                     |vsock, conn| vsock.local_port(conn) == SHUTDOWN_PORT,
@@ -69,6 +74,7 @@ fn main(boot: &BootInfo) -> ! {
                             echo_step(vsock, conn, &mut scratch)
                         }
                     },
+                    interrupts::idle,
                 );
                 println!("  served {} sessions", served);
             }

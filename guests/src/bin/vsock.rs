@@ -25,11 +25,11 @@ fn arg(boot: &BootInfo, key: &str) -> u64 {
 }
 
 fn main(boot: &BootInfo) -> ! {
-    let Some((base, _irq)) = find_device(boot.cmdline) else {
+    let Some((base, irq)) = find_device(boot.cmdline) else {
         println!("FAIL: no virtio_mmio.device= on the command line");
         exit(1)
     };
-    let mut vsock = match Vsock::new(MmioDevice { base }, DMA) {
+    let mut vsock = match Vsock::new(MmioDevice { base, irq }, DMA) {
         Ok(vsock) => vsock,
         Err(e) => {
             println!("FAIL: vsock init: {}", e);
