@@ -25,6 +25,7 @@ fn main() {
         return;
     }
     let work = std::env::temp_dir().join(format!("carve-bench-enclave-{}", std::process::id()));
+    drop(host);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let host = Host { run_dir: work.join("run"), state_dir: work.join("state") };
@@ -69,6 +70,7 @@ fn main() {
         ),
         None => println!("| enclave process with hugepages | needs root | |"),
     }
+    drop(host);
     let _ = std::fs::remove_dir_all(&work);
 }
 
