@@ -25,7 +25,6 @@ fn main() {
         return;
     }
     let work = std::env::temp_dir().join(format!("carve-bench-enclave-{}", std::process::id()));
-    drop(host);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let host = Host { run_dir: work.join("run"), state_dir: work.join("state") };
