@@ -205,7 +205,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         "Started enclave with enclave-cid: {cid}, memory: {memory_mib} MiB, cpu-ids: {:?}",
         cpus.pinned
     ));
-    std::mem::forget(cleanup);
+    cleanup.keep();
     log::info!(
         "enclave {id} ({}) started: CID {cid}, {memory_mib} MiB, CPUs {:?}; VM built in {built:.1?}, heartbeat \
          after {:.1?}",
@@ -243,6 +243,13 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
 
 /// Removes socket files if a launch fails after creating them.
 struct SocketFiles(Vec<PathBuf>);
+
+impl SocketFiles {
+    /// The launch succeeded: the files stay (the enclave removes them when it ends).
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
 
 impl Drop for SocketFiles {
     fn drop(&mut self) {
