@@ -261,6 +261,11 @@ fn no_heartbeat_is_e36_and_nothing_is_left() {
         .output()
         .unwrap();
     assert_fails(&out, 36, "no heartbeat within 2s");
+    assert!(
+        !stderr(&out).contains("terminated"),
+        "carve's own stop is not the enclave's reason: {}",
+        stderr(&out)
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(host.describe().is_empty());
     assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);

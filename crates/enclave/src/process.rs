@@ -25,7 +25,7 @@ use carve_vmm::{
 use crate::args::{check_memory, CpuRequest};
 use crate::console::{Chunk, Console};
 use crate::error::{code, Failure, Result};
-use crate::heartbeat::{self, HeartbeatListener};
+use crate::heartbeat::{self, HeartbeatError, HeartbeatListener};
 use crate::ids;
 use crate::pool::{Pool, Topology};
 use crate::protocol::{receive, send, EnclaveState, LaunchEvent, LaunchRequest, Reply, Request, RunInfo};
@@ -102,56 +102,35 @@ impl Ending {
     }
 }
 
+/// A checked image, open, with its measurements.
+struct Image {
+    file: File,
+    size: u64,
+    summary: carve_eif::EifSummary,
+}
+
+/// What a launch holds once claimed under the run directory's lock.
+struct Claimed {
+    record: Record,
+    cpus: CpuChoice,
+    claim: Claim,
+    control: UnixListener,
+    control_path: PathBuf,
+    vsock_path: PathBuf,
+    heartbeat: HeartbeatListener,
+    /// Removes the socket files if the launch fails from here on.
+    cleanup: SocketFiles,
+}
+
 fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&str)) -> Result<Enclave> {
     let started = std::time::Instant::now();
     let args = &request.args;
     let run_dir = RunDir::open()?;
     let pool = read_pool(&run_dir)?;
-    let (image, image_name) = open_image(&request, demo_image)?;
-    let image_size = image.metadata().map_err(|e| Failure::file(&image_path(&image), "read", e))?.len();
-    check_memory(args.memory_mib, image_size)?;
-    let summary = carve_eif::read(&image, Some(image_size), &mut carve_eif::reader::Discard)
-        .map_err(|e| Failure::new(code::EIF_PARSING, format!("{image_name}: {e}")))?;
-    if summary.signature_check() == Some(false) {
-        return Err(Failure::new(
-            code::SIGNATURE_CHECKER,
-            format!(
-                "{image_name}: the image's signature does not match its PCRs or its certificate is not valid"
-            ),
-        ));
-    }
-    if !summary.crc_ok() {
-        return Err(Failure::new(code::EIF_PARSING, format!("{image_name}: the image's CRC does not match")));
-    }
-    let uid = rustix::process::getuid().as_raw();
-
-    // Resources are chosen and claimed under the run directory's lock.
-    let lock = run_dir.lock()?;
-    let others = run_dir.live_records(&lock);
-    let cpus = choose_cpus(&request.cpus, &pool, &others)?;
-    let cid = choose_cid(args.enclave_cid, &others)?;
-    let slot = new_slot(&others);
-    let id = ids::enclave_id(slot);
-    let taken: Vec<String> = others.iter().map(|r| r.name.clone()).collect();
-    let name = ids::unique_name(
-        args.enclave_name.as_deref().unwrap_or(&ids::name_from_eif(&args.eif_path())),
-        &taken,
-    );
-    let record =
-        Record { slot, id: id.clone(), name, cid, uid, pid: std::process::id(), cpus: cpus.pinned.clone() };
-    let claim = run_dir.claim(&record, &lock)?;
-    let control_path = run_dir.control_socket(slot);
-    let control = UnixListener::bind(&control_path).map_err(|e| {
-        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
-    })?;
-    // Anyone may ask; the process itself decides who may terminate (nitro-cli's 0766).
-    let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o766));
-    let vsock_path = run_dir.vsock_socket(&id);
-    let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
-        .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e));
-    drop(lock);
-    let cleanup = SocketFiles(vec![control_path.clone(), vsock_path.clone()]);
-    let heartbeat = heartbeat?;
+    let image = check_image(&request, demo_image)?;
+    let Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, cleanup } =
+        claim_resources(&run_dir, &request, &pool)?;
+    let (id, cid) = (record.id.clone(), record.cid);
 
     notify("Start allocating memory...");
     let console = Console::new();
@@ -176,7 +155,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         }),
         memory_backing: if pool.development { MemoryBacking::Anonymous } else { MemoryBacking::Hugepages },
         vcpu_affinity: cpus.pinned.iter().map(|&c| c as usize).collect(),
-        ..VmConfig::new(KernelSpec::Eif(image_path(&image)))
+        ..VmConfig::new(KernelSpec::Eif(image_path(&image.file)))
     };
     let vm = Vm::build(config).map_err(vm_failure)?;
     let built = started.elapsed();
@@ -186,13 +165,15 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         .name("carve-vm".into())
         .spawn(move || vm.run())
         .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot start the VM thread: {e}")))?;
-    drop(image);
+    // The VM has its copy; the CLI may replace or remove the file now.
+    drop(image.file);
 
-    let timeout = heartbeat::timeout(image_size, args.memory_mib);
+    let timeout = heartbeat::timeout(image.size, args.memory_mib);
     if let Err(e) = heartbeat.wait(timeout, || vm.is_finished()) {
         stopper.stop();
-        let ended = match vm.join() {
-            Ok(Ok(outcome)) => format!(" ({})", outcome.exit),
+        // Why the enclave stopped by itself, if it did.
+        let ended = match (&e, vm.join()) {
+            (HeartbeatError::EnclaveEnded, Ok(Ok(outcome))) => format!(" ({})", outcome.exit),
             _ => String::new(),
         };
         return Err(Failure::new(
@@ -227,8 +208,8 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
             state: "RUNNING".into(),
             debug_mode: args.debug_mode,
             development: pool.development,
-            measurements: summary.measurements.to_map(),
-            metadata: summary.metadata.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+            measurements: image.summary.measurements.to_map(),
+            metadata: image.summary.metadata.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
         },
         vm,
         stopper,
@@ -236,9 +217,58 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         control,
         control_path,
         vsock_path,
-        uid,
+        uid: record.uid,
         _claim: claim,
     })
+}
+
+/// Opens the image and checks it as nitro-cli does before anything is claimed: memory for
+/// its size (E26), format (E35), signature (E59), CRC (E35).
+fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Image> {
+    let (file, name) = open_image(request, demo_image)?;
+    let size = file.metadata().map_err(|e| Failure::file(&image_path(&file), "read", e))?.len();
+    check_memory(request.args.memory_mib, size)?;
+    let summary = carve_eif::read(&file, Some(size), &mut carve_eif::reader::Discard)
+        .map_err(|e| Failure::new(code::EIF_PARSING, format!("{name}: {e}")))?;
+    if summary.signature_check() == Some(false) {
+        return Err(Failure::new(
+            code::SIGNATURE_CHECKER,
+            format!("{name}: the image's signature does not match its PCRs or its certificate is not valid"),
+        ));
+    }
+    if !summary.crc_ok() {
+        return Err(Failure::new(code::EIF_PARSING, format!("{name}: the image's CRC does not match")));
+    }
+    Ok(Image { file, size, summary })
+}
+
+/// Under the run directory's lock: CPUs, CID, slot, ID and name are chosen against the running
+/// enclaves and claimed; the control socket and the heartbeat listener are bound.
+fn claim_resources(run_dir: &RunDir, request: &LaunchRequest, pool: &Pool) -> Result<Claimed> {
+    let args = &request.args;
+    let lock = run_dir.lock()?;
+    let others = run_dir.live_records(&lock);
+    let cpus = choose_cpus(&request.cpus, pool, &others)?;
+    let cid = choose_cid(args.enclave_cid, &others)?;
+    let slot = new_slot(&others);
+    let id = ids::enclave_id(slot);
+    let taken: Vec<String> = others.iter().map(|r| r.name.clone()).collect();
+    let wanted = args.enclave_name.clone().unwrap_or_else(|| ids::name_from_eif(&args.eif_path()));
+    let name = ids::unique_name(&wanted, &taken);
+    let uid = rustix::process::getuid().as_raw();
+    let record = Record { slot, id, name, cid, uid, pid: std::process::id(), cpus: cpus.pinned.clone() };
+    let claim = run_dir.claim(&record, &lock)?;
+    let control_path = run_dir.control_socket(slot);
+    let vsock_path = run_dir.vsock_socket(&record.id);
+    let cleanup = SocketFiles(vec![control_path.clone(), vsock_path.clone()]);
+    let control = UnixListener::bind(&control_path).map_err(|e| {
+        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
+    })?;
+    // Anyone may ask; the process itself decides who may terminate (nitro-cli's 0766).
+    let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o766));
+    let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
+        .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e))?;
+    Ok(Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, cleanup })
 }
 
 /// Removes socket files if a launch fails after creating them.
