@@ -7,15 +7,19 @@
 //!    process, sockets or heartbeat).
 //! 2. Host memory per enclave beyond guest RAM, after a heartbeat and an attestation: the
 //!    enclave process's resident memory outside its guest RAM mapping, as RSS (every page it
-//!    maps, shared ones whole) and PSS (shared pages split among their users), with one and
-//!    with four enclaves running; and RSS with the guest in hugepages (which RSS leaves out).
+//!    maps, shared ones whole), PSS (shared pages split among their users) and USS (pages only
+//!    it maps), with one and with four enclaves running; and RSS with the guest in hugepages (which RSS leaves out).
 //!    Hugepages only as root; the reservation is given back.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
 use carve_guest_images::{path as guest, Format};
+use common::median;
 
 const RUNS: usize = 15;
 
@@ -241,10 +245,4 @@ fn time(f: impl FnOnce() -> Output) -> f64 {
     let start = Instant::now();
     f();
     start.elapsed().as_secs_f64()
-}
-
-fn median(runs: usize, mut sample: impl FnMut() -> f64) -> f64 {
-    let mut samples: Vec<f64> = (0..runs).map(|_| sample()).collect();
-    samples.sort_by(f64::total_cmp);
-    samples[runs / 2]
 }

@@ -6,11 +6,15 @@
 //!    microvm.
 //! 3. Peak RSS of a 128 MiB tiny guest: carve vs the raw process vs QEMU.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use carve_guest_images::{path as guest, Format};
+use common::median;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -185,13 +189,6 @@ fn time(f: impl FnOnce()) -> f64 {
     let start = Instant::now();
     f();
     start.elapsed().as_secs_f64()
-}
-
-/// Median of `runs` samples, in seconds.
-fn median(runs: usize, mut sample: impl FnMut() -> f64) -> f64 {
-    let mut samples: Vec<f64> = (0..runs).map(|_| sample()).collect();
-    samples.sort_by(f64::total_cmp);
-    samples[runs / 2]
 }
 
 /// The floor for an exit round trip: real mode, one memory slot, no irqchip, `out` in a loop.

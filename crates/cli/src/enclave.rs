@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use carve_eif::metadata::{IdentityInfo, MetadataDescription};
+use carve_eif::metadata::IdentityInfo;
 use carve_enclave::args::{check_cid, parse_memory, parse_number, CpuRequest, RunEnclaveArgs};
 use carve_enclave::client::{self, Selector};
 use carve_enclave::pool::{self, AllocatorConfig, AllocatorError, Pool, Topology};
@@ -17,6 +17,7 @@ use carve_enclave::{code, Failure};
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 
+use crate::image::IdentityOutput;
 use crate::nitro_error::{ErrorCode, NitroError};
 
 impl From<Failure> for NitroError {
@@ -145,6 +146,9 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
         run.attach_console = true;
         run.debug_mode = true;
     }
+    if run.enclave_name.as_deref() == Some("") {
+        return Err(Failure::new(code::INVALID_ARGUMENT, "`enclave-name` must not be empty"));
+    }
     match run.enclave_cid {
         Some(0) => eprintln!("The enclave CID will be auto-generated as the provided CID is 0"),
         Some(cid) => check_cid(cid)?,
@@ -200,12 +204,8 @@ struct Description {
     flags: &'static str,
     #[serde(rename = "Measurements")]
     measurements: BTreeMap<String, String>,
-    #[serde(rename = "ImageName", skip_serializing_if = "Option::is_none")]
-    image_name: Option<String>,
-    #[serde(rename = "ImageVersion", skip_serializing_if = "Option::is_none")]
-    image_version: Option<String>,
-    #[serde(rename = "Metadata", skip_serializing_if = "Option::is_none")]
-    metadata: Option<MetadataDescription>,
+    #[serde(flatten)]
+    identity: IdentityOutput,
     /// carve's addition: present (true) only for enclaves without a pool or hugepages.
     #[serde(rename = "DevelopmentMode", skip_serializing_if = "std::ops::Not::not")]
     development: bool,
@@ -222,9 +222,7 @@ impl Description {
             state: state.state,
             flags: if state.debug_mode { "DEBUG_MODE" } else { "NONE" },
             measurements: state.measurements,
-            image_name: identity.as_ref().map(|i| i.image_name.clone()),
-            image_version: identity.as_ref().map(|i| i.image_version.clone()),
-            metadata: identity.map(MetadataDescription::from),
+            identity: identity.into(),
             development: state.development,
         }
     }

@@ -112,12 +112,30 @@ struct DescribeOutput {
     crc_check: bool,
     #[serde(rename = "SignatureCheck", skip_serializing_if = "Option::is_none")]
     signature_check: Option<bool>,
+    #[serde(flatten)]
+    identity: IdentityOutput,
+}
+
+/// An image's name, version and build metadata as nitro-cli's describe commands print them
+/// (each key absent without a metadata section).
+#[derive(Default, Serialize)]
+pub struct IdentityOutput {
     #[serde(rename = "ImageName", skip_serializing_if = "Option::is_none")]
     image_name: Option<String>,
     #[serde(rename = "ImageVersion", skip_serializing_if = "Option::is_none")]
     image_version: Option<String>,
     #[serde(rename = "Metadata", skip_serializing_if = "Option::is_none")]
     metadata: Option<MetadataDescription>,
+}
+
+impl From<Option<IdentityInfo>> for IdentityOutput {
+    fn from(identity: Option<IdentityInfo>) -> IdentityOutput {
+        IdentityOutput {
+            image_name: identity.as_ref().map(|i| i.image_name.clone()),
+            image_version: identity.as_ref().map(|i| i.image_version.clone()),
+            metadata: identity.map(MetadataDescription::from),
+        }
+    }
 }
 
 fn print_json(value: &impl Serialize) {
@@ -151,9 +169,7 @@ pub fn describe_eif(args: DescribeArgs) -> Result<(), NitroError> {
         certificate: summary.signature.as_ref().map(|s| s.certificate.describe()),
         crc_check: summary.crc_ok(),
         signature_check: summary.signature_check(),
-        image_name: identity.as_ref().map(|i| i.image_name.clone()),
-        image_version: identity.as_ref().map(|i| i.image_version.clone()),
-        metadata: identity.map(MetadataDescription::from),
+        identity: identity.into(),
     };
     print_json(&output);
     Ok(())

@@ -146,6 +146,12 @@ fn launch_describe_console_terminate_in_development_mode() {
     assert_eq!(first["MemoryMiB"], 64);
 
     // A second enclave: same image, so its name is de-duplicated; its own CID.
+    // Development mode is bounded by the host's RAM; names must not be empty.
+    let out = host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "10T"]);
+    assert_fails(&out, 27, "the host has");
+    let out =
+        host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64", "--enclave-name", ""]);
+    assert_fails(&out, 3, "`enclave-name` must not be empty");
     let second = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
     assert_eq!(second["EnclaveName"], "demo_1");
     assert_eq!(second["EnclaveCID"], 17);

@@ -127,6 +127,9 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let args = &request.args;
     let run_dir = RunDir::open()?;
     let pool = read_pool(&run_dir)?;
+    if pool.development {
+        check_host_memory(args.memory_mib)?;
+    }
     let image = check_image(&request, demo_image)?;
     let Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, cleanup } =
         claim_resources(&run_dir, &request, &pool)?;
@@ -309,6 +312,25 @@ fn open_image(request: &LaunchRequest, demo_image: &[u8]) -> Result<(File, Strin
     let path = request.args.eif_path();
     let file = File::open(&path).map_err(|e| Failure::file(&path, "open", e))?;
     Ok((file, path.display().to_string()))
+}
+
+/// Without a hugepage reservation, the host's RAM is the bound (E27), checked before KVM is
+/// handed a mapping it cannot back.
+fn check_host_memory(requested_mib: u64) -> Result<()> {
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kib| kib >> 10);
+    match total_mib {
+        Some(total) if requested_mib > total => Err(Failure::new(
+            code::INSUFFICIENT_MEMORY_AVAILABLE,
+            format!("Insufficient memory available: {requested_mib} MiB requested, the host has {total} MiB"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read_pool(run_dir: &RunDir) -> Result<Pool> {
