@@ -303,6 +303,16 @@ fn a_killed_enclave_process_leaves_nothing_that_breaks_the_next_command() {
     host.development();
     let first = host.run(&["--demo", "--cpu-count", "1", "--memory", "64", "--enclave-cid", "20"]);
     let pid = first["ProcessID"].as_i64().unwrap().to_string();
+    // An idle enclave sleeps between requests: well under half a core (a polling one uses all).
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks() - before;
+    assert!(used < 100, "an idle enclave used {used} of 200 CPU ticks in 2 s");
     assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
     // Dead once gone or a zombie whose every thread has exited (only then are its files, and
     // with them its record's lock, let go).
