@@ -10,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --quiet -p carve-cli
-carve=$PWD/target/release/carve
+# The binary carve ships: static musl (`cargo dist`, see Cargo.toml's [profile.dist]).
+cargo dist --quiet
+carve=$PWD/target/x86_64-unknown-linux-musl/dist/carve
 work=$(mktemp -d)
 export CARVE_RUN_DIR=$work/run
 cleanup() {

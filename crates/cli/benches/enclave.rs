@@ -31,7 +31,8 @@ fn main() {
     let work = std::env::temp_dir().join(format!("carve-bench-enclave-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let host = Host { run_dir: work.join("run"), state_dir: work.join("state") };
+    let host =
+        Host { carve: common::shipped_carve(), run_dir: work.join("run"), state_dir: work.join("state") };
     let exit_eif = build_exit_eif(&host, &work);
 
     println!("## run-enclave → heartbeat, demo enclave (64 MiB, 1 vCPU; median of {RUNS})\n");
@@ -78,6 +79,8 @@ fn main() {
 }
 
 struct Host {
+    /// The shipped binary (`cargo dist`), which also runs the enclave processes.
+    carve: PathBuf,
     run_dir: PathBuf,
     state_dir: PathBuf,
 }
@@ -91,7 +94,7 @@ impl Drop for Host {
 
 impl Host {
     fn carve(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_carve"))
+        Command::new(&self.carve)
             .args(args)
             .env("CARVE_RUN_DIR", &self.run_dir)
             .env("CARVE_STATE_DIR", &self.state_dir)
@@ -230,7 +233,7 @@ fn build_exit_eif(host: &Host, work: &Path) -> PathBuf {
 
 fn peak_rss_kib(host: &Host, args: &[&str]) -> i64 {
     let mut command = Command::new("/usr/bin/time");
-    command.arg("-f").arg("%M").arg(env!("CARGO_BIN_EXE_carve")).args(args);
+    command.arg("-f").arg("%M").arg(&host.carve).args(args);
     command.env("CARVE_STATE_DIR", &host.state_dir);
     match command.output() {
         Ok(out) => {

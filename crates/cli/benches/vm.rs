@@ -1,6 +1,8 @@
 //! carve's VMM benchmarks, each side by side with its floor (and QEMU where it is a peer), in
 //! one run: `cargo bench -p carve-cli --bench vm`. Results go to docs/benchmarks.md by hand.
 //!
+//! "carve" is the shipped static binary (`cargo dist`, built here if stale).
+//!
 //! 1. PIO exit round trip: the `pio_loop` guest under carve vs a minimal raw KVM_RUN loop.
 //! 2. Process start to guest exit for a tiny PVH guest: carve vs a raw KVM process vs QEMU
 //!    microvm.
@@ -14,18 +16,20 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use carve_guest_images::{path as guest, Format};
-use common::median;
+use common::{interleaved, median};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const PIO_EXITS: u64 = 20_000;
-const RUNS: usize = 7;
+const RUNS: usize = 11;
+/// Start-to-exit times are bimodal here (see `raw_boot`), so they get more runs.
+const BOOT_RUNS: usize = 21;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("raw-boot") {
-        raw_boot(Path::new(&args[2]));
+        raw_boot(Path::new(&args[2]), args.get(3).map(String::as_str) == Some("irqchip"));
         return;
     }
     if args.get(1).map(String::as_str) == Some("raw-guest") {
@@ -41,60 +45,78 @@ fn main() {
         eprintln!("SKIPPED: /dev/kvm is not usable here");
         return;
     }
-    let carve = env!("CARGO_BIN_EXE_carve");
+    let shipped = common::shipped_carve();
+    let carve = shipped.to_str().unwrap();
+    let carve_glibc = env!("CARGO_BIN_EXE_carve");
     let elf = guest("pio_loop", Format::Pvh);
     let qemu_elf = pvh_only_copy(&elf);
     let qemu = ensure_qemu();
 
-    println!("## PIO exit round trip ({PIO_EXITS} `out` to an ignored port, median of {RUNS})\n");
-    let raw = median(RUNS, || raw_pio_loop(PIO_EXITS)) / PIO_EXITS as f64;
-    let carve_per_exit = median(RUNS, || {
-        let n = time(|| run(carve, &carve_args(&elf, PIO_EXITS)));
-        let zero = time(|| run(carve, &carve_args(&elf, 0)));
-        (n - zero).max(0.0)
-    }) / PIO_EXITS as f64;
     let me = std::env::current_exe().unwrap();
-    let same_guest = |irqchip: &str| {
-        median(RUNS, || {
-            let loop_time = |count: u64| -> f64 {
-                let out = Command::new(&me)
-                    .args(["raw-guest", elf.to_str().unwrap(), &count.to_string(), irqchip])
-                    .output()
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-            };
-            (loop_time(PIO_EXITS) - loop_time(0)).max(0.0)
-        }) / PIO_EXITS as f64
-    };
-    let raw_same = same_guest("none");
-    let raw_same_irqchip = same_guest("irqchip");
-    println!("| | µs per exit | × floor |\n|---|---|---|");
-    println!("| raw KVM_RUN loop, real-mode `out`/`dec`/`jnz` (floor) | {:.2} | 1.00 |", raw * 1e6);
-    println!(
-        "| raw KVM_RUN loop, the same guest as carve's | {:.2} | {:.2} |",
-        raw_same * 1e6,
-        raw_same / raw
-    );
-    println!(
-        "| raw KVM_RUN loop, the same guest, irqchip + PIT as carve's | {:.2} | {:.2} |",
-        raw_same_irqchip * 1e6,
-        raw_same_irqchip / raw
-    );
-    println!("| carve | {:.2} | {:.2} |\n", carve_per_exit * 1e6, carve_per_exit / raw);
-    println!(
-        "carve against the raw loop running its own guest and VM shape: {:.2}×\n",
-        carve_per_exit / raw_same_irqchip
-    );
 
-    println!("## Process start to guest exit, tiny PVH guest (128 MiB, median of {RUNS})\n");
-    let floor =
-        median(RUNS, || time(|| run(me.to_str().unwrap(), &["raw-boot".into(), elf.display().to_string()])));
-    let carve_boot = median(RUNS, || time(|| run(carve, &carve_args(&elf, 0))));
+    println!("## PIO exit round trip ({PIO_EXITS} `out` to an ignored port, median of {RUNS} rounds)\n");
+    let same_guest = |irqchip: &str| {
+        let loop_time = |count: u64| -> f64 {
+            let out = Command::new(&me)
+                .args(["raw-guest", elf.to_str().unwrap(), &count.to_string(), irqchip])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        (loop_time(PIO_EXITS) - loop_time(0)).max(0.0) / PIO_EXITS as f64
+    };
+    let pio = interleaved(
+        RUNS,
+        &mut [
+            &mut || raw_pio_loop(PIO_EXITS) / PIO_EXITS as f64,
+            &mut || same_guest("none"),
+            &mut || same_guest("irqchip"),
+            &mut || {
+                let n = time(|| run(carve, &carve_args(&elf, PIO_EXITS)));
+                let zero = time(|| run(carve, &carve_args(&elf, 0)));
+                (n - zero).max(0.0) / PIO_EXITS as f64
+            },
+        ],
+    );
+    println!("| | µs per exit | × floor |\n|---|---|---|");
+    let rows = [
+        "raw KVM_RUN loop, real-mode `out`/`dec`/`jnz` (floor)",
+        "raw KVM_RUN loop, the same guest as carve's",
+        "raw KVM_RUN loop, the same guest, irqchip + PIT as carve's",
+        "carve",
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        println!("| {row} | {:.2} | {:.2} |", pio.median(i) * 1e6, pio.ratio(i, 0));
+    }
+    println!("\ncarve against the raw loop running its own guest and VM shape: {:.2}×\n", pio.ratio(3, 2));
+
+    println!("## Process start to guest exit, tiny PVH guest (128 MiB, median of {BOOT_RUNS} rounds)\n");
+    let raw_boot_time = |shape: &str| {
+        let args = ["raw-boot".to_string(), elf.display().to_string(), shape.to_string()];
+        time(|| run(me.to_str().unwrap(), &args))
+    };
+    let boot = interleaved(
+        BOOT_RUNS,
+        &mut [
+            &mut || raw_boot_time("bare"),
+            &mut || raw_boot_time("irqchip"),
+            &mut || time(|| run(carve, &carve_args(&elf, 0))),
+            &mut || time(|| run(carve_glibc, &carve_args(&elf, 0))),
+        ],
+    );
+    let floor = boot.median(0);
     println!("| | ms | × floor |\n|---|---|---|");
-    println!("| raw KVM process (floor) | {:.2} | 1.00 |", floor * 1e3);
-    println!("| carve | {:.2} | {:.2} |", carve_boot * 1e3, carve_boot / floor);
+    let rows = [
+        "raw KVM process (floor)",
+        "raw KVM process with carve's irqchip and PIT",
+        "carve",
+        "carve, cargo's default build (dynamic glibc)",
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        println!("| {row} | {:.2} | {:.2} |", boot.median(i) * 1e3, boot.ratio(i, 0));
+    }
     if let Some(qemu) = &qemu {
-        let qemu_boot = median(RUNS, || time(|| run(qemu.to_str().unwrap(), &qemu_args(&qemu_elf))));
+        let qemu_boot = median(BOOT_RUNS, || time(|| run(qemu.to_str().unwrap(), &qemu_args(&qemu_elf))));
         println!("| QEMU 7.2 microvm | {:.2} | {:.2} |", qemu_boot * 1e3, qemu_boot / floor);
     }
 
@@ -105,13 +127,18 @@ fn main() {
         let out = Command::new(&me).args(&args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
     };
-    let floor_rss = rss(vec![me.display().to_string(), "raw-boot".into(), elf.display().to_string()]);
+    let floor_rss =
+        rss(vec![me.display().to_string(), "raw-boot".into(), elf.display().to_string(), "bare".into()]);
     let mut carve_cmd = vec![carve.to_string()];
     carve_cmd.extend(carve_args(&elf, 0));
     let carve_rss = rss(carve_cmd);
+    let mut carve_glibc_cmd = vec![carve_glibc.to_string()];
+    carve_glibc_cmd.extend(carve_args(&elf, 0));
+    let carve_glibc_rss = rss(carve_glibc_cmd);
     println!("| | peak RSS (KiB) |\n|---|---|");
     println!("| raw KVM process (floor) | {floor_rss} |");
     println!("| carve | {carve_rss} |");
+    println!("| carve, cargo's default build (dynamic glibc) | {carve_glibc_rss} |");
     if let Some(qemu) = &qemu {
         let mut qemu_cmd = vec![qemu.display().to_string()];
         qemu_cmd.extend(qemu_args(&qemu_elf));
@@ -278,13 +305,22 @@ fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) {
 }
 
 /// The floor for start-to-exit: one process, one vCPU, the ELF's segments, flat 32-bit entry,
-/// KVM_RUN until the debug-exit port. No devices, no irqchip, no boot information.
-fn raw_boot(elf: &Path) {
+/// KVM_RUN until the debug-exit port. No devices, no boot information, and no irqchip unless
+/// `irqchip` asks for the in-kernel irqchip and PIT every carve VM has: on this host's kernel
+/// (6.18) those make VM creation or teardown wait for a normal, tick-paced SRCU grace period
+/// (PIT notifiers, I/O-bus callbacks), 4–12 ms whenever it falls, which no VMM can avoid.
+fn raw_boot(elf: &Path, irqchip: bool) {
     use linux_loader::loader::{elf::Elf, KernelLoader};
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
     register(&vm, &mem);
+    if irqchip {
+        vm.create_irq_chip().unwrap();
+        let pit =
+            kvm_bindings::kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).unwrap();
+    }
     let mut file = std::fs::File::open(elf).unwrap();
     let loaded = Elf::load(&mem, None, &mut file, None).unwrap();
     let linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {

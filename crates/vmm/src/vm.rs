@@ -461,7 +461,9 @@ impl Vm {
         let usr1 = signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, writer)
             .map_err(|e| VmError::Host(e.to_string()))?;
         signal_ids.push(usr1);
-        let threads_to_kick: Vec<_> = threads.iter().map(|h| h.as_pthread_t()).collect();
+        // std hands out a u64 everywhere; libc's pthread_t is a pointer on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let threads_to_kick: Vec<_> = threads.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect();
         events.add_subscriber(Box::new(StateRequest {
             reader,
             context: context.clone(),
