@@ -21,7 +21,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-const PIO_EXITS: u64 = 20_000;
+const PIO_EXITS: u64 = 100_000;
 const RUNS: usize = 11;
 /// Start-to-exit times are bimodal here (see `raw_boot`), so they get more runs.
 const BOOT_RUNS: usize = 21;
