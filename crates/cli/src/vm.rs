@@ -238,7 +238,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
-    for warning in vm.entry_warnings() {
+    for warning in vm.entry_warnings().iter().map(String::as_str).chain(vm.cpu_template_warning()) {
         eprintln!("carve: warning: {warning}");
     }
     if let Some(path) = &args.dump_state {

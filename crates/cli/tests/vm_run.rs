@@ -216,6 +216,40 @@ fn cpu_templates_are_listed() {
 }
 
 #[test]
+fn the_guest_sees_the_template_or_carve_says_why_not() {
+    if !kvm_usable("the_guest_sees_the_template_or_carve_says_why_not") {
+        return;
+    }
+    let kernel = guest("cpuid", Format::Pvh);
+    let kernel = kernel.to_str().unwrap();
+    // The guest checks the hypervisor bit and vCPU 0's APIC ID always, and that every feature
+    // named by `hidden=` is absent.
+    let hidden = "hidden=xsave,avx,avx2,popcnt,smep,smap,pku";
+    let host = carve(&["vm", "run", "--kernel", kernel, "--vcpus", "2"]);
+    assert_guest_passed(&host);
+    assert!(!stderr(&host).contains("does not apply CPU template"), "{}", stderr(&host));
+    let baseline =
+        carve(&["vm", "run", "--kernel", kernel, "--cpu-template", "baseline", "--cmdline", hidden]);
+    let warned = stderr(&baseline).contains("this host's KVM does not apply CPU template 'baseline'");
+    if !warned {
+        assert_guest_passed(&baseline);
+        return;
+    }
+    // Hosts that answer CPUID themselves: the guest sees a feature the template removes, and
+    // carve's warning named it.
+    let warning = stderr(&baseline);
+    eprintln!("NOTE: this host's KVM ignores CPU templates; carve warned: {}", warning.trim());
+    let serial = stdout(&baseline);
+    let seen = serial
+        .lines()
+        .find_map(|l| l.strip_prefix("FAIL: ")?.strip_suffix(" hidden"))
+        .unwrap_or_else(|| panic!("carve warned, yet the guest saw every feature hidden:\n{serial}"));
+    assert!(warning.contains(seen), "the guest sees {seen}, which carve's warning does not name: {warning}");
+    let unmasked = carve(&["vm", "run", "--kernel", kernel, "--cpu-template", "baseline"]);
+    assert_guest_passed(&unmasked);
+}
+
+#[test]
 fn msi_from_a_device_message_store_reaches_the_guest_vector() {
     if !kvm_usable("msi_from_a_device_message_store_reaches_the_guest_vector") {
         return;

@@ -228,6 +228,7 @@ pub struct Vm {
     serial_input: bool,
     boot: BootSetup,
     entry_warnings: Vec<String>,
+    template_warning: Option<String>,
     vcpu_affinity: Vec<usize>,
     /// Device event handlers (virtio backends) that run on the VM's event loop.
     device_handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
@@ -367,6 +368,7 @@ impl Vm {
             vcpus.push(Vcpu { index: index.into(), fd, context: context.clone() });
         }
         let entry_warnings = check_entry_states(&vcpus, &platform, config.entry_check)?;
+        let template_warning = unenforced_template(&vcpus[0].fd, &config.cpu_template)?;
 
         Ok(Vm {
             vcpus,
@@ -375,6 +377,7 @@ impl Vm {
             serial_input: config.serial_input,
             boot,
             entry_warnings,
+            template_warning,
             vcpu_affinity: config.vcpu_affinity,
             device_handlers,
             _vm_fd: vm_fd,
@@ -385,6 +388,12 @@ impl Vm {
     /// Rules the starting state breaks, when [`EntryCheck::Warn`] let it start anyway.
     pub fn entry_warnings(&self) -> &[String] {
         &self.entry_warnings
+    }
+
+    /// Set when the host's KVM does not apply the CPU template: the guest sees features the
+    /// template removes.
+    pub fn cpu_template_warning(&self) -> Option<&str> {
+        self.template_warning.as_deref()
     }
 
     pub fn boot_setup(&self) -> &BootSetup {
@@ -573,6 +582,21 @@ fn configure_vcpu(
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
     vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;
     Ok(())
+}
+
+/// Reads back what KVM will show the guest. Some nested hosts (ours) answer CPUID with their own
+/// feature leaves whatever KVM_SET_CPUID2 said; a template cannot hide anything there.
+fn unenforced_template(fd: &VcpuFd, template: &CpuTemplate) -> Result<Option<String>, VmError> {
+    let readback = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("read back the vCPU's CPUID"))?;
+    let shown = template.unenforced(&readback);
+    Ok((!shown.is_empty()).then(|| {
+        format!(
+            "this host's KVM does not apply CPU template '{}': the guest still sees {} (nested \
+             hosts that answer CPUID themselves do this)",
+            template.name,
+            shown.join(", ")
+        )
+    }))
 }
 
 /// Checks every vCPU that will enter with its current state (APs waiting for SIPI get theirs

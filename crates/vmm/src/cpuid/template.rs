@@ -109,6 +109,48 @@ impl CpuTemplate {
     }
 }
 
+/// CPUID bits KVM recomputes from guest state as the guest runs (OSXSAVE, OSPKE), so a read-back
+/// may show them whatever was set.
+const RUNTIME_BITS: &[(u32, Register, u8)] = &[(1, Register::Ecx, 27), (7, Register::Ecx, 4)];
+
+impl CpuTemplate {
+    /// The features this template removes that `readback` (a vCPU's KVM_GET_CPUID2 after
+    /// KVM_SET_CPUID2) still shows: non-empty when the host's KVM does not apply templates.
+    pub fn unenforced(&self, readback: &CpuId) -> Vec<&str> {
+        let entries = readback.as_slice();
+        let leaves = self
+            .remove_leaves
+            .iter()
+            .filter(|removed| entries.iter().any(|e| e.function == removed.leaf))
+            .map(|removed| removed.feature.as_str());
+        let bits = self
+            .clear_bits
+            .iter()
+            .filter(|clear| !RUNTIME_BITS.contains(&(clear.leaf, clear.register, clear.bit)))
+            .filter(|clear| {
+                entries.iter().any(|entry| {
+                    let register = match clear.register {
+                        Register::Eax => entry.eax,
+                        Register::Ebx => entry.ebx,
+                        Register::Ecx => entry.ecx,
+                        Register::Edx => entry.edx,
+                    };
+                    entry.function == clear.leaf
+                        && clear.subleaf.is_none_or(|s| s == entry.index)
+                        && register & (1 << clear.bit) != 0
+                })
+            })
+            .map(|clear| clear.feature.as_str());
+        let mut features = Vec::new();
+        for feature in leaves.chain(bits) {
+            if !features.contains(&feature) {
+                features.push(feature);
+            }
+        }
+        features
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +164,23 @@ mod tests {
     fn built_ins_parse_and_have_unique_names() {
         let names: Vec<_> = CpuTemplate::all().into_iter().map(|t| t.name).collect();
         assert_eq!(names, ["host", "baseline"]);
+    }
+
+    #[test]
+    fn unenforced_names_what_a_readback_still_shows() {
+        let baseline = CpuTemplate::named("baseline").unwrap();
+        let mut applied = CpuId::from_entries(&[entry(1, 0, !0), entry(7, 0, 0), entry(0xd, 0, 1)]).unwrap();
+        baseline.apply(&mut applied);
+        assert!(baseline.unenforced(&applied).is_empty(), "{:?}", baseline.unenforced(&applied));
+        // A host that answers with its own leaves: popcnt and xsave back, leaf 0xd back.
+        let mut leaked = applied.clone();
+        leaked.as_mut_slice()[0].ecx |= 1 << 23 | 1 << 26 | 1 << 27;
+        leaked.push(entry(0xd, 0, 1)).unwrap();
+        let shown = baseline.unenforced(&leaked);
+        assert!(shown.contains(&"popcnt") && shown.contains(&"xsave"), "{shown:?}");
+        assert!(!shown.contains(&"osxsave"), "OSXSAVE follows CR4 at run time: {shown:?}");
+        assert_eq!(shown.iter().filter(|f| **f == "xsave").count(), 1, "named once: {shown:?}");
+        assert!(CpuTemplate::named("host").unwrap().unenforced(&leaked).is_empty());
     }
 
     #[test]
