@@ -78,16 +78,16 @@ fn main() {
             },
         ],
     );
-    println!("| | µs per exit | × floor |\n|---|---|---|");
-    let rows = [
-        "raw KVM_RUN loop, real-mode `out`/`dec`/`jnz` (floor)",
-        "raw KVM_RUN loop, the same guest as carve's",
-        "raw KVM_RUN loop, the same guest, irqchip + PIT as carve's",
-        "carve",
-    ];
-    for (i, row) in rows.iter().enumerate() {
-        println!("| {row} | {:.2} | {:.2} |", pio.median(i) * 1e6, pio.ratio(i, 0));
-    }
+    pio.print_table(
+        "µs per exit",
+        1e6,
+        &[
+            "raw KVM_RUN loop, real-mode `out`/`dec`/`jnz` (floor)",
+            "raw KVM_RUN loop, the same guest as carve's",
+            "raw KVM_RUN loop, the same guest, irqchip + PIT as carve's",
+            "carve",
+        ],
+    );
     println!("\ncarve against the raw loop running its own guest and VM shape: {:.2}×\n", pio.ratio(3, 2));
 
     println!("## Process start to guest exit, tiny PVH guest (128 MiB, median of {BOOT_RUNS} rounds)\n");
@@ -105,16 +105,16 @@ fn main() {
         ],
     );
     let floor = boot.median(0);
-    println!("| | ms | × floor |\n|---|---|---|");
-    let rows = [
-        "raw KVM process (floor)",
-        "raw KVM process with carve's irqchip and PIT",
-        "carve",
-        "carve, cargo's default build (dynamic glibc)",
-    ];
-    for (i, row) in rows.iter().enumerate() {
-        println!("| {row} | {:.2} | {:.2} |", boot.median(i) * 1e3, boot.ratio(i, 0));
-    }
+    boot.print_table(
+        "ms",
+        1e3,
+        &[
+            "raw KVM process (floor)",
+            "raw KVM process with carve's irqchip and PIT",
+            "carve",
+            "carve, cargo's default build (dynamic glibc)",
+        ],
+    );
     if let Some(qemu) = &qemu {
         let qemu_boot = median(BOOT_RUNS, || time(|| run(qemu.to_str().unwrap(), &qemu_args(&qemu_elf))));
         println!("| QEMU 7.2 microvm | {:.2} | {:.2} |", qemu_boot * 1e3, qemu_boot / floor);

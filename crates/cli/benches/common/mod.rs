@@ -36,6 +36,15 @@ impl Rounds {
     pub fn ratio(&self, a: usize, b: usize) -> f64 {
         middle(self.0[a].iter().zip(&self.0[b]).map(|(x, y)| x / y).collect())
     }
+
+    /// A markdown table: one row per measurement (in order), its median times `scale` in
+    /// `unit`, and its ratio to the first.
+    pub fn print_table(&self, unit: &str, scale: f64, rows: &[&str]) {
+        println!("| | {unit} | × floor |\n|---|---|---|");
+        for (i, row) in rows.iter().enumerate() {
+            println!("| {row} | {:.2} | {:.2} |", self.median(i) * scale, self.ratio(i, 0));
+        }
+    }
 }
 
 fn middle(mut samples: Vec<f64>) -> f64 {
