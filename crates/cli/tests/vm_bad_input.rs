@@ -123,3 +123,23 @@ fn kvm_without_permission_is_named() {
     assert!(err.contains("cannot open /dev/kvm: Permission denied"), "{err}");
     assert!(err.contains("kvm' group"), "{err}");
 }
+
+#[test]
+fn missing_kvm_is_named() {
+    // A private mount namespace whose /dev is empty: a host without KVM, as root sees it.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED missing_kvm_is_named: needs root for a private mount namespace");
+        return;
+    }
+    let script = format!("mount -t tmpfs none /dev && exec {} vm run --demo", env!("CARGO_BIN_EXE_carve"));
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare runs");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot open /dev/kvm: No such file or directory"), "{err}");
+    assert!(err.contains("kvm module loaded"), "{err}");
+}
