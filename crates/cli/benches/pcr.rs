@@ -2,6 +2,9 @@
 //! SHA-384 pass), side by side in one run; plus each one's peak resident memory.
 //! Run: `cargo bench -p carve-cli --bench pcr`.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -12,7 +15,8 @@ const RUNS: usize = 7;
 fn main() {
     let file = std::env::temp_dir().join(format!("carve-pcr-bench-{}", std::process::id()));
     write_input(&file);
-    let carve = env!("CARGO_BIN_EXE_carve");
+    let shipped = common::shipped_carve();
+    let carve = shipped.to_str().unwrap();
     let path = file.to_str().unwrap();
     let carve_cmd = [carve, "pcr", "--input", path];
     let sha_cmd = ["sha384sum", path];

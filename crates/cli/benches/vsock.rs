@@ -3,6 +3,9 @@
 //! device's CPU time per MiB (the event-loop thread's CPU time, from /proc schedstat).
 //! Run: `cargo bench -p carve-cli --bench vsock`.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -19,10 +22,33 @@ fn main() {
         (throughput(&a), round_trip(&a))
     };
 
+    let shipped = measure(&common::shipped_carve());
+    let glibc = measure(std::path::Path::new(env!("CARGO_BIN_EXE_carve")));
+
+    println!("## vsock echo, {} MiB through and back; {PINGS} 1-byte round trips (median)\n", PAYLOAD >> 20);
+    println!("| | MiB/s (each way) | round trip µs | device CPU, ms per MiB |");
+    println!("|---|---|---|---|");
+    println!("| Unix socket echo on the host (floor) | {floor_mibps:.1} | {floor_rtt:.1} | |");
+    for (name, m) in [("carve", &shipped), ("carve, cargo's default build (dynamic glibc)", &glibc)] {
+        println!(
+            "| {name}: hybrid vsock → demo guest echo | {:.1} | {:.1} | {:.2} |",
+            m.mibps, m.rtt, m.cpu_per_mib_ms
+        );
+    }
+    println!("\nDevice CPU is carve's event-loop thread's CPU time over the throughput phase.");
+}
+
+struct Measured {
+    mibps: f64,
+    rtt: f64,
+    cpu_per_mib_ms: f64,
+}
+
+fn measure(carve: &std::path::Path) -> Measured {
     let dir = std::env::temp_dir().join(format!("carve-vsock-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let uds = dir.join("bench.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_carve"))
+    let mut child = Command::new(carve)
         .args(["vm", "run", "--demo", "--serial", "none", "--cmdline", "echo_sessions=2", "--vsock"])
         .arg(format!("cid=9,uds={}", uds.display()))
         .stdin(Stdio::null())
@@ -31,21 +57,15 @@ fn main() {
     let event_loop_cpu = || cpu_ns(child.id());
     let stream = connect(&uds, 5005);
     let cpu_before = event_loop_cpu();
-    let carve_mibps = throughput(&stream);
+    let mibps = throughput(&stream);
     let cpu_per_mib_ms = (event_loop_cpu() - cpu_before) as f64 / 1e6 / ((2 * PAYLOAD) >> 20) as f64;
     drop(stream);
     let stream = connect(&uds, 5005);
-    let carve_rtt = round_trip(&stream);
+    let rtt = round_trip(&stream);
     drop(stream);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-
-    println!("## vsock echo, {} MiB through and back; {PINGS} 1-byte round trips (median)\n", PAYLOAD >> 20);
-    println!("| | MiB/s (each way) | round trip µs |");
-    println!("|---|---|---|");
-    println!("| Unix socket echo on the host (floor) | {floor_mibps:.1} | {floor_rtt:.1} |");
-    println!("| carve hybrid vsock → demo guest echo | {carve_mibps:.1} | {carve_rtt:.1} |");
-    println!("\nDevice-side CPU (carve's event-loop thread): {cpu_per_mib_ms:.2} ms per MiB moved");
+    Measured { mibps, rtt, cpu_per_mib_ms }
 }
 
 fn echo_server(stream: UnixStream) {
