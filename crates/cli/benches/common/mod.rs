@@ -1,6 +1,7 @@
 //! Shared by carve's benchmarks.
 
 /// Median of `runs` samples (seconds, or whatever unit `sample` returns).
+#[allow(dead_code)]
 pub fn median(runs: usize, mut sample: impl FnMut() -> f64) -> f64 {
     middle((0..runs).map(|_| sample()).collect())
 }
