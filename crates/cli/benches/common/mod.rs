@@ -1,19 +1,17 @@
-//! Shared by carve's benchmarks.
+//! Shared by carve's benchmarks; each uses part of it.
+#![allow(dead_code)]
 
 /// Median of `runs` samples (seconds, or whatever unit `sample` returns).
-#[allow(dead_code)]
 pub fn median(runs: usize, mut sample: impl FnMut() -> f64) -> f64 {
     middle((0..runs).map(|_| sample()).collect())
 }
 
 /// Samples from measurements taken in alternation, round by round, so that a shared machine's
 /// drift hits every one alike.
-#[allow(dead_code)]
 pub struct Rounds(Vec<Vec<f64>>);
 
 /// Runs `rounds` rounds; each takes one sample of every measurement, starting at a different
 /// one each round.
-#[allow(dead_code)]
 pub fn interleaved(rounds: usize, measures: &mut [&mut dyn FnMut() -> f64]) -> Rounds {
     let n = measures.len();
     let mut samples = vec![Vec::with_capacity(rounds); n];
@@ -27,7 +25,6 @@ pub fn interleaved(rounds: usize, measures: &mut [&mut dyn FnMut() -> f64]) -> R
     Rounds(samples)
 }
 
-#[allow(dead_code)]
 impl Rounds {
     pub fn median(&self, i: usize) -> f64 {
         middle(self.0[i].clone())
@@ -56,7 +53,6 @@ fn middle(mut samples: Vec<f64>) -> f64 {
 /// The binary carve ships, built (or found fresh) with `cargo dist`: static musl, fat LTO.
 /// Benchmarks measure it, since it is what users run; cargo's default build (dynamic glibc) is
 /// what the tests use.
-#[allow(dead_code)]
 pub fn shipped_carve() -> std::path::PathBuf {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
