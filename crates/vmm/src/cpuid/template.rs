@@ -3,7 +3,7 @@
 //! A template clears feature bits (`clear_bits`) and drops whole leaves (`remove_leaves`);
 //! it never adds what KVM does not support. See docs/cpu-templates.md.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use serde::{Deserialize, Deserializer};
 
 const BUILT_IN: &[&str] =
@@ -66,6 +66,36 @@ fn opt_hex_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error>
     Option::<String>::deserialize(d)?.map(|s| parse_hex(&s).map_err(serde::de::Error::custom)).transpose()
 }
 
+impl Register {
+    fn get(self, entry: &kvm_cpuid_entry2) -> u32 {
+        match self {
+            Register::Eax => entry.eax,
+            Register::Ebx => entry.ebx,
+            Register::Ecx => entry.ecx,
+            Register::Edx => entry.edx,
+        }
+    }
+
+    fn get_mut(self, entry: &mut kvm_cpuid_entry2) -> &mut u32 {
+        match self {
+            Register::Eax => &mut entry.eax,
+            Register::Ebx => &mut entry.ebx,
+            Register::Ecx => &mut entry.ecx,
+            Register::Edx => &mut entry.edx,
+        }
+    }
+}
+
+impl ClearBit {
+    fn covers(&self, entry: &kvm_cpuid_entry2) -> bool {
+        entry.function == self.leaf && self.subleaf.is_none_or(|s| s == entry.index)
+    }
+}
+
+/// CPUID bits KVM recomputes from guest state as the guest runs (OSXSAVE, OSPKE), so a read-back
+/// may show them whatever was set.
+const RUNTIME_BITS: &[(u32, Register, u8)] = &[(1, Register::Ecx, 27), (7, Register::Ecx, 4)];
+
 impl CpuTemplate {
     /// Every built-in template, in documentation order.
     pub fn all() -> Vec<CpuTemplate> {
@@ -91,29 +121,13 @@ impl CpuTemplate {
     pub fn apply(&self, cpuid: &mut CpuId) {
         let removed: Vec<u32> = self.remove_leaves.iter().map(|r| r.leaf).collect();
         cpuid.retain(|entry| !removed.contains(&entry.function));
-        for entry in cpuid.as_mut_slice() {
-            for clear in &self.clear_bits {
-                let matches = entry.function == clear.leaf && clear.subleaf.is_none_or(|s| s == entry.index);
-                if !matches {
-                    continue;
-                }
-                let register = match clear.register {
-                    Register::Eax => &mut entry.eax,
-                    Register::Ebx => &mut entry.ebx,
-                    Register::Ecx => &mut entry.ecx,
-                    Register::Edx => &mut entry.edx,
-                };
-                *register &= !(1u32 << clear.bit);
+        for clear in &self.clear_bits {
+            for entry in cpuid.as_mut_slice().iter_mut().filter(|entry| clear.covers(entry)) {
+                *clear.register.get_mut(entry) &= !(1u32 << clear.bit);
             }
         }
     }
-}
 
-/// CPUID bits KVM recomputes from guest state as the guest runs (OSXSAVE, OSPKE), so a read-back
-/// may show them whatever was set.
-const RUNTIME_BITS: &[(u32, Register, u8)] = &[(1, Register::Ecx, 27), (7, Register::Ecx, 4)];
-
-impl CpuTemplate {
     /// The features this template removes that `readback` (a vCPU's KVM_GET_CPUID2 after
     /// KVM_SET_CPUID2) still shows: non-empty when the host's KVM does not apply templates.
     pub fn unenforced(&self, readback: &CpuId) -> Vec<&str> {
@@ -128,17 +142,9 @@ impl CpuTemplate {
             .iter()
             .filter(|clear| !RUNTIME_BITS.contains(&(clear.leaf, clear.register, clear.bit)))
             .filter(|clear| {
-                entries.iter().any(|entry| {
-                    let register = match clear.register {
-                        Register::Eax => entry.eax,
-                        Register::Ebx => entry.ebx,
-                        Register::Ecx => entry.ecx,
-                        Register::Edx => entry.edx,
-                    };
-                    entry.function == clear.leaf
-                        && clear.subleaf.is_none_or(|s| s == entry.index)
-                        && register & (1 << clear.bit) != 0
-                })
+                entries
+                    .iter()
+                    .any(|entry| clear.covers(entry) && clear.register.get(entry) & (1 << clear.bit) != 0)
             })
             .map(|clear| clear.feature.as_str());
         let mut features = Vec::new();
@@ -154,7 +160,6 @@ impl CpuTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32, ecx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 { function, index, ecx, ebx: !0, ..Default::default() }
