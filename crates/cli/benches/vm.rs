@@ -277,15 +277,21 @@ fn raw_guest_loop(elf: &Path, count: u64, irqchip: bool) -> f64 {
     vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
     carve_vmm::boot::cpu_state::apply(&vcpu, &mem, setup.entry).unwrap();
     let start = Instant::now();
+    run_to_debug_exit(&mut vcpu);
+    start.elapsed().as_secs_f64()
+}
+
+/// KVM_RUN until the guest writes the debug-exit port; other port and MMIO accesses are
+/// ignored (reads return all ones), as carve does.
+fn run_to_debug_exit(vcpu: &mut kvm_ioctls::VcpuFd) {
     loop {
         match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0xf4, _) => break,
+            VcpuExit::IoOut(0xf4, _) => return,
             VcpuExit::IoIn(_, data) => data.fill(0xff),
             VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => {}
-            other => panic!("raw guest loop: unexpected exit {other:?}"),
+            other => panic!("raw KVM_RUN loop: unexpected exit {other:?}"),
         }
     }
-    start.elapsed().as_secs_f64()
 }
 
 fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) {
@@ -330,14 +336,7 @@ fn raw_boot(elf: &Path, irqchip: bool) {
     vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap()).unwrap();
     let entry_state = carve_vmm::boot::EntryState::Protected32 { eip: entry.0, eax: 0, ebx: 0 };
     carve_vmm::boot::cpu_state::apply(&vcpu, &mem, entry_state).unwrap();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0xf4, _) => break,
-            VcpuExit::IoIn(_, data) => data.fill(0xff),
-            VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => {}
-            other => panic!("raw boot: unexpected exit {other:?}"),
-        }
-    }
+    run_to_debug_exit(&mut vcpu);
     std::process::exit(1);
 }
 
