@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -340,8 +340,9 @@ impl Vm {
         mptable::write(&mem, vcpu_count)?;
         acpi::write(&mem, vcpu_count, &slots)?;
 
-        let supported =
+        let mut supported =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+        cpuid::announce_emulated(&mut supported, kvm.check_extension(Cap::TscDeadlineTimer));
         let platform = Platform::host(&supported);
         let context = Arc::new(VcpuContext {
             pio,

@@ -16,9 +16,23 @@ const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 const LEAF_TIMING: u32 = 0x4000_0010;
 const LEAF_EXT_ADDRESS_SIZES: u32 = 0x8000_0008;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const APIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Announces what KVM emulates but leaves out of KVM_GET_SUPPORTED_CPUID for user space to
+/// offer: the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER), as QEMU and Firecracker do.
+/// Without it Linux calibrates the local APIC timer against the PIT, which fails where vCPUs
+/// are descheduled for long (KVM re-injects missed PIT ticks, not missed APIC timer ticks), and
+/// then has no per-CPU timer at all: every sleep in the guest hangs.
+pub fn announce_emulated(cpuid: &mut CpuId, tsc_deadline: bool) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES && tsc_deadline {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
 
 /// Shapes the CPUID for vCPU `index` of `count` (one socket, `count` cores, one thread each).
 pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, tsc_khz: Option<u32>) {
@@ -98,6 +112,15 @@ mod tests {
         assert_eq!((leaves[1].eax, leaves[1].ebx, leaves[1].ecx >> 8, leaves[1].edx), (0, 1, 1, 3));
         assert_eq!((leaves[2].eax, leaves[2].ebx, leaves[2].ecx >> 8), (2, 3, 2));
         assert_eq!((leaves[3].ebx, leaves[3].ecx >> 8), (0, 0));
+    }
+
+    #[test]
+    fn announces_the_tsc_deadline_timer_only_when_kvm_emulates_it() {
+        let mut cpuid = base();
+        announce_emulated(&mut cpuid, false);
+        assert_eq!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        announce_emulated(&mut cpuid, true);
+        assert_ne!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
