@@ -100,12 +100,22 @@ struct Peer {
     host_write_shut: bool,
     /// A host-initiated connection the guest has not answered is reset after this.
     connect_deadline: Option<Instant>,
+    /// The CID carve answers as: the one the guest connected to (the host, 2, or the parent,
+    /// 3); the parent's for connections the host starts. Linux drops replies from another.
+    host_cid: u64,
 }
 
 impl Peer {
-    fn new(conn: Connection, connect_deadline: Option<Instant>) -> Peer {
+    fn new(conn: Connection, connect_deadline: Option<Instant>, host_cid: u64) -> Peer {
         // Assume data may be waiting: a read that would block just clears it.
-        Peer { conn, host_readable: true, in_ready: false, host_write_shut: false, connect_deadline }
+        Peer {
+            conn,
+            host_readable: true,
+            in_ready: false,
+            host_write_shut: false,
+            connect_deadline,
+            host_cid,
+        }
     }
 }
 
@@ -319,10 +329,18 @@ impl VsockBackend {
                 self.stats.connections.fetch_add(1, Ordering::Relaxed);
             }
             OP_RST => {
+                log::debug!(target: "carve::virtio", "{NAME}: guest port {} reset its connection", key.guest_port);
                 self.close(key);
                 return;
             }
             OP_SHUTDOWN => {
+                log::debug!(
+                    target: "carve::virtio",
+                    "{NAME}: guest port {} shut down toward host port {} (flags {:#x})",
+                    key.guest_port,
+                    key.host_port,
+                    h.flags
+                );
                 peer.conn.guest_rcv_shut |= h.flags & SHUTDOWN_RCV != 0;
                 peer.conn.guest_send_shut |= h.flags & SHUTDOWN_SEND != 0;
                 if peer.conn.guest_rcv_shut && peer.conn.guest_send_shut {
@@ -339,7 +357,8 @@ impl VsockBackend {
                     return;
                 }
                 self.stats.bytes_from_guest.fetch_add(len as u64, Ordering::Relaxed);
-                if peer.conn.forward(&self.scratch[..len]).is_err() {
+                if let Err(e) = peer.conn.forward(&self.scratch[..len]) {
+                    log::debug!(target: "carve::virtio", "{NAME}: host port {} failed: {e}", key.host_port);
                     self.reset_connection(key);
                     return;
                 }
@@ -401,16 +420,16 @@ impl VsockBackend {
         };
         let mut conn = Connection::new(stream, State::Established);
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
-        self.register(key, conn);
+        self.register(key, conn, h.dst_cid);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.send_control(key, OP_RESPONSE, 0);
     }
 
-    fn register(&mut self, key: ConnKey, conn: Connection) {
+    fn register(&mut self, key: ConnKey, conn: Connection, host_cid: u64) {
         let fd = conn.stream.as_raw_fd();
         self.roles.insert(fd, Role::Conn(key));
         self.opened.push(fd);
-        self.peers.insert(key, Peer::new(conn, None));
+        self.peers.insert(key, Peer::new(conn, None, host_cid));
         self.requeue_if_readable(key);
     }
 
@@ -486,7 +505,7 @@ impl VsockBackend {
         let key = ConnKey { host_port: self.allocate_host_port(guest_port), guest_port };
         self.roles.insert(fd, Role::Conn(key));
         let conn = Connection::new(stream, State::Connecting);
-        self.peers.insert(key, Peer::new(conn, Some(Instant::now() + CONNECT_TIMEOUT)));
+        self.peers.insert(key, Peer::new(conn, Some(Instant::now() + CONNECT_TIMEOUT), PARENT_CID));
         self.send_control(key, OP_REQUEST, 0);
         if !self.timer.is_armed().unwrap_or(true) {
             let _ = self.timer.reset(TIMER_TICK, Some(TIMER_TICK));
@@ -614,9 +633,14 @@ impl VsockBackend {
     }
 
     fn send_control(&mut self, key: ConnKey, op: u16, flags: u32) {
-        let control =
-            Control { host_port: key.host_port, guest_port: key.guest_port, peer_cid: PARENT_CID, op, flags };
-        self.push_control(control);
+        let peer_cid = self.peers.get(&key).map_or(PARENT_CID, |peer| peer.host_cid);
+        self.push_control(Control {
+            host_port: key.host_port,
+            guest_port: key.guest_port,
+            peer_cid,
+            op,
+            flags,
+        });
     }
 
     fn push_control(&mut self, control: Control) {
@@ -629,8 +653,8 @@ impl VsockBackend {
 
     /// Ends a connection and tells the guest.
     fn reset_connection(&mut self, key: ConnKey) {
-        self.close(key);
         self.send_control(key, OP_RST, 0);
+        self.close(key);
     }
 
     fn close(&mut self, key: ConnKey) {
@@ -690,7 +714,7 @@ fn read_host_data<B: BitmapSlice>(
     let mut control = Control {
         host_port: key.host_port,
         guest_port: key.guest_port,
-        peer_cid: PARENT_CID,
+        peer_cid: peer.host_cid,
         op: OP_RW,
         flags: 0,
     };
