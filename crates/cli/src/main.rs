@@ -72,7 +72,21 @@ enum Command {
 const NITRO_CLI_NAME: &str = "nitro-cli";
 const NITRO_CLI_VERSION: &str = "1.5.0";
 
+/// A VM holds a descriptor per routed MSI vector (thousands with the message-store device),
+/// per vsock connection and per vCPU; the usual soft limit of 1024 is far below what KVM routes.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the rlimit passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = parse_command_line();
     // An enclave process's log (run dir's enclaves.log) records at least its life events.
     let is_enclave_process = matches!(cli.command, Command::EnclaveProcess);

@@ -275,11 +275,26 @@ impl Vcpu {
     }
 
     fn crash(&self, kind: CrashKind, what: String) -> VmExit {
-        let explanation = format!("vCPU {} {what}. {}", self.index, self.describe_state());
+        let state = if matches!(kind, CrashKind::TripleFault) && self.was_reset() {
+            "Registers unavailable: this host's KVM reset the vCPU on the shutdown (AMD SVM's does), \
+             so the state that faulted is gone."
+                .to_string()
+        } else {
+            self.describe_state()
+        };
+        let explanation = format!("vCPU {} {what}. {state}", self.index);
         VmExit::Crash(CrashReport { kind, vcpu: self.index, explanation })
     }
 
-    /// The registers and, when readable, the bytes at RIP.
+    /// Whether the vCPU holds the architectural reset state (real mode at F000:FFF0).
+    fn was_reset(&self) -> bool {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
+        regs.rip == 0xfff0
+            && sregs.cs.selector == 0xf000
+            && sregs.cs.base == 0xffff_0000
+            && sregs.cr0 & 1 == 0
+    }
+
     /// Halted with interrupts disabled, or an AP never started: only another vCPU could wake it
     /// (with an IPI or a SIPI).
     fn is_stuck(&self) -> bool {
@@ -292,6 +307,7 @@ impl Vcpu {
         }
     }
 
+    /// The registers and, when readable, the bytes at RIP.
     fn describe_state(&self) -> String {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
             return "Registers unavailable.".into();
