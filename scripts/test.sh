@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# carve's whole test suite: unit tests, guests on the real /dev/kvm, the Linux smoke test (its
-# kernel is built once by scripts/build-linux.sh and cached outside the repository), a brief
-# run of every fuzz target, and the README's main job (scripts/demo.sh) with the shipped static
-# binary, which the cargo tests (glibc builds) do not run.
+# carve's whole test suite: unit tests, guests on this machine's /dev/kvm, a brief run of every
+# fuzz target, the README's main job (scripts/demo.sh) with the shipped static binary, which the
+# cargo tests (glibc builds) do not run, and then the tests that need real KVM (Linux user space
+# under carve, enforced CPU templates, enclaves on a pool CPU with hugepages, every guest test
+# again) on the software KVM host of scripts/kvm-host.sh, booted once. The Linux guest's kernel
+# is built once by scripts/build-linux.sh and cached outside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -21,4 +23,31 @@ else
     exit 1
 fi
 rm -f "$demo_log"
+
+# The real KVM phase: the test executables cargo just built, run inside the software KVM host.
+real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:enclaves
+    carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
+list=$(mktemp)
+trap 'rm -f "$log" "$list" "$list.json"' EXIT
+cargo test --workspace --locked --no-run --message-format=json 2>/dev/null >"$list.json"
+python3 - "$list.json" $real_kvm_tests >"$list" <<'PY'
+import json, sys
+wanted = {tuple(name.split(":")) for name in sys.argv[2:]}
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        package = m["package_id"].split("#")[-1].split("@")[0].split("/")[-1]
+        if (package, m["target"]["name"]) in wanted:
+            print(package, m["target"]["name"], m["executable"])
+PY
+if (($(wc -l <"$list") != $(wc -w <<<"$real_kvm_tests"))); then
+    echo "real KVM phase: cargo built $(wc -l <"$list") of the test executables named ($real_kvm_tests)" >&2
+    exit 1
+fi
+echo "== real KVM phase: $(wc -l <"$list") test executables on the software KVM host (scripts/kvm-host.sh)"
+started=$SECONDS
+CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 scripts/real-kvm-tests.sh "$list" 2>&1 | tee -a "$log"
+phase=${PIPESTATUS[0]}
+echo "== real KVM phase: $(grep -c '^== real KVM: .* took' "$log") executables, $((SECONDS - started)) s, status $phase"
+((phase == 0)) || { echo "real KVM phase: FAILED" >&2; exit 1; }
 awk '/^test result:/ { p += $4; f += $6 } END { printf "carve tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"

@@ -1,6 +1,7 @@
 //! Builds the `guests/` workspace for `x86_64-unknown-none` with a nested cargo, once with the
 //! PVH note (PVH + multiboot ELFs) and once without (multiboot-only ELFs), and wraps each PVH
 //! ELF as a bzImage (Linux boot-protocol setup header + flat image, 64-bit entry at +0x200).
+//! Also builds `guests/linux/tools`, static Linux programs for Linux test guests' initramfs.
 
 use std::env;
 use std::fs;
@@ -20,8 +21,15 @@ fn main() {
     println!("cargo:rerun-if-changed={}", guests.join("link.ld").display());
     println!("cargo:rerun-if-changed={}", guests.join(".cargo/config.toml").display());
 
+    let tools = guests.join("linux/tools");
+    for path in ["src", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", tools.join(path).display());
+    }
+
     let pvh = build_guests(&guests, &out.join("target-pvh"), &[]);
     let multiboot = build_guests(&guests, &out.join("target-multiboot"), &["--no-default-features"]);
+    let linux_tools = nested_build(&tools, &out.join("target-linux"), "x86_64-unknown-linux-musl", &[]);
+    fs::copy(linux_tools.join("vsock-nc"), out.join("vsock-nc")).unwrap();
     let names = guest_names(&guests);
     let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     let generated = format!(
@@ -90,11 +98,16 @@ fn guest_names(guests: &Path) -> Vec<String> {
 }
 
 fn build_guests(guests: &Path, target_dir: &Path, extra: &[&str]) -> PathBuf {
+    nested_build(guests, target_dir, "x86_64-unknown-none", extra)
+}
+
+/// `cargo build --release` of the package in `dir` for `target`; returns where its binaries are.
+fn nested_build(dir: &Path, target_dir: &Path, target: &str, extra: &[&str]) -> PathBuf {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command
-        .current_dir(guests)
-        .args(["build", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+        .current_dir(dir)
+        .args(["build", "--release", "--locked", "--target", target, "--target-dir"])
         .arg(target_dir)
         .args(extra);
     // The host build's flags and target settings must not leak into the guest build.
@@ -108,12 +121,9 @@ fn build_guests(guests: &Path, target_dir: &Path, extra: &[&str]) -> PathBuf {
     }
     let status = command.status().expect("running cargo for guests/");
     if !status.success() {
-        panic!(
-            "building guests/ failed; is the guest target installed? \
-             Run: rustup target add x86_64-unknown-none"
-        );
+        panic!("building {} failed; is the target installed? Run: rustup target add {target}", dir.display());
     }
-    target_dir.join("x86_64-unknown-none/release")
+    target_dir.join(target).join("release")
 }
 
 /// Lays the ELF's loadable segments out flat from `LOAD_ADDRESS` and prepends a boot sector and

@@ -48,6 +48,13 @@ impl Format {
     }
 }
 
+/// Path of a static Linux program from `guests/linux/tools` (x86_64 musl), for the initramfs of
+/// a Linux test guest. Panics on a name the tools do not build.
+pub fn linux_tool(name: &str) -> PathBuf {
+    assert!(["vsock-nc"].contains(&name), "no Linux guest tool named {name}");
+    PathBuf::from(env!("OUT_DIR")).join(name)
+}
+
 /// Path of a built guest. Panics on a name `GUESTS` does not list.
 pub fn path(name: &str, format: Format) -> PathBuf {
     assert!(GUESTS.contains(&name), "no guest named {name}");
