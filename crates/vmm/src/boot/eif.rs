@@ -137,10 +137,20 @@ impl ReadVolatile for GuestBytes {
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
+        // vm-memory asks each region for its whole part in one call: fill `buf` (short only at
+        // the end of the stream), a bounded chunk at a time.
         let mut chunk = vec![0u8; buf.len().min(1 << 20)];
-        let n = self.read(&mut chunk).map_err(VolatileMemoryError::IOError)?;
-        buf.copy_from(&chunk[..n]);
-        Ok(n)
+        let mut done = 0;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(chunk.len());
+            let n = self.read(&mut chunk[..want]).map_err(VolatileMemoryError::IOError)?;
+            if n == 0 {
+                break;
+            }
+            buf.offset(done)?.copy_from(&chunk[..n]);
+            done += n;
+        }
+        Ok(done)
     }
 }
 
@@ -160,5 +170,21 @@ mod tests {
         bytes.read_to_string(&mut out).unwrap();
         assert_eq!(out, "lo, world");
         assert!(bytes.seek(SeekFrom::Current(-20)).is_err());
+    }
+
+    #[test]
+    fn a_kernel_larger_than_one_chunk_loads_whole() {
+        // A 6.12 enclave kernel is 1.4 MiB: more than one read chunk, in one region.
+        let len = (1 << 20) + 4096 + 3;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        mem.write_slice(&data[..1000], GuestAddress(0x40_0000)).unwrap();
+        mem.write_slice(&data[1000..], GuestAddress(0x50_0000)).unwrap();
+        let mut bytes =
+            GuestBytes::new(mem.clone(), vec![(0x40_0000, 1000), (0x50_0000, (len - 1000) as u64)]);
+        mem.read_exact_volatile_from(GuestAddress(0x10_0000), &mut bytes, len).unwrap();
+        let mut copy = vec![0u8; len];
+        mem.read_slice(&mut copy, GuestAddress(0x10_0000)).unwrap();
+        assert!(copy == data, "every byte in place");
     }
 }
