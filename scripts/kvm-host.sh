@@ -99,6 +99,8 @@ if [[ ! -f $host/initrd.img ]]; then
     cp "$build/kernel/boot/vmlinuz-$release" "$host/vmlinuz"
     mv "$build/initrd.img" "$host/initrd.img"
     rm -rf "$build"
+    # Hosts made for an older kernel package or init are not used again.
+    find "$cache" -maxdepth 1 -name 'kvm-host-*' ! -name "${host##*/}" ! -name '*.build.*' -exec rm -rf {} +
     trap - EXIT
 fi
 
@@ -124,7 +126,7 @@ trap '[[ -n ${CARVE_KVM_HOST_KEEP:-} ]] || rm -rf "$results"' EXIT
 
 started=$SECONDS
 set +e
-timeout -s KILL "$timeout" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m "$memory" \
+timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m "$memory" \
     -nodefaults -display none -no-reboot \
     -kernel "$host/vmlinuz" -initrd "$host/initrd.img" \
     -append "console=ttyS0 panic=-1 kvm_host_results=$results" \
@@ -142,7 +144,7 @@ last_lines() {
 }
 if [[ -f $results/status ]]; then
     exit "$(cat "$results/status")"
-elif ((qemu == 137)); then
+elif ((qemu == 124 || qemu == 137)); then
     echo "kvm-host: '$*' did not finish within ${timeout} s; the host was killed" >&2
     last_lines
     exit 124
