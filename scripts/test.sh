@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 CARVE_LINUX_KERNEL=$(scripts/build-linux.sh)
 export CARVE_LINUX_KERNEL
+# carve's enclave kernel and init (the real KVM phase boots a Linux enclave with them).
+CARVE_ENCLAVE_BLOBS=$(scripts/build-enclave-blobs.sh)
+export CARVE_ENCLAVE_BLOBS
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
@@ -25,8 +28,8 @@ fi
 rm -f "$demo_log"
 
 # The real KVM phase: the test executables cargo just built, run inside the software KVM host.
-real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:enclaves
-    carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
+real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:linux_enclave
+    carve-cli:enclaves carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
 list=$(mktemp)
 trap 'rm -f "$log" "$list" "$list.json"' EXIT
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null >"$list.json"

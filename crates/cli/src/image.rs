@@ -370,16 +370,7 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
             "carve does not pull images from a registry or a Docker daemon; `docker save` the image and pass the archive with --oci-archive",
         ));
     };
-    let blobs = args.blobs_dir.clone().unwrap_or_else(|| PathBuf::from("/usr/share/nitro_enclaves/blobs"));
-    if !blobs.is_dir() {
-        return Err(NitroError::new(
-            ErrorCode::BLOBS_PATH_NOT_SET,
-            format!(
-                "blobs directory '{}' does not exist; set --blobs-dir or NITRO_CLI_BLOBS",
-                blobs.display()
-            ),
-        ));
-    }
+    let blobs = find_blobs(args.blobs_dir.as_deref())?;
     let cmdline_path = blobs.join("cmdline");
     let cmdline =
         std::fs::read_to_string(&cmdline_path).map_err(|e| NitroError::file(&cmdline_path, "read", e))?;
@@ -393,6 +384,44 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
         default_name: image.name(),
         default_version: image.id_hex(),
         docker_info: image.docker_info(),
+    })
+}
+
+/// Where nitro-cli installs AWS's blobs.
+const NITRO_CLI_BLOBS: &str = "/usr/share/nitro_enclaves/blobs";
+
+/// The enclave kernel, cmdline and init: `--blobs-dir` or `NITRO_CLI_BLOBS` when given, else
+/// carve's own (scripts/build-enclave-blobs.sh keeps them in carve's cache), else nitro-cli's.
+fn find_blobs(given: Option<&Path>) -> Result<PathBuf, NitroError> {
+    if let Some(dir) = given {
+        if dir.join("bzImage").is_file() {
+            return Ok(dir.to_path_buf());
+        }
+        return Err(NitroError::new(
+            ErrorCode::BLOBS_PATH_NOT_SET,
+            format!(
+                "no enclave blobs (bzImage, cmdline, init) in '{}' (--blobs-dir or NITRO_CLI_BLOBS)",
+                dir.display()
+            ),
+        ));
+    }
+    let cache = std::env::var_os("CARVE_CACHE_DIR").map(PathBuf::from).or_else(|| {
+        let cache_home = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from);
+        cache_home
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+            .map(|c| c.join("carve"))
+    });
+    let candidates: Vec<PathBuf> =
+        cache.map(|c| c.join("enclave-blobs")).into_iter().chain([PathBuf::from(NITRO_CLI_BLOBS)]).collect();
+    candidates.iter().find(|dir| dir.join("bzImage").is_file()).cloned().ok_or_else(|| {
+        let looked: Vec<String> = candidates.iter().map(|d| format!("'{}'", d.display())).collect();
+        NitroError::new(
+            ErrorCode::BLOBS_PATH_NOT_SET,
+            format!(
+                "no enclave blobs found (looked in NITRO_CLI_BLOBS, {}); build carve's with scripts/build-enclave-blobs.sh",
+                looked.join(", ")
+            ),
+        )
     })
 }
 

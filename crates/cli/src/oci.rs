@@ -356,7 +356,11 @@ pub fn bootstrap_ramdisk(blobs: &Path) -> Result<SectionInput<'static>, NitroErr
         let size = source.metadata().map_err(|e| NitroError::file(&path, "read", e))?.len();
         Ok(CpioEntry::file(name, mode, std::sync::Arc::new(source), 0, size))
     };
-    let entries = vec![CpioEntry::directory("dev", 0o755), file("init", 0o755)?, file("nsm.ko", 0o644)?];
+    let mut entries = vec![CpioEntry::directory("dev", 0o755), file("init", 0o755)?];
+    // AWS's kernels load the NSM driver from here; carve's enclave kernel has it built in.
+    if blobs.join("nsm.ko").exists() {
+        entries.push(file("nsm.ko", 0o644)?);
+    }
     let stream = CpioStream::new(entries);
     let len = stream.len();
     Ok(SectionInput::new("the bootstrap ramdisk", stream, len))

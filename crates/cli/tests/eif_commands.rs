@@ -490,7 +490,7 @@ fn container_archives_become_nitro_cli_ramdisks() {
     let out = build_from_archive(None, Some("hello-enclave:v1"), &blobs, &eif);
     assert_nitro_error(&out, 50, "carve does not pull images");
     let out = build_from_archive(Some(&archive), None, Path::new("/nonexistent"), &eif);
-    assert_nitro_error(&out, 52, "blobs directory '/nonexistent' does not exist");
+    assert_nitro_error(&out, 52, "no enclave blobs (bzImage, cmdline, init) in '/nonexistent'");
 }
 
 /// Peak RSS (KiB) of one run of carve with `args`, from the child's own rusage.

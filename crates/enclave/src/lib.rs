@@ -2,8 +2,10 @@
 //! run-enclave arguments and their rules ([`args`]), the daemonised enclave process that holds
 //! each enclave's VM ([`process`]) and the CLI's side of talking to it ([`client`], over
 //! [`protocol`]), the run directory of sockets and records ([`run_dir`]), the CPU pool and
-//! hugepages ([`pool`]), the boot heartbeat ([`heartbeat`]) and the console ring ([`console`]).
+//! hugepages ([`pool`]), the boot heartbeat ([`heartbeat`]), the app's exit status from carve's
+//! init ([`app_exit`]) and the console ring ([`console`]).
 
+pub mod app_exit;
 pub mod args;
 pub mod client;
 pub mod console;

@@ -22,6 +22,7 @@ use carve_vmm::{
     VsockConfig,
 };
 
+use crate::app_exit::{self, AppExitListener};
 use crate::args::{check_memory, CpuRequest};
 use crate::console::{Chunk, Console};
 use crate::error::{code, Failure, Result};
@@ -78,6 +79,7 @@ struct Enclave {
     control: UnixListener,
     control_path: PathBuf,
     vsock_path: PathBuf,
+    app_exit: AppExitListener,
     uid: u32,
     _claim: Claim,
 }
@@ -118,6 +120,7 @@ struct Claimed {
     control_path: PathBuf,
     vsock_path: PathBuf,
     heartbeat: HeartbeatListener,
+    app_exit: AppExitListener,
     /// Removes the socket files if the launch fails from here on.
     cleanup: SocketFiles,
 }
@@ -131,7 +134,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         check_host_memory(args.memory_mib)?;
     }
     let image = check_image(&request, demo_image)?;
-    let Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, cleanup } =
+    let Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, app_exit, cleanup } =
         claim_resources(&run_dir, &request, &pool)?;
     let (id, cid) = (record.id.clone(), record.cid);
 
@@ -220,6 +223,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         control,
         control_path,
         vsock_path,
+        app_exit,
         uid: record.uid,
         _claim: claim,
     })
@@ -271,7 +275,11 @@ fn claim_resources(run_dir: &RunDir, request: &LaunchRequest, pool: &Pool) -> Re
     let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o766));
     let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
         .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e))?;
-    Ok(Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, cleanup })
+    let app_exit_path = run_dir::port_socket(&vsock_path, app_exit::PORT);
+    let app_exit = AppExitListener::bind(&app_exit_path).map_err(|e| {
+        Failure::new(code::ENCLAVE_BOOT_FAILURE, format!("cannot listen on {}: {e}", app_exit_path.display()))
+    })?;
+    Ok(Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, app_exit, cleanup })
 }
 
 /// Removes socket files if a launch fails after creating them.
@@ -516,11 +524,20 @@ impl Enclave {
             }
             clients.retain(|c| !c.is_finished());
         }
-        let reason = match self.vm.join() {
+        let vm_end = match self.vm.join() {
             Ok(Ok(outcome)) => outcome.exit.to_string(),
             Ok(Err(e)) => format!("carve failed: {e}"),
             Err(_) => "carve's VM thread panicked".into(),
         };
+        // With carve's init, how the app ended says more than the reboot that followed.
+        let reason = match self.app_exit.take() {
+            Some(app) if !terminating.load(std::sync::atomic::Ordering::Acquire) => {
+                log::info!("enclave {}: {app}; then {vm_end}", state.run.id);
+                app
+            }
+            _ => vm_end,
+        };
+        drop(self.app_exit);
         log::info!("enclave {} ended: {reason}", state.run.id);
         self.console.close();
         // Give back before anyone hears the enclave ended: memory went with the VM; now the

@@ -163,8 +163,13 @@ impl RunDir {
 
 /// The parent listener for the boot heartbeat: `<vsock>_9000`.
 pub fn heartbeat_socket(vsock: &Path) -> PathBuf {
+    port_socket(vsock, crate::heartbeat::PORT)
+}
+
+/// The parent's listener for guest connections to `port`: `<vsock>_<port>`.
+pub fn port_socket(vsock: &Path, port: u32) -> PathBuf {
     let mut path = vsock.as_os_str().to_owned();
-    path.push(format!("_{}", crate::heartbeat::PORT));
+    path.push(format!("_{port}"));
     PathBuf::from(path)
 }
 
