@@ -1,7 +1,10 @@
-//! virtio-nsm (device ID 33): the Nitro Secure Module's transport. One queue; each request is a
-//! descriptor chain of device-readable buffers holding a CBOR request (at most 0x1000 bytes)
-//! followed by device-writable buffers for the response (0x3000 bytes, as every NSM driver
-//! supplies). The response is written there and the used length is its size.
+//! virtio-nsm (device ID 33): the Nitro Secure Module's transport. One queue; a request is
+//! device-readable buffers holding CBOR (at most 0x1000 bytes), its response goes to
+//! device-writable buffers (0x3000 bytes, as every NSM driver supplies) and the used length is
+//! its size. Drivers lay these out two ways: one chain, readable then writable (carve's guests,
+//! AWS's old out-of-tree driver), or — Linux's mainline driver, `drivers/misc/nsm.c` — the
+//! request alone in one chain and the response buffer as the next; the request chain is then
+//! returned first, with length 0.
 //!
 //! [`NsmDevice`] is what the transport holds; [`NsmBackend`] runs on the VMM's event loop, owns
 //! the queue once the driver is ready and answers through [`carve_nsm::Nsm`].
@@ -54,6 +57,7 @@ impl NsmDevice {
             active: None,
             faults: FaultLog::default(),
             stats: Arc::default(),
+            pending: None,
         };
         Ok((NsmDevice { notifiers: vec![notifier], commands }, backend))
     }
@@ -112,11 +116,14 @@ pub struct NsmBackend {
     active: Option<Active>,
     faults: FaultLog,
     stats: Arc<NsmStats>,
+    /// A request that came alone, waiting for the next chain's response buffer.
+    pending: Option<Layout>,
 }
 
 /// Where a chain's request and response buffers are.
 #[derive(Default)]
 struct Layout {
+    has_request: bool,
     request: Vec<u8>,
     request_len: usize,
     response: Vec<(vm_memory::GuestAddress, usize)>,
@@ -137,7 +144,10 @@ impl NsmBackend {
                         let queue = queues.into_iter().next().expect("activate checked one queue");
                         self.active = Some(Active { queue, signals });
                     }
-                    Command::Reset => self.active = None,
+                    Command::Reset => {
+                        self.active = None;
+                        self.pending = None;
+                    }
                 }
             }
         } else if fd == self.notifier.as_raw_fd() {
@@ -184,10 +194,34 @@ impl NsmBackend {
                 return 0;
             }
         };
-        if layout.response.is_empty() {
-            self.fault("no-response-buffer", "a request came without a device-writable response buffer");
-            return 0;
-        }
+        let layout = match (layout.has_request, layout.response.is_empty()) {
+            (true, true) => {
+                // The request alone: its response buffer is the next chain.
+                if self.pending.replace(layout).is_some() {
+                    self.fault("unanswered", "a request came before the previous one's response buffer");
+                }
+                return 0;
+            }
+            (false, false) => match self.pending.take() {
+                Some(request) => {
+                    Layout { response: layout.response, response_len: layout.response_len, ..request }
+                }
+                None => {
+                    self.fault("no-request", "a response buffer came without a request");
+                    return 0;
+                }
+            },
+            (true, false) => {
+                if self.pending.take().is_some() {
+                    self.fault("unanswered", "a request came before the previous one's response buffer");
+                }
+                layout
+            }
+            (false, true) => {
+                self.fault("chain", "an empty descriptor chain");
+                return 0;
+            }
+        };
         let response = if layout.readable_after_writable {
             self.fault("chain-order", "a request chain put readable buffers after writable ones");
             Response::Error(ErrorCode::InvalidArgument).encode()
@@ -227,6 +261,7 @@ impl NsmBackend {
                 layout.response.push((addr, len));
                 layout.response_len += len;
             } else {
+                layout.has_request = true;
                 if !layout.response.is_empty() {
                     layout.readable_after_writable = true;
                 }

@@ -65,6 +65,29 @@ fn a_request_split_over_several_buffers_is_joined() {
 }
 
 #[test]
+fn linux_sends_the_request_and_the_response_buffer_as_two_chains() {
+    // drivers/misc/nsm.c: virtqueue_add_outbuf(request), virtqueue_add_inbuf(response), one
+    // kick; it takes the request back first, then the response.
+    let mut d = Driver::new(&BootMeasurements::default());
+    let request = Request::GetRandom.encode();
+    d.mem.write_slice(&request, GuestAddress(DATA)).unwrap();
+    d.submit(&[(DATA, request.len() as u32, 0)]);
+    d.submit(&[(DATA + 0x4000, 0x3000, F_WRITE)]);
+    let (first, len) = d.used().expect("the request chain comes back");
+    assert_eq!((first, len), (0, 0), "the request's chain, nothing written");
+    let (_, len) = d.used().expect("then the response chain");
+    let mut response = vec![0; len as usize];
+    d.mem.read_slice(&mut response, GuestAddress(DATA + 0x4000)).unwrap();
+    // What Linux's hwrng reads: {"GetRandom": {"random": bytes}}.
+    let head = [&[0xa1, 0x69][..], b"GetRandom", &[0xa1, 0x66], b"random"].concat();
+    assert!(response.starts_with(&head) && response.len() > head.len() + 23, "{response:02x?}");
+    // A response buffer with no request before it gets nothing; the device goes on.
+    d.submit(&[(DATA + 0x4000, 0x3000, F_WRITE)]);
+    assert_eq!(d.used().unwrap().1, 0);
+    assert_eq!(d.call(&Request::DescribeNsm.encode())[..2], [0xa1, 0x6b]);
+}
+
+#[test]
 fn bad_chains_get_error_responses_or_nothing_and_the_device_goes_on() {
     let mut d = Driver::new(&BootMeasurements::default());
     let response_at = DATA + 0x8000;
