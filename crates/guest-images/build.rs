@@ -1,7 +1,8 @@
 //! Builds the `guests/` workspace for `x86_64-unknown-none` with a nested cargo, once with the
 //! PVH note (PVH + multiboot ELFs) and once without (multiboot-only ELFs), and wraps each PVH
 //! ELF as a bzImage (Linux boot-protocol setup header + flat image, 64-bit entry at +0x200).
-//! Also builds `guests/linux/tools`, static Linux programs for Linux test guests' initramfs.
+//! Also builds `guests/linux/tools`, static Linux programs for Linux test guests' initramfs, and
+//! the example enclave app `examples/attest` that the Linux enclave tests package as an image.
 
 use std::env;
 use std::fs;
@@ -22,14 +23,19 @@ fn main() {
     println!("cargo:rerun-if-changed={}", guests.join(".cargo/config.toml").display());
 
     let tools = guests.join("linux/tools");
-    for path in ["src", "Cargo.toml", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", tools.join(path).display());
+    let attest = manifest.join("../../examples/attest").canonicalize().expect("examples/attest");
+    for dir in [&tools, &attest] {
+        for path in ["src", "Cargo.toml", "Cargo.lock"] {
+            println!("cargo:rerun-if-changed={}", dir.join(path).display());
+        }
     }
 
     let pvh = build_guests(&guests, &out.join("target-pvh"), &[]);
     let multiboot = build_guests(&guests, &out.join("target-multiboot"), &["--no-default-features"]);
     let linux_tools = nested_build(&tools, &out.join("target-linux"), "x86_64-unknown-linux-musl", &[]);
     fs::copy(linux_tools.join("vsock-nc"), out.join("vsock-nc")).unwrap();
+    let example = nested_build(&attest, &out.join("target-attest"), "x86_64-unknown-linux-musl", &[]);
+    fs::copy(example.join("attest"), out.join("attest")).unwrap();
     let names = guest_names(&guests);
     let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     let generated = format!(

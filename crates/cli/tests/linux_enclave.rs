@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -23,8 +24,8 @@ fn blobs() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// `docker save` of an image whose one layer is busybox, and whose command is `command`.
-fn image_archive(path: &Path, command: &[&str]) {
+/// `docker save` of an image with one layer of `files` (path, mode, contents) and `command`.
+fn image_archive(path: &Path, files: &[(&str, u32, &[u8])], command: &[&str]) {
     use tar::{Builder, EntryType, Header};
     fn add(
         builder: &mut Builder<Vec<u8>>,
@@ -44,10 +45,11 @@ fn image_archive(path: &Path, command: &[&str]) {
         }
         builder.append_data(&mut header, path, data).unwrap();
     }
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian's busybox-static) is installed");
     let mut layer = Builder::new(Vec::new());
     add(&mut layer, "bin/", EntryType::Directory, 0o755, b"", None);
-    add(&mut layer, "bin/busybox", EntryType::Regular, 0o755, &busybox, None);
+    for (name, mode, data) in files {
+        add(&mut layer, name, EntryType::Regular, *mode, data, None);
+    }
     add(&mut layer, "bin/sh", EntryType::Symlink, 0o777, b"", Some("busybox"));
     let layer = layer.into_inner().unwrap();
     let config = serde_json::json!({
@@ -69,11 +71,50 @@ fn image_archive(path: &Path, command: &[&str]) {
     std::fs::write(path, archive.into_inner().unwrap()).unwrap();
 }
 
+fn busybox() -> Vec<u8> {
+    std::fs::read("/bin/busybox").expect("/bin/busybox (Debian's busybox-static) is installed")
+}
+
 struct Host {
     root: PathBuf,
 }
 
 impl Host {
+    fn new(name: &str) -> Host {
+        let host = Host { root: fresh_dir(name) };
+        // carve's blobs where carve looks for them: its cache's enclave-blobs.
+        std::fs::create_dir_all(host.root.join("cache")).unwrap();
+        std::os::unix::fs::symlink(blobs(), host.root.join("cache/enclave-blobs")).unwrap();
+        host
+    }
+
+    fn allocator(&self, yaml: &str) {
+        let config = self.root.join("allocator.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let out = self.carve(&["allocator", "--config", config.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    /// build-enclave from a docker-save archive with carve's blobs; returns its JSON.
+    fn build(&self, archive: &Path, eif: &Path) -> serde_json::Value {
+        let (archive, eif) = (archive.to_str().unwrap(), eif.to_str().unwrap());
+        let args =
+            ["build-enclave", "--oci-archive", archive, "--docker-uri", "carve-app:1", "--output-file", eif];
+        let built = self.carve(&args, &[("CARVE_CACHE_DIR", &self.root.join("cache"))]);
+        assert!(built.status.success(), "{}", stderr(&built));
+        serde_json::from_slice(&built.stdout).unwrap()
+    }
+
+    fn run_dir_files(&self) -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(self.root.join("run"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        files
+    }
+
     fn carve(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_carve"));
         command
@@ -98,38 +139,29 @@ impl Drop for Host {
 #[ignore = "needs a real KVM host for Linux user space: scripts/test.sh runs it in scripts/kvm-host.sh"]
 fn a_container_app_runs_as_a_linux_enclave_and_its_exit_status_reaches_wait() {
     assert!(kvm_usable("a_container_app_runs_as_a_linux_enclave"), "/dev/kvm is usable");
-    let host = Host { root: fresh_dir("linux-enclave") };
-    // carve's blobs where carve looks for them: its cache's enclave-blobs.
-    let cache = host.root.join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    std::os::unix::fs::symlink(blobs(), cache.join("enclave-blobs")).unwrap();
-    let config = host.root.join("dev.yaml");
-    std::fs::write(&config, "development: true\n").unwrap();
-    assert!(host.carve(&["allocator", "--config", config.to_str().unwrap()], &[]).status.success());
-
+    let host = Host::new("linux-enclave");
+    host.allocator("development: true\n");
     let archive = host.root.join("app.tar");
     // The app greets with its image's Env, gives a console reader time to attach, and exits 7.
-    image_archive(&archive, &["/bin/sh", "-c", "echo \"$GREETING on $(busybox cut -d' ' -f1-3 /proc/version)\"; [ -c /dev/nsm ] && echo 'the NSM is /dev/nsm'; busybox sleep 3; exit 7"]);
+    let script = "echo \"$GREETING on $(busybox cut -d' ' -f1-3 /proc/version)\"; \
+                  [ -c /dev/nsm ] && echo 'the NSM is /dev/nsm'; busybox sleep 3; exit 7";
+    image_archive(&archive, &[("bin/busybox", 0o755, &busybox())], &["/bin/sh", "-c", script]);
     let eif = host.root.join("app.eif");
-    let no_blobs = host.carve(
-        &["build-enclave", "--oci-archive", archive.to_str().unwrap(), "--docker-uri", "carve-app:1"]
-            .into_iter()
-            .chain(["--output-file", eif.to_str().unwrap()])
-            .collect::<Vec<_>>(),
-        &[("CARVE_CACHE_DIR", &host.root.join("empty"))],
-    );
+    let (archive_arg, eif_arg) = (archive.to_str().unwrap(), eif.to_str().unwrap());
+    let args = [
+        "build-enclave",
+        "--oci-archive",
+        archive_arg,
+        "--docker-uri",
+        "carve-app:1",
+        "--output-file",
+        eif_arg,
+    ];
+    let no_blobs = host.carve(&args, &[("CARVE_CACHE_DIR", &host.root.join("empty"))]);
     assert_eq!(no_blobs.status.code(), Some(52), "{}", stderr(&no_blobs));
     assert!(stderr(&no_blobs).contains("no enclave blobs found"), "{}", stderr(&no_blobs));
     assert!(!eif.exists(), "no output file left");
-
-    let built = host.carve(
-        &["build-enclave", "--oci-archive", archive.to_str().unwrap(), "--docker-uri", "carve-app:1"]
-            .into_iter()
-            .chain(["--output-file", eif.to_str().unwrap()])
-            .collect::<Vec<_>>(),
-        &[("CARVE_CACHE_DIR", &cache)],
-    );
-    assert!(built.status.success(), "{}", stderr(&built));
+    host.build(&archive, &eif);
 
     let run = host.carve(
         &[
@@ -167,11 +199,85 @@ fn a_container_app_runs_as_a_linux_enclave_and_its_exit_status_reaches_wait() {
     let log = std::fs::read_to_string(host.root.join("run/enclaves.log")).unwrap();
     assert!(log.contains("the app exited with status 7"), "{log}");
 
-    let mut files: Vec<String> = std::fs::read_dir(host.root.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
-    assert_eq!(files, ["allocator.json", "carve.lock", "enclaves.log"], "nothing left behind");
+    assert_eq!(host.run_dir_files(), ["allocator.json", "carve.lock", "enclaves.log"], "nothing left behind");
+}
+
+/// Connects to an enclave port through the hybrid socket, retrying while the app is not yet
+/// listening; sends `request`, half-closes, returns everything the app answers.
+fn talk(vsock: &Path, port: u32, request: &[u8]) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let (mut stream, _) = loop {
+        if let Some(connected) = common::connect_guest(vsock, port) {
+            break connected;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing listens on enclave port {port}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    stream.write_all(request).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+#[test]
+#[ignore = "needs a real KVM host for Linux user space: scripts/test.sh runs it in scripts/kvm-host.sh"]
+fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
+    assert!(kvm_usable("an_enclave_app_attests_through_dev_nsm"), "/dev/kvm is usable");
+    let host = Host::new("linux-enclave-attest");
+    // A real pool: CPU 1 and 2 MiB hugepages, given back by --clear.
+    host.allocator("---\nmemory_mib: 128\ncpu_pool: 1\n");
+    let archive = host.root.join("attest.tar");
+    let attest = std::fs::read(carve_guest_images::example_attest()).unwrap();
+    image_archive(
+        &archive,
+        &[("bin/busybox", 0o755, &busybox()), ("bin/attest", 0o755, &attest)],
+        &["/bin/attest"],
+    );
+    let eif = host.root.join("attest.eif");
+    let measurements = host.build(&archive, &eif)["Measurements"].clone();
+
+    let run = host.carve(
+        &["run-enclave", "--eif-path", eif.to_str().unwrap(), "--cpu-ids", "1", "--memory", "128"],
+        &[],
+    );
+    assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
+    let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let id = enclave["EnclaveID"].as_str().unwrap();
+    assert_eq!(enclave["CPUIDs"], serde_json::json!([1]));
+    let vsock = host.root.join(format!("run/{id}.vsock"));
+
+    // The parent asks with a fresh nonce; the app answers through AWS's driver on /dev/nsm.
+    let nonce: Vec<u8> = common::bytes(48, std::process::id().into());
+    let mut request = (nonce.len() as u32).to_be_bytes().to_vec();
+    request.extend_from_slice(&nonce);
+    let reply = talk(&vsock, 5006, &request);
+    assert!(reply.len() > 4, "the app answered {} bytes", reply.len());
+    let len = u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
+    assert_eq!(reply.len(), 4 + len);
+    let document = host.root.join("attestation.cose");
+    std::fs::write(&document, &reply[4..]).unwrap();
+    let pcr = |n: &str| format!("{n}={}", measurements[format!("PCR{n}")].as_str().unwrap());
+    let nonce_hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let verify = host.carve(
+        &["attestation", "verify", "--doc", document.to_str().unwrap(), "--nonce", &nonce_hex]
+            .into_iter()
+            .chain(["--pcr", &pcr("0"), "--pcr", &pcr("1"), "--pcr", &pcr("2")])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(verify.status.success(), "the document verifies: {}{}", stdout(&verify), stderr(&verify));
+
+    // The parent tells the app to exit 7; carve's init reports it.
+    let _ = talk(&vsock, 5007, &[7]);
+    let waited = host.carve(&["wait", "--enclave-id", id], &[]);
+    assert_eq!(
+        stdout(&waited).trim(),
+        format!("Enclave {id} ended: the app exited with status 7"),
+        "{}",
+        stderr(&waited)
+    );
+    let cleared = host.carve(&["allocator", "--clear"], &[]);
+    assert!(cleared.status.success(), "{}", stderr(&cleared));
+    assert_eq!(host.run_dir_files(), ["carve.lock", "enclaves.log"], "nothing left behind");
 }

@@ -55,6 +55,11 @@ pub fn linux_tool(name: &str) -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join(name)
 }
 
+/// Path of the example enclave app `examples/attest` (static musl), built for the tests.
+pub fn example_attest() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("attest")
+}
+
 /// Path of a built guest. Panics on a name `GUESTS` does not list.
 pub fn path(name: &str, format: Format) -> PathBuf {
     assert!(GUESTS.contains(&name), "no guest named {name}");
