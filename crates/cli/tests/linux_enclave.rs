@@ -268,15 +268,21 @@ fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
     );
     assert!(verify.status.success(), "the document verifies: {}{}", stdout(&verify), stderr(&verify));
 
-    // The parent tells the app to exit 7; carve's init reports it.
+    // The parent tells the app to exit 7; carve's init reports it and the enclave ends (the
+    // other test sees it through `carve wait`; here the app may be gone before a wait starts).
     let _ = talk(&vsock, 5007, &[7]);
-    let waited = host.carve(&["wait", "--enclave-id", id], &[]);
-    assert_eq!(
-        stdout(&waited).trim(),
-        format!("Enclave {id} ended: the app exited with status 7"),
-        "{}",
-        stderr(&waited)
-    );
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let log = host.root.join("run/enclaves.log");
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains(&format!("enclave {id} ended")) {
+        assert!(std::time::Instant::now() < deadline, "the enclave did not end");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains(&format!("enclave {id} ended: the app exited with status 7")), "{log}");
+    while stdout(&host.carve(&["describe-enclaves"], &[])).trim() != "[]" {
+        assert!(std::time::Instant::now() < deadline, "the enclave is still listed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let cleared = host.carve(&["allocator", "--clear"], &[]);
     assert!(cleared.status.success(), "{}", stderr(&cleared));
     assert_eq!(host.run_dir_files(), ["carve.lock", "enclaves.log"], "nothing left behind");
