@@ -70,6 +70,26 @@ pub fn fnv1a(data: &[u8]) -> u32 {
     data.iter().fold(0x811c_9dc5u32, |h, &b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }
 
+/// Appends one entry (fixed mtime, so archives are reproducible) to a tar being built.
+pub fn tar_add(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(data.len() as u64);
+    header.set_mtime(1_700_000_000);
+    if let Some(link) = link {
+        header.set_link_name(link).unwrap();
+    }
+    builder.append_data(&mut header, path, data).unwrap();
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

@@ -261,25 +261,8 @@ fn bad_images_and_paths_get_nitro_cli_codes() {
 /// A `docker save`-style archive: manifest.json, a config and two layers (the second gzipped,
 /// with a whiteout and an opaque directory).
 fn docker_archive(path: &Path) {
-    use tar::{Builder, EntryType, Header};
-    fn add(
-        builder: &mut Builder<Vec<u8>>,
-        path: &str,
-        kind: EntryType,
-        mode: u32,
-        data: &[u8],
-        link: Option<&str>,
-    ) {
-        let mut header = Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_mode(mode);
-        header.set_size(data.len() as u64);
-        header.set_mtime(1_700_000_000);
-        if let Some(link) = link {
-            header.set_link_name(link).unwrap();
-        }
-        builder.append_data(&mut header, path, data).unwrap();
-    }
+    use common::tar_add as add;
+    use tar::{Builder, EntryType};
     let mut lower = Builder::new(Vec::new());
     add(&mut lower, "bin/", EntryType::Directory, 0o755, b"", None);
     add(&mut lower, "bin/hello", EntryType::Regular, 0o755, b"#!/bin/sh\necho hello\n", None);

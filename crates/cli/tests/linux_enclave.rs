@@ -26,25 +26,8 @@ fn blobs() -> PathBuf {
 
 /// `docker save` of an image with one layer of `files` (path, mode, contents) and `command`.
 fn image_archive(path: &Path, files: &[(&str, u32, &[u8])], command: &[&str]) {
-    use tar::{Builder, EntryType, Header};
-    fn add(
-        builder: &mut Builder<Vec<u8>>,
-        path: &str,
-        kind: EntryType,
-        mode: u32,
-        data: &[u8],
-        link: Option<&str>,
-    ) {
-        let mut header = Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_mode(mode);
-        header.set_size(data.len() as u64);
-        header.set_mtime(1_700_000_000);
-        if let Some(link) = link {
-            header.set_link_name(link).unwrap();
-        }
-        builder.append_data(&mut header, path, data).unwrap();
-    }
+    use common::tar_add as add;
+    use tar::{Builder, EntryType};
     let mut layer = Builder::new(Vec::new());
     add(&mut layer, "bin/", EntryType::Directory, 0o755, b"", None);
     for (name, mode, data) in files {
