@@ -262,11 +262,11 @@ fn custom_metadata(path: Option<&Path>) -> Result<Value, NitroError> {
     })
 }
 
-fn build_info(kernel: &Path) -> BuildInfo {
+fn build_info(kernel: &Path, build_time: String) -> BuildInfo {
     let config = std::fs::read_to_string(format!("{}.config", kernel.display())).unwrap_or_default();
     let (operating_system, kernel_version) = kernel_identity(&config);
     BuildInfo {
-        build_time: rfc3339_now(),
+        build_time,
         build_tool: "carve".into(),
         build_tool_version: env!("CARGO_PKG_VERSION").into(),
         operating_system,
@@ -282,6 +282,19 @@ struct ImageParts {
     default_name: String,
     default_version: String,
     docker_info: Value,
+    /// The image's own time, when it has one: the build then depends on nothing else.
+    created: Option<String>,
+}
+
+/// The build time the image records: `SOURCE_DATE_EPOCH` (the reproducible-builds convention)
+/// when set, else the container image's creation time, else now. nitro-cli always writes now,
+/// so its images of the same container differ from build to build; carve's do not.
+fn build_time(created: Option<String>) -> String {
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s < 253_402_300_800);
+    epoch.map(carve_eif::metadata::rfc3339).or(created).unwrap_or_else(rfc3339_now)
 }
 
 pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
@@ -316,13 +329,14 @@ pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
                 .unwrap_or_default(),
             default_version: "1.0".into(),
             docker_info: Value::Object(Default::default()),
+            created: None,
         },
         None => container_parts(&args)?,
     };
     let identity = IdentityInfo {
         image_name: args.image_name.clone().unwrap_or(parts.default_name),
         image_version: args.image_version.clone().unwrap_or(parts.default_version),
-        build_info: build_info(&parts.kernel),
+        build_info: build_info(&parts.kernel, build_time(parts.created)),
         docker_info: parts.docker_info,
         custom_metadata: custom,
     };
@@ -383,6 +397,7 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
         ramdisks: vec![bootstrap, customer],
         default_name: image.name(),
         default_version: image.id_hex(),
+        created: image.created(),
         docker_info: image.docker_info(),
     })
 }

@@ -147,6 +147,16 @@ impl Image {
     }
 
     /// The metadata's DockerInfo: what `docker image inspect` would show of the image.
+    /// The image config's `created` time, if it is a plausible RFC 3339 timestamp (it is untrusted
+    /// and goes into the image's metadata).
+    pub fn created(&self) -> Option<String> {
+        let created = self.config["created"].as_str()?;
+        let plausible = (20..=40).contains(&created.len())
+            && created.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+            && created.bytes().all(|b| b.is_ascii_digit() || b"-:.+TZ".contains(&b));
+        plausible.then(|| created.to_string())
+    }
+
     pub fn docker_info(&self) -> Value {
         serde_json::json!({
             "Id": format!("sha256:{}", self.id_hex()),

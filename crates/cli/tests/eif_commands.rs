@@ -284,6 +284,7 @@ fn docker_archive(path: &Path) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Entrypoint": ["/bin/hello"], "Cmd": ["--loud", "world"], "Env": ["PATH=/bin", "MODE=enclave"]},
+        "created": "2026-11-30T12:00:00Z",
         "rootfs": {"type": "layers"}
     });
     let manifest = serde_json::json!([{
@@ -402,6 +403,55 @@ fn extract_cpio(bytes: &[u8], into: &Path) -> String {
         .unwrap();
     assert!(status.success());
     String::from_utf8_lossy(&list.stdout).into_owned()
+}
+
+#[test]
+fn the_same_image_and_blobs_build_byte_identical_images() {
+    let dir = dir("eif-reproducible");
+    let archive = dir.join("image.tar");
+    docker_archive(&archive);
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join("bzImage"), bytes(30_000, 3)).unwrap();
+    std::fs::write(blobs.join("cmdline"), "console=ttyS0\n").unwrap();
+    std::fs::write(blobs.join("init"), b"\x7fELF init").unwrap();
+    // Two builds from different working and temporary directories, at different times.
+    let build = |name: &str, env: &[(&str, &str)]| {
+        let work = dir.join(name);
+        std::fs::create_dir_all(work.join("tmp")).unwrap();
+        let eif = work.join("image.eif");
+        let out = Command::new(env!("CARGO_BIN_EXE_carve"))
+            .args([
+                "build-enclave",
+                "--oci-archive",
+                archive.to_str().unwrap(),
+                "--docker-uri",
+                "hello-enclave:v1",
+            ])
+            .args(["--blobs-dir", blobs.to_str().unwrap(), "--output-file", eif.to_str().unwrap()])
+            .env("TMPDIR", work.join("tmp"))
+            .envs(env.iter().copied())
+            .current_dir(&work)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        (std::fs::read(&eif).unwrap(), json(&out)["Measurements"].clone())
+    };
+    let (first, first_pcrs) = build("one", &[]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (second, second_pcrs) = build("two", &[]);
+    assert_eq!(first_pcrs, second_pcrs);
+    assert!(first == second, "the two images differ");
+    let described =
+        json(&carve(&["describe-eif", "--eif-path", dir.join("one/image.eif").to_str().unwrap()]));
+    assert_eq!(described["Metadata"]["BuildTime"], "2026-11-30T12:00:00Z", "the image's own time");
+    // SOURCE_DATE_EPOCH, the reproducible-builds convention, names the time instead.
+    let (pinned, pinned_pcrs) = build("three", &[("SOURCE_DATE_EPOCH", "1700000000")]);
+    assert_eq!(pinned_pcrs, first_pcrs, "the build time is not measured");
+    assert!(pinned != first);
+    let described =
+        json(&carve(&["describe-eif", "--eif-path", dir.join("three/image.eif").to_str().unwrap()]));
+    assert_eq!(described["Metadata"]["BuildTime"], "2023-11-14T22:13:20.000000000+00:00");
 }
 
 #[test]

@@ -97,7 +97,15 @@ pub fn kernel_identity(config: &str) -> (String, String) {
 /// Now, as RFC 3339 with nanoseconds and `+00:00` (chrono's `to_rfc3339`, which nitro-cli uses).
 pub fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs();
+    rfc3339_at(now.as_secs(), now.subsec_nanos())
+}
+
+/// RFC 3339 (UTC) of a Unix time in seconds.
+pub fn rfc3339(secs: u64) -> String {
+    rfc3339_at(secs, 0)
+}
+
+fn rfc3339_at(secs: u64, nanos: u32) -> String {
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
     format!(
@@ -105,7 +113,7 @@ pub fn rfc3339_now() -> String {
         rest / 3600,
         rest / 60 % 60,
         rest % 60,
-        now.subsec_nanos()
+        nanos
     )
 }
 
