@@ -183,8 +183,18 @@ impl Image {
                 .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
                 .unwrap_or_default()
         };
-        let mut cmd = strings(&config["Entrypoint"]);
-        cmd.extend(strings(&config["Cmd"]));
+        // nitro-cli's rule, not Docker's: Cmd when the image has one (even empty), and then its
+        // Entrypoint is ignored; else the Entrypoint.
+        let cmd = match (&config["Cmd"], &config["Entrypoint"]) {
+            (Value::Array(_), _) => strings(&config["Cmd"]),
+            (_, Value::Array(_)) => strings(&config["Entrypoint"]),
+            _ => {
+                return Err(NitroError::new(
+                    ErrorCode::EIF_BUILDING,
+                    format!("the image {} has neither a Cmd nor an Entrypoint to run", self.name()),
+                ))
+            }
+        };
         let lines =
             |items: Vec<String>| items.iter().map(|i| format!("{i}\n")).collect::<String>().into_bytes();
 

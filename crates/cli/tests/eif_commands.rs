@@ -406,6 +406,41 @@ fn extract_cpio(bytes: &[u8], into: &Path) -> String {
 }
 
 #[test]
+fn an_image_with_nothing_to_run_is_e48_and_leaves_no_file() {
+    use common::tar_add as add;
+    use tar::{Builder, EntryType};
+    let dir = dir("eif-no-command");
+    let mut layer = Builder::new(Vec::new());
+    add(&mut layer, "etc/", EntryType::Directory, 0o755, b"", None);
+    let layer = layer.into_inner().unwrap();
+    let config =
+        serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"], "Cmd": null}});
+    let manifest = serde_json::json!([{"Config": "c.json", "RepoTags": ["idle:1"], "Layers": ["l.tar"]}]);
+    let mut archive = Builder::new(Vec::new());
+    add(
+        &mut archive,
+        "manifest.json",
+        EntryType::Regular,
+        0o644,
+        &serde_json::to_vec(&manifest).unwrap(),
+        None,
+    );
+    add(&mut archive, "c.json", EntryType::Regular, 0o644, &serde_json::to_vec(&config).unwrap(), None);
+    add(&mut archive, "l.tar", EntryType::Regular, 0o644, &layer, None);
+    let path = dir.join("idle.tar");
+    std::fs::write(&path, archive.into_inner().unwrap()).unwrap();
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (name, data) in [("bzImage", &b"kernel"[..]), ("cmdline", b"console=ttyS0"), ("init", b"init")] {
+        std::fs::write(blobs.join(name), data).unwrap();
+    }
+    let eif = dir.join("idle.eif");
+    let out = build_from_archive(Some(&path), Some("idle:1"), &blobs, &eif);
+    assert_nitro_error(&out, 48, "the image idle has neither a Cmd nor an Entrypoint to run");
+    assert!(!eif.exists(), "no output file left");
+}
+
+#[test]
 fn the_same_image_and_blobs_build_byte_identical_images() {
     let dir = dir("eif-reproducible");
     let archive = dir.join("image.tar");
@@ -479,7 +514,8 @@ fn container_archives_become_nitro_cli_ramdisks() {
     assert_eq!(bootstrap.lines().collect::<Vec<_>>(), ["dev", "init", "nsm.ko"]);
     let customer = extract_cpio(&section(&eif, 4), &dir.join("customer"));
     let root = dir.join("customer");
-    assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/bin/hello\n--loud\nworld\n");
+    // As nitro-cli runs it: the image's Cmd, its Entrypoint ignored.
+    assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "--loud\nworld\n");
     assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "PATH=/bin\nMODE=enclave\n");
     assert_eq!(std::fs::read(root.join("rootfs/bin/hello")).unwrap(), b"#!/bin/sh\necho hello\n");
     assert_eq!(std::fs::read_link(root.join("rootfs/bin/sh")).unwrap(), Path::new("busybox"));
