@@ -134,7 +134,9 @@ impl RunDir {
         let _ = std::fs::remove_file(self.control_socket(slot));
         if let Some(record) = record {
             let _ = std::fs::remove_file(self.vsock_socket(&record.id));
-            let _ = std::fs::remove_file(heartbeat_socket(&self.vsock_socket(&record.id)));
+            let vsock = self.vsock_socket(&record.id);
+            let _ = std::fs::remove_file(heartbeat_socket(&vsock));
+            let _ = std::fs::remove_file(port_socket(&vsock, crate::app_exit::PORT));
         }
         let _ = std::fs::remove_file(self.record_path(slot));
     }
