@@ -21,6 +21,10 @@ for tool in make gcc flex bison bc; do command -v "$tool" >/dev/null || need+=("
 command -v xz >/dev/null || need+=(xz-utils)
 dpkg -s libelf-dev >/dev/null 2>&1 || need+=(libelf-dev)
 if ((${#need[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+        echo "build-enclave-blobs: missing Debian packages ${need[*]} (apt-get install ${need[*]})" >&2
+        exit 1
+    fi
     echo "build-enclave-blobs: installing ${need[*]}" >&2
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" build-essential >&2

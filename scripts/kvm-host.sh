@@ -100,7 +100,8 @@ if [[ ! -f $host/initrd.img ]]; then
     mv "$build/initrd.img" "$host/initrd.img"
     rm -rf "$build"
     # Hosts made for an older kernel package or init are not used again.
-    find "$cache" -maxdepth 1 -name 'kvm-host-*' ! -name "${host##*/}" ! -name '*.build.*' -exec rm -rf {} +
+    # (An hour old at least: another checkout may be about to boot one.)
+    find "$cache" -maxdepth 1 -name 'kvm-host-*' ! -name "${host##*/}" -mmin +60 -exec rm -rf {} +
     trap - EXIT
 fi
 

@@ -146,7 +146,6 @@ impl Image {
         self.config_digest.trim_start_matches("sha256:").to_string()
     }
 
-    /// The metadata's DockerInfo: what `docker image inspect` would show of the image.
     /// The image config's `created` time, if it is a plausible RFC 3339 timestamp (it is untrusted
     /// and goes into the image's metadata).
     pub fn created(&self) -> Option<String> {
@@ -157,6 +156,7 @@ impl Image {
         plausible.then(|| created.to_string())
     }
 
+    /// The metadata's DockerInfo: what `docker image inspect` would show of the image.
     pub fn docker_info(&self) -> Value {
         serde_json::json!({
             "Id": format!("sha256:{}", self.id_hex()),

@@ -465,6 +465,7 @@ fn the_same_image_and_blobs_build_byte_identical_images() {
             ])
             .args(["--blobs-dir", blobs.to_str().unwrap(), "--output-file", eif.to_str().unwrap()])
             .env("TMPDIR", work.join("tmp"))
+            .env_remove("SOURCE_DATE_EPOCH")
             .envs(env.iter().copied())
             .current_dir(&work)
             .output()

@@ -102,7 +102,19 @@ fn linux_user_space_talks_over_vsock_and_powers_off() {
     // The parent's listener for the guest's connection (vsock port 7000 → "<uds>_7000").
     let listener = UnixListener::bind(format!("{}_7000", uds.display())).unwrap();
     let parent = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut stream, _) = listener.accept()?;
+        // Not forever: a guest that never connects fails the test with its serial log.
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + TIMEOUT * 2;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         let mut message = String::new();
         stream.read_to_string(&mut message)?;

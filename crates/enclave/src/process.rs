@@ -18,7 +18,7 @@ use carve_nsm::pcr::ParentIdentity;
 use carve_vmm::boot::BootError;
 use carve_vmm::memory::MemoryError;
 use carve_vmm::{
-    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmOutcome, VmStopper,
+    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmExit, VmOutcome, VmStopper,
     VsockConfig,
 };
 
@@ -524,20 +524,25 @@ impl Enclave {
             }
             clients.retain(|c| !c.is_finished());
         }
-        let vm_end = match self.vm.join() {
-            Ok(Ok(outcome)) => outcome.exit.to_string(),
-            Ok(Err(e)) => format!("carve failed: {e}"),
-            Err(_) => "carve's VM thread panicked".into(),
+        let (vm_end, clean) = match self.vm.join() {
+            Ok(Ok(outcome)) => {
+                let clean = matches!(outcome.exit, VmExit::Reset | VmExit::PowerOff | VmExit::Halted);
+                (outcome.exit.to_string(), clean)
+            }
+            Ok(Err(e)) => (format!("carve failed: {e}"), false),
+            Err(_) => ("carve's VM thread panicked".into(), false),
         };
-        // With carve's init, how the app ended says more than the reboot that followed.
+        // With carve's init, how the app ended says more than the reboot that followed; it
+        // never hides a crash or a failure of carve's, nor a terminate.
+        let terminated = terminating.load(std::sync::atomic::Ordering::Acquire);
         let reason = match self.app_exit.take() {
-            Some(app) if !terminating.load(std::sync::atomic::Ordering::Acquire) => {
+            Some(app) if clean && !terminated => {
                 log::info!("enclave {}: {app}; then {vm_end}", state.run.id);
                 app
             }
+            Some(app) if !terminated => format!("{app}; then {vm_end}"),
             _ => vm_end,
         };
-        drop(self.app_exit);
         log::info!("enclave {} ended: {reason}", state.run.id);
         self.console.close();
         // Give back before anyone hears the enclave ended: memory went with the VM; now the

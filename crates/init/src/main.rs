@@ -6,7 +6,8 @@
 //! 3. read `/cmd` and `/env`, switch the root to `/rootfs`, mount /proc, /sys, /run, /tmp, …;
 //! 4. start the app in its own session and reap every orphan until the app ends;
 //! 5. beyond AWS's init: tell the parent how the app ended ("exit N" or "signal S" on vsock
-//!    port 47031, which carve's enclave process listens on), then reboot, which ends the enclave.
+//!    port 47031, which carve's enclave process listens on and acknowledges with one byte), then
+//!    reboot, which ends the enclave.
 //!
 //! Failures print one `carve-init:` line on the console; a failure before the app starts is
 //! reported to the parent as exit status 127 where the vsock path still works.
@@ -176,8 +177,27 @@ fn heartbeat() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sends `bytes` and waits (briefly) for the parent's one-byte acknowledgement: vsock sends from
+/// a kernel worker, and a reboot right after the write could lose what it queued.
 fn send_to_parent(port: u32, bytes: &[u8]) -> std::io::Result<()> {
-    vsock_connect(port)?.write_all(bytes)
+    let mut socket = vsock_connect(port)?;
+    socket.write_all(bytes)?;
+    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: setsockopt reads the timeval for the call's duration.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut ack = [0u8];
+    match socket.read(&mut ack)? {
+        1 => Ok(()),
+        _ => Err(std::io::Error::other("the parent closed without acknowledging")),
+    }
 }
 
 /// Reads and removes one of the files build-enclave leaves in the initramfs root.

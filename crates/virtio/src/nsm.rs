@@ -116,8 +116,9 @@ pub struct NsmBackend {
     active: Option<Active>,
     faults: FaultLog,
     stats: Arc<NsmStats>,
-    /// A request that came alone, waiting for the next chain's response buffer.
-    pending: Option<Layout>,
+    /// A request that came alone (its chain's head and layout), waiting for the next chain's
+    /// response buffer; its chain goes back to the driver with the response's, first.
+    pending: Option<(u16, Layout)>,
 }
 
 /// Where a chain's request and response buffers are.
@@ -165,16 +166,17 @@ impl NsmBackend {
             let Some(chain) = active.queue.pop_descriptor_chain(&mem) else { break };
             let started = Instant::now();
             let head = chain.head_index();
-            let written = self.answer(chain);
-            let Some(active) = self.active.as_mut() else { return };
-            if active.queue.add_used(&self.mem, head, written as u32).is_err() {
-                self.fault("queue", "the used ring is outside guest memory; device needs reset");
-                if let Some(active) = self.active.take() {
-                    active.signals.signal_needs_reset();
+            for (head, written) in self.answer(head, chain) {
+                let Some(active) = self.active.as_mut() else { return };
+                if active.queue.add_used(&self.mem, head, written as u32).is_err() {
+                    self.fault("queue", "the used ring is outside guest memory; device needs reset");
+                    if let Some(active) = self.active.take() {
+                        active.signals.signal_needs_reset();
+                    }
+                    return;
                 }
-                return;
+                used = true;
             }
-            used = true;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             self.stats.busy_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
@@ -185,43 +187,53 @@ impl NsmBackend {
         }
     }
 
-    /// Reads one request, answers it, writes the response; returns the bytes written.
-    fn answer(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> usize {
+    /// Takes one chain; returns the chains to give back, in order, with the bytes written to each
+    /// (none while a lone request waits for its response buffer).
+    fn answer(&mut self, head: u16, chain: DescriptorChain<&GuestMemoryMmap>) -> Vec<(u16, usize)> {
         let layout = match self.layout(chain) {
             Ok(layout) => layout,
             Err(what) => {
                 self.fault("chain", what);
-                return 0;
+                return vec![(head, 0)];
             }
         };
-        let layout = match (layout.has_request, layout.response.is_empty()) {
+        let mut done = Vec::new();
+        match (layout.has_request, layout.response.is_empty()) {
             (true, true) => {
-                // The request alone: its response buffer is the next chain.
-                if self.pending.replace(layout).is_some() {
+                if let Some((unanswered, _)) = self.pending.replace((head, layout)) {
                     self.fault("unanswered", "a request came before the previous one's response buffer");
+                    done.push((unanswered, 0));
                 }
-                return 0;
             }
             (false, false) => match self.pending.take() {
-                Some(request) => {
-                    Layout { response: layout.response, response_len: layout.response_len, ..request }
+                Some((request_head, request)) => {
+                    let layout =
+                        Layout { response: layout.response, response_len: layout.response_len, ..request };
+                    done.push((request_head, 0));
+                    done.push((head, self.respond(&layout)));
                 }
                 None => {
                     self.fault("no-request", "a response buffer came without a request");
-                    return 0;
+                    done.push((head, 0));
                 }
             },
             (true, false) => {
-                if self.pending.take().is_some() {
+                if let Some((unanswered, _)) = self.pending.take() {
                     self.fault("unanswered", "a request came before the previous one's response buffer");
+                    done.push((unanswered, 0));
                 }
-                layout
+                done.push((head, self.respond(&layout)));
             }
             (false, true) => {
                 self.fault("chain", "an empty descriptor chain");
-                return 0;
+                done.push((head, 0));
             }
-        };
+        }
+        done
+    }
+
+    /// Answers a request into its response buffers; returns the bytes written.
+    fn respond(&mut self, layout: &Layout) -> usize {
         let response = if layout.readable_after_writable {
             self.fault("chain-order", "a request chain put readable buffers after writable ones");
             Response::Error(ErrorCode::InvalidArgument).encode()
@@ -247,7 +259,7 @@ impl NsmBackend {
         if response.len() > layout.response_len {
             return 0;
         }
-        self.write_response(&layout, &response)
+        self.write_response(layout, &response)
     }
 
     fn layout(&self, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Layout, String> {

@@ -72,6 +72,7 @@ fn linux_sends_the_request_and_the_response_buffer_as_two_chains() {
     let request = Request::GetRandom.encode();
     d.mem.write_slice(&request, GuestAddress(DATA)).unwrap();
     d.submit(&[(DATA, request.len() as u32, 0)]);
+    assert_eq!(d.used(), None, "the request waits for its response buffer");
     d.submit(&[(DATA + 0x4000, 0x3000, F_WRITE)]);
     let (first, len) = d.used().expect("the request chain comes back");
     assert_eq!((first, len), (0, 0), "the request's chain, nothing written");
@@ -109,12 +110,14 @@ fn bad_chains_get_error_responses_or_nothing_and_the_device_goes_on() {
     d.submit(&[(response_at, 0x3000, F_WRITE), (DATA, 11, 0)]);
     let (_, len) = d.used().unwrap();
     assert_eq!(read_response(&mut d, len), error(ErrorCode::InvalidArgument));
-    // No response buffer at all, a buffer outside memory, a response buffer of 2 bytes: used, length 0.
+    // A request alone waits for a response buffer; a whole chain after it returns it empty.
     d.submit(&[(DATA, 11, 0)]);
-    assert_eq!(d.used().unwrap().1, 0);
-    d.submit(&[(MEM_SIZE as u64 - 4, 11, 0), (response_at, 0x3000, F_WRITE)]);
-    assert_eq!(d.used().unwrap().1, 0);
+    assert_eq!(d.used(), None, "held for its response buffer");
     d.submit(&[(DATA, 11, 0), (response_at, 2, F_WRITE)]);
+    assert_eq!(d.used().unwrap().1, 0, "the unanswered request comes back empty");
+    assert_eq!(d.used().unwrap().1, 0, "a response buffer of 2 bytes: nothing fits");
+    // A buffer outside memory: used, length 0.
+    d.submit(&[(MEM_SIZE as u64 - 4, 11, 0), (response_at, 0x3000, F_WRITE)]);
     assert_eq!(d.used().unwrap().1, 0);
     // Garbage CBOR.
     assert_eq!(d.call(&[0xff, 0x00]), error(ErrorCode::InvalidOperation));

@@ -38,9 +38,10 @@ fn main(_boot: &BootInfo) -> ! {
     let supported = (leaf[0] as u64 | (leaf[3] as u64) << 32) & USER_COMPONENTS;
     println!("cpuid 0xd.0: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}", leaf[0], leaf[1], leaf[2], leaf[3]);
     check!(supported & 0b11 == 0b11, "x87 and SSE state are offered");
-    // AVX-512's three components and AMX's two are architecturally all or nothing.
+    // AVX-512's three components and AMX's two are architecturally all or nothing, and AVX-512
+    // needs AVX's state too.
     let mut xcr0 = supported;
-    if xcr0 & 0xe0 != 0xe0 {
+    if xcr0 & 0xe0 != 0xe0 || xcr0 & 0x4 == 0 {
         xcr0 &= !0xe0;
     }
     if xcr0 & 0x6_0000 != 0x6_0000 {

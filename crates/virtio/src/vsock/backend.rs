@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -413,11 +413,9 @@ impl VsockBackend {
         }
         let mut path = self.uds.clone().into_os_string();
         path.push(format!("_{}", key.host_port));
-        // Connecting to a listening Unix socket completes at once (or fails: then RST).
-        let stream = match UnixStream::connect(&path) {
-            Ok(stream) if stream.set_nonblocking(true).is_ok() => stream,
-            _ => return self.refuse(h, key),
-        };
+        // Connecting to a listening Unix socket completes at once or fails (then RST), and never
+        // waits: a listener whose backlog the guest filled must not stall the event loop.
+        let Ok(stream) = connect_nonblocking(Path::new(&path)) else { return self.refuse(h, key) };
         let mut conn = Connection::new(stream, State::Established);
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         self.register(key, conn, h.dst_cid);
@@ -765,6 +763,37 @@ fn read_host_data<B: BitmapSlice>(
         peer.host_write_shut = true;
     }
     Some(len)
+}
+
+/// A non-blocking connection to the Unix listener at `path`: EAGAIN when its backlog is full.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; all zeroes is valid before the fields are set.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from(ErrorKind::InvalidInput));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of len bytes for the call's duration.
+    if unsafe { libc::connect(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(socket))
 }
 
 fn write_header<B: BitmapSlice>(
