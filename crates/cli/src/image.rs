@@ -17,11 +17,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::nitro_error::{ErrorCode, NitroError};
-use crate::oci;
 
 #[derive(Args)]
 pub struct BuildArgs {
-    /// Container image to build from: its name in --oci-archive (carve never pulls images).
+    /// Container image to build from: pulled from its registry (or exported from a local Docker
+    /// daemon that has it), or its name in --oci-archive.
     #[arg(long, value_name = "URI", conflicts_with = "kernel")]
     docker_uri: Option<String>,
     /// `docker save` output or an OCI image-layout tarball holding the image.
@@ -378,18 +378,18 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
             "carve builds no container images (--docker-dir); build it with your tools, `docker save` it and pass --oci-archive",
         ));
     }
-    let Some(archive) = &args.oci_archive else {
-        return Err(NitroError::new(
-            ErrorCode::DOCKER_IMAGE_PULL,
-            "carve does not pull images from a registry or a Docker daemon; `docker save` the image and pass the archive with --oci-archive",
-        ));
-    };
     let blobs = find_blobs(args.blobs_dir.as_deref())?;
     let cmdline_path = blobs.join("cmdline");
     let cmdline =
         std::fs::read_to_string(&cmdline_path).map_err(|e| NitroError::file(&cmdline_path, "read", e))?;
-    let image = oci::Image::open(archive, args.docker_uri.as_deref())?;
-    let bootstrap = oci::bootstrap_ramdisk(&blobs)?;
+    let image = match (&args.oci_archive, &args.docker_uri) {
+        (Some(archive), uri) => carve_image::Image::open(archive, uri.as_deref())?,
+        (None, Some(uri)) => carve_image::fetch(uri, &carve_image::PullOptions::from_environment())?,
+        (None, None) => {
+            return Err(NitroError::new(ErrorCode::MISSING_ARGUMENT, "give --docker-uri or --oci-archive"))
+        }
+    };
+    let bootstrap = carve_image::bootstrap_ramdisk(&blobs)?;
     let customer = image.customer_ramdisk()?;
     Ok(ImageParts {
         kernel: blobs.join("bzImage"),

@@ -3,12 +3,10 @@
 //! `carve vm`.
 
 mod attestation;
-mod cpio;
 mod enclave;
 mod image;
 mod logger;
 mod nitro_error;
-mod oci;
 mod vm;
 
 use std::process::ExitCode;

@@ -154,6 +154,18 @@ pub fn explain(code: &str) -> ExitCode {
     }
 }
 
+impl From<carve_image::ImageError> for NitroError {
+    fn from(error: carve_image::ImageError) -> NitroError {
+        use carve_image::ImageError;
+        let code = match &error {
+            ImageError::Pull(_) => ErrorCode::DOCKER_IMAGE_PULL,
+            ImageError::Unusable(_) => ErrorCode::EIF_BUILDING,
+            ImageError::File { .. } => ErrorCode::FILE_OPERATION,
+        };
+        NitroError::new(code, error.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

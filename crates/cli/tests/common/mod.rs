@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use carve_guest_images::{path as guest, Format};
 
+pub mod registry;
+
 /// Whether /dev/kvm can be used here. Tests that need it print a clear SKIPPED line otherwise.
 pub fn kvm_usable(test: &str) -> bool {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {

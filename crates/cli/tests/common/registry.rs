@@ -1,0 +1,215 @@
+//! A real registry for pull tests: Debian's `docker-registry` (the CNCF distribution registry)
+//! on a loopback port, images written as OCI layouts here and pushed with skopeo.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+fn tool(name: &str, package: &str) -> &'static str {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "{name} is not installed (Debian package {package}; .ci/run installs it)"
+    );
+    Box::leak(name.to_string().into_boxed_str())
+}
+
+pub struct Registry {
+    /// `127.0.0.1:PORT`
+    pub address: String,
+    /// The registry's filesystem storage.
+    pub storage: PathBuf,
+    child: Child,
+    credentials: Option<String>,
+}
+
+impl Registry {
+    /// Starts a registry storing under `dir`; with `user` (name, password) it demands htpasswd
+    /// basic auth.
+    pub fn start(dir: &Path, user: Option<(&str, &str)>) -> Registry {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let storage = dir.join("storage");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some((name, password)) = user {
+            let out = Command::new(tool("htpasswd", "apache2-utils"))
+                .args(["-Bbn", name, password])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let htpasswd = dir.join("htpasswd");
+            std::fs::write(&htpasswd, &out.stdout).unwrap();
+            config +=
+                &format!("auth:\n  htpasswd:\n    realm: carve-test\n    path: {}\n", htpasswd.display());
+        }
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new(tool("docker-registry", "docker-registry"))
+            .args(["serve", config_path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let address = format!("127.0.0.1:{port}");
+        let registry = Registry {
+            address,
+            storage,
+            child,
+            credentials: user.map(|(name, password)| format!("{name}:{password}")),
+        };
+        // Slow under the emulated KVM host: give it time to listen.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(&registry.address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not start: {}",
+                dir.join("registry.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// Pushes the layout's `tag` as `name` (`repo:tag`) with skopeo; `all` pushes an index whole.
+    pub fn push(&self, layout: &OciLayout, tag: &str, name: &str, all: bool) {
+        let source = format!("oci:{}:{tag}", layout.dir.display());
+        let destination = format!("docker://{}/{name}", self.address);
+        let mut command = Command::new(tool("skopeo", "skopeo"));
+        // Its own state in a fresh place: no blob cache that changes what is pushed.
+        command.env("HOME", layout.dir.join(".skopeo-home"));
+        command.args([
+            "copy",
+            "--insecure-policy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ]);
+        if let Some(credentials) = &self.credentials {
+            command.args(["--dest-creds", credentials]);
+        }
+        if all {
+            command.arg("--all");
+        }
+        let out = command.args([&source, &destination]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy {source} {destination}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Where the registry keeps the blob `digest`'s bytes.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
+pub struct OciLayout {
+    pub dir: PathBuf,
+    tags: Vec<Value>,
+}
+
+impl OciLayout {
+    pub fn new(dir: &Path) -> OciLayout {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        OciLayout { dir: dir.to_path_buf(), tags: Vec::new() }
+    }
+
+    /// Stores `bytes`; returns a descriptor of them.
+    pub fn blob(&self, media_type: &str, bytes: &[u8]) -> Value {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        std::fs::write(self.dir.join("blobs/sha256").join(&digest[7..]), bytes).unwrap();
+        json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+    }
+
+    /// An image manifest of `layers` (media type, blob bytes; the diff IDs are their
+    /// uncompressed digests, given as `tars`) and `config` (whose rootfs is filled in).
+    pub fn image(&self, layers: &[(&str, Vec<u8>)], tars: &[Vec<u8>], mut config: Value) -> Value {
+        let diff_ids: Vec<String> =
+            tars.iter().map(|t| format!("sha256:{}", hex::encode(Sha256::digest(t)))).collect();
+        config["rootfs"] = json!({"type": "layers", "diff_ids": diff_ids});
+        let config =
+            self.blob("application/vnd.oci.image.config.v1+json", &serde_json::to_vec(&config).unwrap());
+        let layers: Vec<Value> =
+            layers.iter().map(|(media_type, bytes)| self.blob(media_type, bytes)).collect();
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
+            "layers": layers,
+        });
+        self.blob("application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&manifest).unwrap())
+    }
+
+    /// An image index of `(manifest descriptor, os, architecture)`.
+    pub fn index(&self, images: &[(Value, &str, &str)]) -> Value {
+        let manifests: Vec<Value> = images
+            .iter()
+            .map(|(descriptor, os, arch)| {
+                let mut entry = descriptor.clone();
+                entry["platform"] = json!({"os": os, "architecture": arch});
+                entry
+            })
+            .collect();
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        });
+        self.blob("application/vnd.oci.image.index.v1+json", &serde_json::to_vec(&index).unwrap())
+    }
+
+    /// Names `descriptor` `tag` in index.json.
+    pub fn tag(&mut self, descriptor: &Value, tag: &str) {
+        let mut entry = descriptor.clone();
+        entry["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+        self.tags.push(entry);
+        let index = json!({"schemaVersion": 2, "manifests": self.tags});
+        std::fs::write(self.dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// zstd-compressed by Debian's zstd tool (an encoder independent of carve's decoder).
+pub fn zstd(bytes: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(tool("zstd", "zstd"))
+        .args(["-q", "-c", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
