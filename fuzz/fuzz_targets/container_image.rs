@@ -9,19 +9,9 @@ use carve_image::Image;
 use libfuzzer_sys::fuzz_target;
 
 fn file_of(bytes: &[u8]) -> std::fs::File {
-    let mut file = tempfile();
+    let mut file = tempfile::tempfile().unwrap();
     file.write_all(bytes).unwrap();
     file
-}
-
-fn tempfile() -> std::fs::File {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .open(std::env::temp_dir())
-        .unwrap()
 }
 
 /// A docker-save archive whose one layer is `layer`.

@@ -1,5 +1,6 @@
-//! A Linux enclave made only of carve's parts: a container image (a docker-save archive holding
-//! busybox and a command) becomes an EIF with carve's enclave kernel and init
+//! A Linux enclave made only of carve's parts and Debian's: a container image (busybox and an
+//! app) is pushed to a local registry (Debian's docker-registry, skopeo), pulled by
+//! `build-enclave --docker-uri` into an EIF with carve's enclave kernel and init
 //! (scripts/build-enclave-blobs.sh), found in carve's cache; run-enclave boots it, carve's init
 //! sends the heartbeat, starts the app and reports its exit status, which `carve wait` names.
 //!
@@ -12,6 +13,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::registry::{gzip, OciLayout, Registry, LAYER_GZIP};
 use common::{fresh_dir, kvm_usable, stderr, stdout};
 
 fn blobs() -> PathBuf {
@@ -24,8 +26,15 @@ fn blobs() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// `docker save` of an image with one layer of `files` (path, mode, contents) and `command`.
-fn image_archive(path: &Path, files: &[(&str, u32, &[u8])], command: &[&str]) {
+/// Pushes an image of one layer of `files` (path, mode, contents) running `command` to
+/// `registry` as `name`; returns the reference to pull.
+fn publish(
+    dir: &Path,
+    registry: &Registry,
+    files: &[(&str, u32, &[u8])],
+    command: &[&str],
+    name: &str,
+) -> String {
     use common::tar_add as add;
     use tar::{Builder, EntryType};
     let mut layer = Builder::new(Vec::new());
@@ -38,20 +47,12 @@ fn image_archive(path: &Path, files: &[(&str, u32, &[u8])], command: &[&str]) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": command, "Env": ["PATH=/bin", "GREETING=hello from the app"]},
-        "rootfs": {"type": "layers", "diff_ids": []}
     });
-    let manifest = serde_json::json!([{
-        "Config": "config.json", "RepoTags": ["carve-app:1"], "Layers": ["layer.tar"]
-    }]);
-    let mut archive = Builder::new(Vec::new());
-    for (name, data) in [
-        ("manifest.json", serde_json::to_vec(&manifest).unwrap()),
-        ("config.json", serde_json::to_vec(&config).unwrap()),
-        ("layer.tar", layer),
-    ] {
-        add(&mut archive, name, EntryType::Regular, 0o644, &data, None);
-    }
-    std::fs::write(path, archive.into_inner().unwrap()).unwrap();
+    let mut layout = OciLayout::new(&dir.join("layout"));
+    let image = layout.image(&[(LAYER_GZIP, gzip(&layer))], &[layer], config);
+    layout.tag(&image, "1");
+    registry.push(&layout, "1", name, false);
+    format!("{}/{name}", registry.address)
 }
 
 fn busybox() -> Vec<u8> {
@@ -78,11 +79,9 @@ impl Host {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
-    /// build-enclave from a docker-save archive with carve's blobs; returns its JSON.
-    fn build(&self, archive: &Path, eif: &Path) -> serde_json::Value {
-        let (archive, eif) = (archive.to_str().unwrap(), eif.to_str().unwrap());
-        let args =
-            ["build-enclave", "--oci-archive", archive, "--docker-uri", "carve-app:1", "--output-file", eif];
+    /// build-enclave pulling `uri` with carve's blobs; returns its JSON.
+    fn build(&self, uri: &str, eif: &Path) -> serde_json::Value {
+        let args = ["build-enclave", "--docker-uri", uri, "--output-file", eif.to_str().unwrap()];
         let built = self.carve(&args, &[("CARVE_CACHE_DIR", &self.root.join("cache"))]);
         assert!(built.status.success(), "{}", stderr(&built));
         serde_json::from_slice(&built.stdout).unwrap()
@@ -104,6 +103,8 @@ impl Host {
             .args(args)
             .env("CARVE_RUN_DIR", self.root.join("run"))
             .env("CARVE_STATE_DIR", self.root.join("state"))
+            .env("DOCKER_CONFIG", self.root.join("docker"))
+            .env("DOCKER_HOST", format!("unix://{}", self.root.join("no-docker.sock").display()))
             .env_remove("NITRO_CLI_BLOBS");
         for (key, value) in env {
             command.env(key, value);
@@ -124,27 +125,19 @@ fn a_container_app_runs_as_a_linux_enclave_and_its_exit_status_reaches_wait() {
     assert!(kvm_usable("a_container_app_runs_as_a_linux_enclave"), "/dev/kvm is usable");
     let host = Host::new("linux-enclave");
     host.allocator("development: true\n");
-    let archive = host.root.join("app.tar");
+    let registry = Registry::start(&host.root.join("registry"), None);
     // The app greets with its image's Env, gives a console reader time to attach, and exits 7.
     let script = "echo \"$GREETING on $(busybox cut -d' ' -f1-3 /proc/version)\"; \
                   [ -c /dev/nsm ] && echo 'the NSM is /dev/nsm'; busybox sleep 3; exit 7";
-    image_archive(&archive, &[("bin/busybox", 0o755, &busybox())], &["/bin/sh", "-c", script]);
+    let files = [("bin/busybox", 0o755, &busybox()[..])];
+    let uri = publish(&host.root, &registry, &files, &["/bin/sh", "-c", script], "carve-app:1");
     let eif = host.root.join("app.eif");
-    let (archive_arg, eif_arg) = (archive.to_str().unwrap(), eif.to_str().unwrap());
-    let args = [
-        "build-enclave",
-        "--oci-archive",
-        archive_arg,
-        "--docker-uri",
-        "carve-app:1",
-        "--output-file",
-        eif_arg,
-    ];
+    let args = ["build-enclave", "--docker-uri", &uri, "--output-file", eif.to_str().unwrap()];
     let no_blobs = host.carve(&args, &[("CARVE_CACHE_DIR", &host.root.join("empty"))]);
     assert_eq!(no_blobs.status.code(), Some(52), "{}", stderr(&no_blobs));
     assert!(stderr(&no_blobs).contains("no enclave blobs found"), "{}", stderr(&no_blobs));
     assert!(!eif.exists(), "no output file left");
-    host.build(&archive, &eif);
+    host.build(&uri, &eif);
 
     let run = host.carve(
         &[
@@ -210,15 +203,17 @@ fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
     let host = Host::new("linux-enclave-attest");
     // A real pool: CPU 1 and 2 MiB hugepages, given back by --clear.
     host.allocator("---\nmemory_mib: 128\ncpu_pool: 1\n");
-    let archive = host.root.join("attest.tar");
+    // A private registry (htpasswd), pulled with `docker login`'s record in config.json.
+    let registry = Registry::start(&host.root.join("registry"), Some(("enclave-dev", "pull-me")));
+    std::fs::create_dir_all(host.root.join("docker")).unwrap();
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "enclave-dev:pull-me");
+    let config = serde_json::json!({"auths": {registry.address.clone(): {"auth": auth}}});
+    std::fs::write(host.root.join("docker/config.json"), config.to_string()).unwrap();
     let attest = std::fs::read(carve_guest_images::example_attest()).unwrap();
-    image_archive(
-        &archive,
-        &[("bin/busybox", 0o755, &busybox()), ("bin/attest", 0o755, &attest)],
-        &["/bin/attest"],
-    );
+    let files = [("bin/busybox", 0o755, &busybox()[..]), ("bin/attest", 0o755, &attest[..])];
+    let uri = publish(&host.root, &registry, &files, &["/bin/attest"], "attest:1");
     let eif = host.root.join("attest.eif");
-    let measurements = host.build(&archive, &eif)["Measurements"].clone();
+    let measurements = host.build(&uri, &eif)["Measurements"].clone();
 
     let run = host.carve(
         &["run-enclave", "--eif-path", eif.to_str().unwrap(), "--cpu-ids", "1", "--memory", "128"],

@@ -449,15 +449,10 @@ fn missing_image(uri: Option<&str>, count: usize) -> String {
     }
 }
 
-/// An unnamed temporary file: gone when closed, whatever happens.
+/// An unnamed temporary file, gone when closed whatever happens (O_TMPFILE where the
+/// filesystem has it, else created and unlinked at once).
 pub(crate) fn anonymous_file() -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(std::env::temp_dir())
+    tempfile::tempfile()
 }
 
 /// The bootstrap ramdisk nitro-cli builds from its blobs: `dev/`, `init` and `nsm.ko`.
