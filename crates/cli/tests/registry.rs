@@ -166,6 +166,20 @@ fn pulled_images_build_the_same_eif_as_their_archive_whatever_the_format() {
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.join("mixed.eif")).unwrap());
 }
 
+#[test]
+fn a_loopback_registry_that_speaks_tls_is_pulled_over_https() {
+    let dir = fresh_dir("registry-tls");
+    // Loopback, so as Docker: its certificate is not checked, but the registry takes only TLS.
+    let registry = Registry::start_tls(&dir.join("registry"));
+    let mut layout = OciLayout::new(&dir.join("layout"));
+    let tars = [lower_layer(), upper_layer()];
+    let image =
+        layout.image(&[(LAYER_GZIP, gzip(&tars[0])), (LAYER_GZIP, gzip(&tars[1]))], &tars, config(&["x"]));
+    layout.tag(&image, "1");
+    registry.push(&layout, "1", "app:1", false);
+    pcrs(&build(&dir, &format!("{}/app:1", registry.address), &dir.join("app.eif"), &[]));
+}
+
 /// A GET on the registry's HTTP API (the test's own view of what skopeo pushed).
 fn http_get(address: &str, path: &str, accept: &str) -> String {
     use std::io::{Read, Write};

@@ -66,7 +66,8 @@ impl PullOptions {
         PullOptions { insecure_registries: insecure }
     }
 
-    /// Docker's rule: loopback registries and listed ones may be plain http.
+    /// Docker's rule: loopback registries and listed ones may be plain http (or https with a
+    /// certificate nobody vouches for).
     fn allows_http(&self, registry: &str) -> bool {
         let host = match registry.strip_prefix('[') {
             Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
@@ -86,30 +87,40 @@ pub fn pull(uri: &str, options: &PullOptions) -> Result<Image, ImageError> {
     let registry = reference.resolve_registry().to_string();
     // Which crypto rustls uses is process-wide; an earlier install is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let protocol =
-        if options.allows_http(reference.registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
-    let client = Client::new(ClientConfig {
-        protocol,
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(10)),
-        read_timeout: Some(Duration::from_secs(60)),
-        user_agent: concat!("carve/", env!("CARGO_PKG_VERSION")),
-        ..Default::default()
-    });
     let auth = credentials(&reference).map_err(fail)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| fail(format!("cannot start the downloader: {e}")))?;
-    runtime
-        .block_on(pull_image(&client, &reference, &auth))
-        .map_err(|e| match e {
-            Failure::Registry(e) => fail(describe(&e, &registry)),
-            Failure::Image(what) => fail(what),
-        })
-        .and_then(|(config, config_digest, layers)| {
-            Image::from_pulled(uri.to_string(), &config, config_digest, layers)
-        })
+    let attempt = |protocol, insecure| {
+        let client = Client::new(ClientConfig {
+            protocol,
+            accept_invalid_certificates: insecure,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("carve/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        });
+        runtime.block_on(pull_image(&client, &reference, &auth))
+    };
+    // Docker's way with insecure registries: https without checking the certificate, and
+    // plain http when no TLS server answers.
+    let pulled = if options.allows_http(reference.registry()) {
+        match attempt(ClientProtocol::Https, true) {
+            Err(Failure::Registry(OciDistributionError::RequestError(e))) if e.is_connect() => {
+                attempt(ClientProtocol::Http, false)
+            }
+            pulled => pulled,
+        }
+    } else {
+        attempt(ClientProtocol::Https, false)
+    };
+    let (config, config_digest, layers) = pulled.map_err(|e| match e {
+        Failure::Registry(e) => fail(describe(&e, &registry)),
+        Failure::Image(what) => fail(what),
+    })?;
+    Image::from_pulled(uri.to_string(), &config, config_digest, layers)
 }
 
 enum Failure {

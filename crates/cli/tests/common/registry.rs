@@ -35,6 +35,15 @@ impl Registry {
     /// Starts a registry storing under `dir`; with `user` (name, password) it demands htpasswd
     /// basic auth.
     pub fn start(dir: &Path, user: Option<(&str, &str)>) -> Registry {
+        Registry::launch(dir, user, false)
+    }
+
+    /// A registry that speaks only TLS, with a self-signed certificate for 127.0.0.1.
+    pub fn start_tls(dir: &Path) -> Registry {
+        Registry::launch(dir, None, true)
+    }
+
+    fn launch(dir: &Path, user: Option<(&str, &str)>, tls: bool) -> Registry {
         std::fs::create_dir_all(dir).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let storage = dir.join("storage");
@@ -52,6 +61,18 @@ impl Registry {
             std::fs::write(&htpasswd, &out.stdout).unwrap();
             config +=
                 &format!("auth:\n  htpasswd:\n    realm: carve-test\n    path: {}\n", htpasswd.display());
+        }
+        if tls {
+            let (key, certificate) = (dir.join("key.pem"), dir.join("cert.pem"));
+            let out = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+                .args(["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+                .args(["-keyout", key.to_str().unwrap(), "-out", certificate.to_str().unwrap()])
+                .output()
+                .expect("openssl runs");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            config +=
+                &format!("  tls:\n    certificate: {}\n    key: {}\n", certificate.display(), key.display());
         }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config).unwrap();
