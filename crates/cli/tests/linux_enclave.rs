@@ -265,3 +265,51 @@ fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
     assert!(cleared.status.success(), "{}", stderr(&cleared));
     assert_eq!(host.run_dir_files(), ["carve.lock", "enclaves.log"], "nothing left behind");
 }
+
+#[test]
+#[ignore = "needs a real KVM host for Linux user space: scripts/test.sh runs it in scripts/kvm-host.sh"]
+fn an_app_that_crashes_reports_its_signal() {
+    assert!(kvm_usable("an_app_that_crashes_reports_its_signal"), "/dev/kvm is usable");
+    let host = Host::new("linux-enclave-crash");
+    host.allocator("development: true\n");
+    let registry = Registry::start(&host.root.join("registry"), None);
+    let files = [("bin/busybox", 0o755, &busybox()[..])];
+    let uri = publish(
+        &host.root,
+        &registry,
+        &files,
+        &["/bin/sh", "-c", "busybox grep ^SigBlk /proc/self/status; busybox sleep 2; kill -SEGV $$"],
+        "crash:1",
+    );
+    let eif = host.root.join("crash.eif");
+    host.build(&uri, &eif);
+    let run = host.carve(
+        &[
+            "run-enclave",
+            "--eif-path",
+            eif.to_str().unwrap(),
+            "--cpu-count",
+            "1",
+            "--memory",
+            "128",
+            "--debug-mode",
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
+    let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let id = enclave["EnclaveID"].as_str().unwrap();
+    // The app sleeps 2 s first, so the console reader and `wait` are there before it dies.
+    let console = std::thread::scope(|scope| {
+        let console = scope.spawn(|| host.carve(&["console", "--enclave-id", id], &[]));
+        let waited = host.carve(&["wait", "--enclave-id", id], &[]);
+        assert_eq!(stdout(&waited).trim(), format!("Enclave {id} ended: the app was killed by signal 11"));
+        console.join().unwrap()
+    });
+    // carve-init started the app with nothing blocked (a blocked SIGSEGV would not kill it).
+    let text = stdout(&console);
+    assert!(text.contains("SigBlk:\t0000000000000000"), "console:\n{text}");
+    assert!(text.contains("carve-init: the app was killed by signal 11"), "console:\n{text}");
+    let log = std::fs::read_to_string(host.root.join("run/enclaves.log")).unwrap();
+    assert!(log.contains(&format!("enclave {id} ended: the app was killed by signal 11")), "{log}");
+}

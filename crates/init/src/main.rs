@@ -30,7 +30,7 @@ const HEARTBEAT: u8 = 0xB7;
 const EXIT_PORT: u32 = 47031;
 
 fn main() {
-    // PID 1 takes no signals; the app gets a clean mask (std resets it in the child).
+    // PID 1 takes no signals; the app gets a clean mask (see boot_and_run).
     // SAFETY: sigfillset and sigprocmask only write the set and the mask passed to them.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -81,9 +81,19 @@ fn boot_and_run() -> Result<AppEnd, String> {
         let (key, value) = entry.split_once('=').unwrap_or((entry, ""));
         command.env(key, value);
     }
-    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    // The app starts in its own session with every signal unblocked: a fork keeps PID 1's
+    // all-blocked mask, and an app with SIGSEGV or SIGTERM blocked could not die of them.
+    // SAFETY: setsid, sigemptyset and sigprocmask are async-signal-safe and write only the
+    // local set and the child's own mask.
     unsafe {
-        command.pre_exec(|| if libc::setsid() < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        command.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 || libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     let app = command.spawn().map_err(|e| format!("cannot run '{}': {e}", argv[0]))?;
     Ok(reap_until(app.id() as libc::pid_t))
