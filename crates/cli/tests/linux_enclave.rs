@@ -87,6 +87,29 @@ impl Host {
         serde_json::from_slice(&built.stdout).unwrap()
     }
 
+    /// run-enclave with `args` after `--eif-path EIF`; returns the enclave's ID.
+    fn run(&self, eif: &Path, args: &[&str]) -> String {
+        let mut all = vec!["run-enclave", "--eif-path", eif.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let run = self.carve(&all, &[]);
+        assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
+        let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        enclave["EnclaveID"].as_str().unwrap().to_string()
+    }
+
+    /// Follows a debug-mode enclave's console while `carve wait` sees it end as `ended`;
+    /// returns the console's text.
+    fn console_until_ended(&self, id: &str, ended: &str) -> String {
+        let console = std::thread::scope(|scope| {
+            let console = scope.spawn(|| self.carve(&["console", "--enclave-id", id], &[]));
+            let waited = self.carve(&["wait", "--enclave-id", id], &[]);
+            assert!(waited.status.success(), "{}", stderr(&waited));
+            assert_eq!(stdout(&waited).trim(), format!("Enclave {id} ended: {ended}"));
+            console.join().unwrap()
+        });
+        stdout(&console)
+    }
+
     fn run_dir_files(&self) -> Vec<String> {
         let mut files: Vec<String> = std::fs::read_dir(self.root.join("run"))
             .unwrap()
@@ -139,37 +162,11 @@ fn a_container_app_runs_as_a_linux_enclave_and_its_exit_status_reaches_wait() {
     assert!(!eif.exists(), "no output file left");
     host.build(&uri, &eif);
 
-    let run = host.carve(
-        &[
-            "run-enclave",
-            "--eif-path",
-            eif.to_str().unwrap(),
-            "--cpu-count",
-            "1",
-            "--memory",
-            "256",
-            "--debug-mode",
-        ],
-        &[],
-    );
-    assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
-    let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let id = enclave["EnclaveID"].as_str().unwrap();
+    let id = host.run(&eif, &["--cpu-count", "1", "--memory", "256", "--debug-mode"]);
 
     // In debug mode the console replays from boot: the kernel, then the app's greeting.
-    let console = std::thread::scope(|scope| {
-        let console = scope.spawn(|| host.carve(&["console", "--enclave-id", id], &[]));
-        let waited = host.carve(&["wait", "--enclave-id", id], &[]);
-        assert!(waited.status.success(), "{}", stderr(&waited));
-        assert_eq!(stdout(&waited).trim(), format!("Enclave {id} ended: the app exited with status 7"));
-        console.join().unwrap()
-    });
-    let text = stdout(&console);
-    assert!(
-        text.contains("hello from the app on Linux version 6.12"),
-        "console:\n{text}{}",
-        stderr(&console)
-    );
+    let text = host.console_until_ended(&id, "the app exited with status 7");
+    assert!(text.contains("hello from the app on Linux version 6.12"), "console:\n{text}");
     assert!(text.contains("the NSM is /dev/nsm"), "the kernel's NSM driver found carve's device:\n{text}");
     assert!(text.contains("carve-init: the app exited with status 7"), "console:\n{text}");
     let log = std::fs::read_to_string(host.root.join("run/enclaves.log")).unwrap();
@@ -215,14 +212,10 @@ fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
     let eif = host.root.join("attest.eif");
     let measurements = host.build(&uri, &eif)["Measurements"].clone();
 
-    let run = host.carve(
-        &["run-enclave", "--eif-path", eif.to_str().unwrap(), "--cpu-ids", "1", "--memory", "128"],
-        &[],
-    );
-    assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
-    let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let id = enclave["EnclaveID"].as_str().unwrap();
-    assert_eq!(enclave["CPUIDs"], serde_json::json!([1]));
+    let id = host.run(&eif, &["--cpu-ids", "1", "--memory", "128"]);
+    let described: serde_json::Value =
+        serde_json::from_slice(&host.carve(&["describe-enclaves"], &[]).stdout).unwrap();
+    assert_eq!(described[0]["CPUIDs"], serde_json::json!([1]));
     let vsock = host.root.join(format!("run/{id}.vsock"));
 
     // The parent asks with a fresh nonce; the app answers through AWS's driver on /dev/nsm.
@@ -283,31 +276,10 @@ fn an_app_that_crashes_reports_its_signal() {
     );
     let eif = host.root.join("crash.eif");
     host.build(&uri, &eif);
-    let run = host.carve(
-        &[
-            "run-enclave",
-            "--eif-path",
-            eif.to_str().unwrap(),
-            "--cpu-count",
-            "1",
-            "--memory",
-            "128",
-            "--debug-mode",
-        ],
-        &[],
-    );
-    assert!(run.status.success(), "run-enclave: {}{}", stdout(&run), stderr(&run));
-    let enclave: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let id = enclave["EnclaveID"].as_str().unwrap();
+    let id = host.run(&eif, &["--cpu-count", "1", "--memory", "128", "--debug-mode"]);
     // The app sleeps 2 s first, so the console reader and `wait` are there before it dies.
-    let console = std::thread::scope(|scope| {
-        let console = scope.spawn(|| host.carve(&["console", "--enclave-id", id], &[]));
-        let waited = host.carve(&["wait", "--enclave-id", id], &[]);
-        assert_eq!(stdout(&waited).trim(), format!("Enclave {id} ended: the app was killed by signal 11"));
-        console.join().unwrap()
-    });
+    let text = host.console_until_ended(&id, "the app was killed by signal 11");
     // carve-init started the app with nothing blocked (a blocked SIGSEGV would not kill it).
-    let text = stdout(&console);
     assert!(text.contains("SigBlk:\t0000000000000000"), "console:\n{text}");
     assert!(text.contains("carve-init: the app was killed by signal 11"), "console:\n{text}");
     let log = std::fs::read_to_string(host.root.join("run/enclaves.log")).unwrap();

@@ -108,6 +108,18 @@ fn docker_archive(path: &Path, tars: &[Vec<u8>], config: &Value) {
     std::fs::write(path, archive.into_inner().unwrap()).unwrap();
 }
 
+/// Pushes the two-layer test image (gzip) as `name` (`repo:tag`); returns its manifest's
+/// descriptor.
+fn push_app(layout: &mut OciLayout, registry: &Registry, name: &str) -> Value {
+    let tars = [lower_layer(), upper_layer()];
+    let image =
+        layout.image(&[(LAYER_GZIP, gzip(&tars[0])), (LAYER_GZIP, gzip(&tars[1]))], &tars, config(&["x"]));
+    let tag = name.rsplit(':').next().unwrap();
+    layout.tag(&image, tag);
+    registry.push(layout, tag, name, false);
+    image
+}
+
 #[test]
 fn pulled_images_build_the_same_eif_as_their_archive_whatever_the_format() {
     let dir = fresh_dir("registry-formats");
@@ -172,11 +184,7 @@ fn a_loopback_registry_that_speaks_tls_is_pulled_over_https() {
     // Loopback, so as Docker: its certificate is not checked, but the registry takes only TLS.
     let registry = Registry::start_tls(&dir.join("registry"));
     let mut layout = OciLayout::new(&dir.join("layout"));
-    let tars = [lower_layer(), upper_layer()];
-    let image =
-        layout.image(&[(LAYER_GZIP, gzip(&tars[0])), (LAYER_GZIP, gzip(&tars[1]))], &tars, config(&["x"]));
-    layout.tag(&image, "1");
-    registry.push(&layout, "1", "app:1", false);
+    push_app(&mut layout, &registry, "app:1");
     pcrs(&build(&dir, &format!("{}/app:1", registry.address), &dir.join("app.eif"), &[]));
 }
 
@@ -222,11 +230,7 @@ fn a_registry_with_htpasswd_auth_is_pulled_with_docker_credentials() {
     let dir = fresh_dir("registry-auth");
     let registry = Registry::start(&dir.join("registry"), Some(("enclave-dev", "s3cret-pass")));
     let mut layout = OciLayout::new(&dir.join("layout"));
-    let tars = [lower_layer(), upper_layer()];
-    let image =
-        layout.image(&[(LAYER_GZIP, gzip(&tars[0])), (LAYER_GZIP, gzip(&tars[1]))], &tars, config(&["x"]));
-    layout.tag(&image, "1");
-    registry.push(&layout, "1", "private/app:1", false);
+    push_app(&mut layout, &registry, "private/app:1");
     let uri = format!("{}/private/app:1", registry.address);
     let eif = dir.join("app.eif");
     let docker = dir.join("docker");
@@ -253,15 +257,13 @@ fn a_registry_with_htpasswd_auth_is_pulled_with_docker_credentials() {
     std::fs::create_dir_all(&helpers).unwrap();
     let helper = helpers.join("docker-credential-carvetest");
     let asked = dir.join("helper-asked");
-    std::fs::write(
+    install_script(
         &helper,
-        format!(
+        &format!(
             "#!/bin/sh\n[ \"$1\" = get ] || exit 1\ncat > {}\necho '{{\"ServerURL\":\"x\",\"Username\":\"enclave-dev\",\"Secret\":\"s3cret-pass\"}}'\n",
             asked.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     write_config(json!({"credHelpers": {registry.address.clone(): "carvetest"}}));
     let path = format!("{}:{}", helpers.display(), std::env::var("PATH").unwrap());
     assert_eq!(pcrs(&build(&dir, &uri, &eif, &[("PATH", &path)])), expected);
@@ -269,10 +271,22 @@ fn a_registry_with_htpasswd_auth_is_pulled_with_docker_credentials() {
     std::fs::remove_file(&eif).unwrap();
 
     // A helper that fails is named.
-    std::fs::write(&helper, "#!/bin/sh\necho 'credentials not found in native keychain' >&2\nexit 1\n")
-        .unwrap();
+    install_script(
+        &helper,
+        "#!/bin/sh\ncat >/dev/null\necho 'credentials not found in native keychain' >&2\nexit 1\n",
+    );
     let out = build(&dir, &uri, &eif, &[("PATH", &path)]);
     assert_refused(&out, 50, &eif, "the credential helper docker-credential-carvetest failed");
+}
+
+/// Makes `path` an executable script. `install` writes it from its own process: a file this
+/// multi-threaded test process had open for writing could still be open in a child another test
+/// is forking, and executing it would fail with ETXTBSY.
+fn install_script(path: &Path, script: &str) {
+    let source = path.with_extension("source");
+    std::fs::write(&source, script).unwrap();
+    let status = Command::new("install").args(["-m", "755"]).arg(&source).arg(path).status().unwrap();
+    assert!(status.success());
 }
 
 #[test]
@@ -280,11 +294,8 @@ fn bad_images_and_registries_are_refused_with_one_line_and_no_file() {
     let dir = fresh_dir("registry-bad");
     let registry = Registry::start(&dir.join("registry"), None);
     let mut layout = OciLayout::new(&dir.join("layout"));
+    let good = push_app(&mut layout, &registry, "app:good");
     let tars = [lower_layer(), upper_layer()];
-    let good =
-        layout.image(&[(LAYER_GZIP, gzip(&tars[0])), (LAYER_GZIP, gzip(&tars[1]))], &tars, config(&["x"]));
-    layout.tag(&good, "good");
-    registry.push(&layout, "good", "app:good", false);
     let eif = dir.join("bad.eif");
     let at = |name: &str| format!("{}/{name}", registry.address);
 

@@ -225,6 +225,10 @@ fn credentials(reference: &Reference) -> Result<RegistryAuth, String> {
             let said = if stderr.trim().is_empty() { stdout } else { stderr };
             Err(format!("the credential helper {helper} failed for {server}: {}", said.trim()))
         }
+        Err(CredentialRetrievalError::HelperCommunicationError) => Err(format!(
+            "the credential helper {} names for {server} cannot be run, or did not read the request",
+            path.display()
+        )),
         Err(e) => Err(format!("cannot use {}'s credential for {server}: {e}", path.display())),
     }
 }
