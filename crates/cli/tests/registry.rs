@@ -279,6 +279,28 @@ fn a_registry_with_htpasswd_auth_is_pulled_with_docker_credentials() {
     assert_refused(&out, 50, &eif, "the credential helper docker-credential-carvetest failed");
 }
 
+#[test]
+fn a_registry_with_token_auth_is_pulled_with_a_bearer_token() {
+    let dir = fresh_dir("registry-token");
+    // Docker Hub's scheme: the registry answers 401 with a Bearer challenge naming a token
+    // server, which issues a JWT for the repository to the user's basic credentials.
+    let registry = Registry::start_with_tokens(&dir.join("registry"), ("enclave-dev", "t0ken-pass"));
+    let mut layout = OciLayout::new(&dir.join("layout"));
+    push_app(&mut layout, &registry, "team/app:1");
+    let uri = format!("{}/team/app:1", registry.address);
+    let eif = dir.join("app.eif");
+    assert_refused(&build(&dir, &uri, &eif, &[]), 50, &eif, "refused access");
+    let docker = dir.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode("enclave-dev:t0ken-pass")
+    };
+    let config = json!({"auths": {registry.address.clone(): {"auth": auth}}});
+    std::fs::write(docker.join("config.json"), config.to_string()).unwrap();
+    pcrs(&build(&dir, &uri, &eif, &[]));
+}
+
 /// Makes `path` an executable script. `install` writes it from its own process: a file this
 /// multi-threaded test process had open for writing could still be open in a child another test
 /// is forking, and executing it would fail with ETXTBSY.

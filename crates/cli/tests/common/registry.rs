@@ -1,9 +1,12 @@
 //! A real registry for pull tests: Debian's `docker-registry` (the CNCF distribution registry)
 //! on a loopback port, images written as OCI layouts here and pushed with skopeo.
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -29,21 +32,42 @@ pub struct Registry {
     pub storage: PathBuf,
     child: Child,
     credentials: Option<String>,
+    _tokens: Option<TokenServer>,
+}
+
+/// How a registry authenticates.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    None,
+    /// htpasswd basic auth.
+    Basic(&'a str, &'a str),
+    /// Bearer tokens from a token server that takes these credentials (Docker Hub's scheme).
+    Token(&'a str, &'a str),
 }
 
 impl Registry {
     /// Starts a registry storing under `dir`; with `user` (name, password) it demands htpasswd
     /// basic auth.
     pub fn start(dir: &Path, user: Option<(&str, &str)>) -> Registry {
-        Registry::launch(dir, user, false)
+        let auth = match user {
+            Some((name, password)) => Auth::Basic(name, password),
+            None => Auth::None,
+        };
+        Registry::launch(dir, auth, false)
     }
 
     /// A registry that speaks only TLS, with a self-signed certificate for 127.0.0.1.
     pub fn start_tls(dir: &Path) -> Registry {
-        Registry::launch(dir, None, true)
+        Registry::launch(dir, Auth::None, true)
     }
 
-    fn launch(dir: &Path, user: Option<(&str, &str)>, tls: bool) -> Registry {
+    /// A registry that takes only bearer tokens, which a token server beside it issues to
+    /// `user` (name, password) as Docker Hub's does.
+    pub fn start_with_tokens(dir: &Path, user: (&str, &str)) -> Registry {
+        Registry::launch(dir, Auth::Token(user.0, user.1), false)
+    }
+
+    fn launch(dir: &Path, auth: Auth, tls: bool) -> Registry {
         std::fs::create_dir_all(dir).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let storage = dir.join("storage");
@@ -51,7 +75,18 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             storage.display()
         );
-        if let Some((name, password)) = user {
+        let mut tokens = None;
+        if let Auth::Token(name, password) = auth {
+            let (key, certificate) = self_signed(dir, "token");
+            let server = TokenServer::start(&key, &certificate, name, password);
+            config += &format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                server.port,
+                certificate.display()
+            );
+            tokens = Some(server);
+        }
+        if let Auth::Basic(name, password) = auth {
             let out = Command::new(tool("htpasswd", "apache2-utils"))
                 .args(["-Bbn", name, password])
                 .output()
@@ -63,14 +98,7 @@ impl Registry {
                 &format!("auth:\n  htpasswd:\n    realm: carve-test\n    path: {}\n", htpasswd.display());
         }
         if tls {
-            let (key, certificate) = (dir.join("key.pem"), dir.join("cert.pem"));
-            let out = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-                .args(["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
-                .args(["-keyout", key.to_str().unwrap(), "-out", certificate.to_str().unwrap()])
-                .output()
-                .expect("openssl runs");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let (key, certificate) = self_signed(dir, "tls");
             config +=
                 &format!("  tls:\n    certificate: {}\n    key: {}\n", certificate.display(), key.display());
         }
@@ -88,7 +116,13 @@ impl Registry {
             address,
             storage,
             child,
-            credentials: user.map(|(name, password)| format!("{name}:{password}")),
+            credentials: match auth {
+                Auth::Basic(name, password) | Auth::Token(name, password) => {
+                    Some(format!("{name}:{password}"))
+                }
+                Auth::None => None,
+            },
+            _tokens: tokens,
         };
         // Slow under the emulated KVM host: give it time to listen.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -143,6 +177,127 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A P-256 key and a self-signed certificate for 127.0.0.1 (openssl as the fixture maker).
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, certificate) = (dir.join(format!("{name}-key.pem")), dir.join(format!("{name}-cert.pem")));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", certificate.to_str().unwrap()])
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (key, certificate)
+}
+
+const TOKEN_SERVICE: &str = "carve-test-registry";
+const TOKEN_ISSUER: &str = "carve-test-issuer";
+
+/// The token server of the distribution registry's token auth: `GET /token?scope=…&service=…`
+/// with the user's basic credentials answers an ES256 JWT granting the scopes asked for,
+/// its certificate in the `x5c` header (the registry trusts it through `rootcertbundle`).
+struct TokenServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TokenServer {
+    fn start(key: &Path, certificate: &Path, user: &str, password: &str) -> TokenServer {
+        use base64::Engine;
+        use p256::pkcs8::DecodePrivateKey;
+        let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&std::fs::read_to_string(key).unwrap()).unwrap();
+        let pem = std::fs::read_to_string(certificate).unwrap();
+        let der_base64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let user = user.to_string();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = answer(stream, &key, &der_base64, &expected, &user);
+            }
+        });
+        TokenServer { port, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn answer(
+    stream: TcpStream,
+    key: &p256::ecdsa::SigningKey,
+    x5c: &str,
+    expected: &str,
+    user: &str,
+) -> std::io::Result<()> {
+    use base64::Engine;
+    use p256::ecdsa::signature::Signer;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut authorized = false;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            authorized |= name.eq_ignore_ascii_case("authorization") && value.trim() == expected;
+        }
+    }
+    let mut stream = stream;
+    if !authorized {
+        return stream
+            .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    let query = request.split_whitespace().nth(1).unwrap_or_default().split_once('?').map_or("", |(_, q)| q);
+    let access: Vec<serde_json::Value> = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("scope="))
+        .map(|scope| percent_encoding::percent_decode_str(scope).decode_utf8_lossy().into_owned())
+        .filter_map(|scope| {
+            // repository:NAME:ACTIONS, where NAME may hold a port's colon
+            let (kind, rest) = scope.split_once(':')?;
+            let (name, actions) = rest.rsplit_once(':')?;
+            Some(json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+        })
+        .collect();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = json!({"typ": "JWT", "alg": "ES256", "x5c": [x5c]});
+    let claims = json!({
+        "iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10,
+        "iat": now, "jti": format!("{now}-{}", access.len()), "access": access,
+    });
+    let signing_input = format!("{}.{}", url.encode(header.to_string()), url.encode(claims.to_string()));
+    let signature: p256::ecdsa::Signature = key.sign(signing_input.as_bytes());
+    let token = format!("{signing_input}.{}", url.encode(signature.to_bytes()));
+    let body = json!({"token": token, "access_token": token, "expires_in": 300}).to_string();
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// An OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
