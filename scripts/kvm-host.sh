@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command on a real KVM host made in software, and returns its output and exit status.
 #
-#   scripts/kvm-host.sh [--timeout SECONDS] [--memory MIB] [--cpus N] [--] CMD [ARG…]
+#   scripts/kvm-host.sh [--timeout SECONDS] [--stall SECONDS] [--memory MIB] [--cpus N] [--] CMD [ARG…]
 #
 # QEMU's software CPU (TCG) emulates an AMD CPU with SVM and nested paging; Debian's stock
 # kernel boots on it and loads kvm_amd (nested=1). This machine's root file system is shared
@@ -16,25 +16,28 @@
 #
 # The kernel (Debian's linux-image-*-amd64, unpacked, not installed) and the initramfs are
 # cached in ~/.cache/carve. Exit status: CMD's own; 124 when it did not finish within the time
-# limit (the host is killed and its last console lines are shown); 125 when the host could not
-# be set up or ended without running CMD to completion.
+# limit, or printed nothing for the --stall time (the emulated host can freeze whole, where
+# no timer inside it fires; the host is killed and its last console lines are shown); 125 when
+# the host could not be set up or ended without running CMD to completion.
 set -euo pipefail
 
 timeout=${CARVE_KVM_HOST_TIMEOUT:-900}
+stall=0
 memory=${CARVE_KVM_HOST_MEMORY:-4096}
 cpus=${CARVE_KVM_HOST_CPUS:-2}
 while (($#)); do
     case $1 in
         --timeout) timeout=$2; shift 2 ;;
+        --stall) stall=$2; shift 2 ;;
         --memory) memory=$2; shift 2 ;;
         --cpus) cpus=$2; shift 2 ;;
         --) shift; break ;;
-        -*) echo "kvm-host: unknown option $1 (usage: kvm-host.sh [--timeout S] [--memory MIB] [--cpus N] CMD…)" >&2; exit 125 ;;
+        -*) echo "kvm-host: unknown option $1 (usage: kvm-host.sh [--timeout S] [--stall S] [--memory MIB] [--cpus N] CMD…)" >&2; exit 125 ;;
         *) break ;;
     esac
 done
 if (($# == 0)); then
-    echo "kvm-host: no command given (usage: kvm-host.sh [--timeout S] [--memory MIB] [--cpus N] CMD…)" >&2
+    echo "kvm-host: no command given (usage: kvm-host.sh [--timeout S] [--stall S] [--memory MIB] [--cpus N] CMD…)" >&2
     exit 125
 fi
 
@@ -125,18 +128,39 @@ trap '[[ -n ${CARVE_KVM_HOST_KEEP:-} ]] || rm -rf "$results"' EXIT
     echo
 } >"$results/command.sh"
 
+# Passes CMD's output on line by line; with --stall, kills the host when a line is that late.
+relay() {
+    local line status wait=()
+    ((stall == 0)) || wait=(-t "$stall")
+    while :; do
+        IFS= read -r "${wait[@]}" line
+        status=$?
+        if ((status == 0)); then
+            printf '%s\n' "$line"
+        elif ((status > 128)); then
+            touch "$results/stalled"
+            kill "$(cat "$results/qemu.pid")" 2>/dev/null
+            cat >/dev/null
+            return
+        else
+            [[ -z $line ]] || printf '%s' "$line"
+            return
+        fi
+    done
+}
+
 started=$SECONDS
 set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m "$memory" \
-    -nodefaults -display none -no-reboot \
+    -nodefaults -display none -no-reboot -pidfile "$results/qemu.pid" \
     -kernel "$host/vmlinuz" -initrd "$host/initrd.img" \
     -append "console=ttyS0 panic=-1 kvm_host_results=$results" \
     -chardev file,id=console,path="$results/console.log" -serial chardev:console \
     -chardev stdio,id=output,signal=off -serial chardev:output \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$results",mount_tag=results,security_model=none,multidevs=remap \
-    </dev/null
-qemu=$?
+    </dev/null | relay
+qemu=${PIPESTATUS[0]}
 set -e
 
 last_lines() {
@@ -145,6 +169,10 @@ last_lines() {
 }
 if [[ -f $results/status ]]; then
     exit "$(cat "$results/status")"
+elif [[ -f $results/stalled ]]; then
+    echo "kvm-host: '$*' printed nothing for ${stall} s (after $((SECONDS - started)) s); the host was killed" >&2
+    last_lines
+    exit 124
 elif ((qemu == 124 || qemu == 137)); then
     echo "kvm-host: '$*' did not finish within ${timeout} s; the host was killed" >&2
     last_lines

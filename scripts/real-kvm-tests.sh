@@ -29,7 +29,7 @@ while read -r package target path; do
         if ((status == 0 || attempt == 2)); then
             cat "$output"
             rm -f "$output"
-            ((status == 0)) || failed=1
+            ((status == 0)) || { failed=1; echo "== real KVM: $package --test $target FAILED (status $status)"; }
             break
         fi
         sed 's/^test result:/retried: test result:/' "$output"

@@ -31,7 +31,7 @@ rm -f "$demo_log"
 real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:linux_enclave
     carve-cli:enclaves carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
 list=$(mktemp)
-trap 'rm -f "$log" "$list" "$list.json"' EXIT
+trap 'rm -f "$log" "$list" "$list.json" "$list.left"' EXIT
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null >"$list.json"
 python3 - "$list.json" $real_kvm_tests >"$list" <<'PY'
 import json, sys
@@ -49,10 +49,25 @@ if (($(wc -l <"$list") != $(wc -w <<<"$real_kvm_tests"))); then
 fi
 echo "== real KVM phase: $(wc -l <"$list") test executables on the software KVM host (scripts/kvm-host.sh)"
 started=$SECONDS
-set +e
-CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 scripts/real-kvm-tests.sh "$list" 2>&1 | tee -a "$log"
-phase=${PIPESTATUS[0]}
-set -e
+# The emulated host has frozen whole once (no timer inside it fired, so the per-executable
+# limits of real-kvm-tests.sh never ran out): a host that prints nothing for 7 minutes is
+# killed, and a fresh one runs the executables that had not finished, once.
+left=$list.left
+cp "$list" "$left"
+for host in 1 2; do
+    set +e
+    CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 420 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
+    phase=${PIPESTATUS[0]}
+    set -e
+    ((phase == 124 && host == 1)) || break
+    while read -r package target path; do
+        grep -qF "== real KVM: $package --test $target took" "$log" || echo "$package $target $path"
+    done <"$list" >"$left.next"
+    mv "$left.next" "$left"
+    echo "== real KVM phase: the host froze or ran out of time; a fresh host runs the $(wc -l <"$left") executables left, once"
+done
+# (what failed on a host that later froze fails the phase too)
+! grep -q '^== real KVM: .* FAILED' "$log" || phase=1
 echo "== real KVM phase: $(grep -c '^== real KVM: .* took' "$log") executables, $((SECONDS - started)) s, status $phase"
 ((phase == 0)) || { echo "real KVM phase: FAILED" >&2; exit 1; }
 awk '/^test result:/ { p += $4; f += $6 } END { printf "carve tests: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$log"
