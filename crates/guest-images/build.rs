@@ -20,6 +20,8 @@ fn main() {
     println!("cargo:rerun-if-changed={}", guests.join("src").display());
     println!("cargo:rerun-if-changed={}", guests.join("Cargo.toml").display());
     println!("cargo:rerun-if-changed={}", guests.join("link.ld").display());
+    println!("cargo:rerun-if-changed={}", guests.join("low.ld").display());
+    println!("cargo:rerun-if-changed={}", guests.join("build.rs").display());
     println!("cargo:rerun-if-changed={}", guests.join(".cargo/config.toml").display());
 
     let tools = guests.join("linux/tools");
@@ -36,17 +38,24 @@ fn main() {
     fs::copy(linux_tools.join("vsock-nc"), out.join("vsock-nc")).unwrap();
     let example = nested_build(&attest, &out.join("target-attest"), "x86_64-unknown-linux-musl", &[]);
     fs::copy(example.join("attest"), out.join("attest")).unwrap();
-    let names = guest_names(&guests);
-    let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let names = guest_names(&guests.join("src/bin"));
+    let low_names = guest_names(&guests.join("src/low"));
+    let quoted = |names: &[String]| names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
     let generated = format!(
-        "/// The guests `guests/src/bin/` defines.\npub const GUESTS: &[&str] = &[{}];\n",
-        list.join(", ")
+        "/// The guests `guests/src/bin/` defines.\npub const GUESTS: &[&str] = &[{}];\n\
+         /// The guests `guests/src/low/` defines.\npub const LOW_GUESTS: &[&str] = &[{}];\n",
+        quoted(&names),
+        quoted(&low_names)
     );
     fs::write(out.join("guest_names.rs"), generated).unwrap();
     for name in &names {
         let elf = fs::read(pvh.join(name)).expect("guest ELF");
         fs::write(out.join(format!("{name}.elf")), &elf).unwrap();
         fs::write(out.join(format!("{name}.bzimage")), bzimage(&elf)).unwrap();
+        fs::copy(multiboot.join(name), out.join(format!("{name}.multiboot.elf"))).unwrap();
+    }
+    // Guests linked below 1 MiB (guests/src/low/): multiboot ELFs only.
+    for name in &low_names {
         fs::copy(multiboot.join(name), out.join(format!("{name}.multiboot.elf"))).unwrap();
     }
     write_demo_eif(&fs::read(out.join("demo.bzimage")).unwrap(), &out.join("demo.eif"));
@@ -93,10 +102,10 @@ fn empty_newc_archive() -> Vec<u8> {
     archive
 }
 
-/// Every guest binary: the files in `guests/src/bin/`.
-fn guest_names(guests: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(guests.join("src/bin"))
-        .expect("guests/src/bin")
+/// The guest binaries one directory of `guests/src/` holds (a file each).
+fn guest_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("a guests/src/ directory")
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
         .collect();
     names.sort();

@@ -523,7 +523,10 @@ pub fn serve_with_idle(
         received = vsock.poll(|Event::Accepted(conn)| accepted[conn] = true);
         // Connections accepted while someone else polled (say, during the heartbeat).
         for conn in 0..MAX_CONNECTIONS {
-            if !open[conn] && vsock.state(conn) == State::Established && vsock.is_listening(vsock.local_port(conn)) {
+            if !open[conn]
+                && vsock.state(conn) == State::Established
+                && vsock.is_listening(vsock.local_port(conn))
+            {
                 accepted[conn] = true;
             }
         }

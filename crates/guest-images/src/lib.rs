@@ -1,7 +1,7 @@
 //! carve's bare-metal guests, built from `guests/` by this crate's build script.
 //!
 //! Every guest exists in three forms: a PVH ELF (which also carries a multiboot header), a
-//! multiboot-only ELF, and a bzImage. The demo guest is embedded; test guests are files.
+//! multiboot-only ELF, and a bzImage; those linked below 1 MiB only as multiboot ELFs. The demo guest is embedded; test guests are files.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,12 @@ pub fn linux_tool(name: &str) -> PathBuf {
 /// Path of the example enclave app `examples/attest` (static musl), built for the tests.
 pub fn example_attest() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("attest")
+}
+
+/// Path of a guest from `guests/src/low/`, loaded below 1 MiB (a multiboot ELF; no other form).
+pub fn low_guest(name: &str) -> PathBuf {
+    assert!(LOW_GUESTS.contains(&name), "no low guest named {name}");
+    PathBuf::from(env!("OUT_DIR")).join(format!("{name}.multiboot.elf"))
 }
 
 /// Path of a built guest. Panics on a name `GUESTS` does not list.

@@ -2,17 +2,22 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT                        0x0000_9000  PML4, PDPT, 4 PDs (64-bit boot)
-//! 0x0000_0520  IDT (empty)                0x0002_0000  kernel command line (64 KiB max)
-//! 0x0000_6000  PVH start_info / multiboot 0x0009_fc00  MP table (EBDA)
+//! 0x0000_0528  IDT (empty)                0x0002_0000  kernel command line (64 KiB max)
+//! 0x0000_6000  PVH start_info             0x0009_fc00  MP table (EBDA)
 //! 0x0000_7000  Linux zero page            0x0010_0000  kernel
 //! 0x0000_8ff0  boot stack top             0x000e_0000  ACPI: RSDP, then the other tables
 //!                                          0xc000_0000  MMIO gap up to 4 GiB; RAM beyond
 //! 0xd000_0000  virtio-mmio windows, 4 KiB each, IRQs from 5
 //! 0xd100_0000  interrupt-message-store test device (with --testdev)
 //! ```
+//!
+//! Multiboot kernels may be linked anywhere (kvm-unit-tests' realmode.flat sits at 16 KiB), so
+//! their information block and command line go on the page after the kernel instead.
 
 pub const GDT_START: u64 = 0x500;
-pub const IDT_START: u64 = 0x520;
+/// After the GDT's five descriptors (null, null, code, data, TSS).
+pub const IDT_START: u64 = 0x528;
+pub const BOOT_TABLES_END: u64 = IDT_START + 8;
 pub const BOOT_INFO_START: u64 = 0x6000;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;

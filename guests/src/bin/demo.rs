@@ -7,9 +7,9 @@
 #![no_std]
 #![no_main]
 
+use carve_guests::interrupts;
 use carve_guests::nsm::{attestation_request, response_bytes, Nsm, DEVICE_ID as NSM_ID};
 use carve_guests::virtio::find_device_of_type;
-use carve_guests::interrupts;
 use carve_guests::vsock::{echo_step, heartbeat, serve_with_idle, ConnId, State, Vsock, MAX_PAYLOAD};
 use carve_guests::{fw_cfg, guest_main, param, parse_u64, println, BootInfo};
 
@@ -43,7 +43,10 @@ fn main(boot: &BootInfo) -> ! {
         match Vsock::new(device, DMA + Nsm::dma_size()) {
             Ok(mut vsock) => {
                 let limit = param(boot.cmdline, "echo_sessions").and_then(parse_u64).map(|n| n as u32);
-                println!("  vsock:         CID {}, echo on port {}, stop on port {}", vsock.cid, ECHO_PORT, SHUTDOWN_PORT);
+                println!(
+                    "  vsock:         CID {}, echo on port {}, stop on port {}",
+                    vsock.cid, ECHO_PORT, SHUTDOWN_PORT
+                );
                 vsock.listen(ECHO_PORT);
                 vsock.listen(SHUTDOWN_PORT);
                 if nsm.is_some() {

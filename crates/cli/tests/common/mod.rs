@@ -41,6 +41,16 @@ pub fn carve(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_carve")).args(args).output().expect("carve runs")
 }
 
+/// `carve ARGS`, killed after `limit` (status 124, as coreutils' timeout reports it): for guests
+/// whose failure mode is a hang.
+pub fn carve_within(limit: Duration, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["--kill-after=5", &limit.as_secs().to_string(), env!("CARGO_BIN_EXE_carve")])
+        .args(args)
+        .output()
+        .expect("timeout runs carve")
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

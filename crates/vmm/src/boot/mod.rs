@@ -25,7 +25,7 @@ pub use cpu_state::EntryState;
 use crate::layout::{CMDLINE_MAX_SIZE, HIMEM_START};
 use crate::memory::low_ram_end;
 
-const PAGE_SIZE: u64 = 4096;
+pub(super) const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -56,6 +56,13 @@ pub enum BootError {
     MultibootUnsupported(&'static str),
     #[error("the kernel segment at {addr:#x} ({size} bytes) lies outside guest RAM")]
     SegmentOutsideRam { addr: u64, size: u64 },
+    #[error("the kernel segment at {addr:#x} ({size} bytes) overlaps {what} ({start:#x}-{end:#x})")]
+    SegmentOverlapsCarve { addr: u64, size: u64, what: &'static str, start: u64, end: u64 },
+    #[error(
+        "no room in guest RAM below 4 GiB after the kernel (which ends at {kernel_end:#x}) for the \
+         multiboot information; give the VM more memory"
+    )]
+    NoRoomForBootInfo { kernel_end: u64 },
     #[error("cannot write boot parameters: {0}")]
     Configure(#[from] linux_loader::configurator::Error),
     #[error("the enclave image is not bootable: {0}")]

@@ -1,15 +1,16 @@
 //! Multiboot v1 (the format of kvm-unit-tests' x86 `*.flat` files): an ELF32 or ELF64 image
 //! with a multiboot header in its first 8 KiB, loaded at its segments' physical addresses and
 //! entered in flat 32-bit mode with EAX = 0x2BADB002 and EBX = `multiboot_info`.
+//!
+//! Such kernels may be linked low (realmode.flat at 16 KiB), so the information block and the
+//! command line go on the page after the kernel, as QEMU places them, and a segment that would
+//! overlap what carve writes below 1 MiB (boot GDT/IDT, MP and ACPI tables) is refused.
 
 use object::read::elf::{FileHeader, ProgramHeader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::linux::write_cmdline;
-use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
-use crate::layout::{
-    BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START,
-};
+use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat, PAGE_SIZE};
+use crate::layout::{BOOT_TABLES_END, CMDLINE_MAX_SIZE, EBDA_START, GDT_START, HIMEM_START, MMIO_GAP_START};
 use crate::memory::{e820_map, low_ram_end};
 
 /// The header must lie entirely within the image's first 8192 bytes, 32-bit aligned.
@@ -27,10 +28,18 @@ const INFO_MODS: u32 = 1 << 3;
 const INFO_MMAP: u32 = 1 << 6;
 const INFO_LOADER_NAME: u32 = 1 << 9;
 
-const MMAP_START: u64 = BOOT_INFO_START + 0x100;
-const MODS_START: u64 = BOOT_INFO_START + 0x300;
-const LOADER_NAME_START: u64 = BOOT_INFO_START + 0x340;
-const MODULE_STRING_START: u64 = BOOT_INFO_START + 0x360;
+// Offsets in the information area: the block itself at 0, then its tables and strings.
+const MMAP_OFFSET: u64 = 0x100;
+const MODS_OFFSET: u64 = 0x300;
+const LOADER_NAME_OFFSET: u64 = 0x340;
+const MODULE_STRING_OFFSET: u64 = 0x360;
+const CMDLINE_OFFSET: u64 = 0x400;
+
+/// What carve writes below 1 MiB for every VM, which no kernel segment may overlap.
+const CARVE_LOW_AREAS: [(u64, u64, &str); 2] = [
+    (GDT_START, BOOT_TABLES_END, "carve's boot GDT and IDT"),
+    (EBDA_START, HIMEM_START, "the MP table and ACPI area carve reserves"),
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MultibootHeader {
@@ -72,6 +81,11 @@ fn load_segments<H: FileHeader>(mem: &GuestMemoryMmap, data: &[u8]) -> Result<Lo
         if !inside {
             return Err(BootError::SegmentOutsideRam { addr, size });
         }
+        if let Some(&(start, end, what)) =
+            CARVE_LOW_AREAS.iter().find(|&&(start, end, _)| addr < end && start < addr + size)
+        {
+            return Err(BootError::SegmentOverlapsCarve { addr, size, what, start, end });
+        }
         mem.write_slice(bytes, GuestAddress(addr))?;
         end = end.max(addr + size);
     }
@@ -106,26 +120,29 @@ pub(super) fn load<K: Image, I: Image>(
     };
 
     check_cmdline(cmdline, CMDLINE_MAX_SIZE)?;
-    write_cmdline(mem, cmdline)?;
-    let initrd = load_initrd(mem, initrd, loaded.end, MMIO_GAP_START)?;
-    write_info(mem, initrd)?;
+    let info = loaded.end.next_multiple_of(PAGE_SIZE);
+    let info_end = info + CMDLINE_OFFSET + cmdline.len() as u64 + 1;
+    if info_end > low_ram_end(mem).min(MMIO_GAP_START) {
+        return Err(BootError::NoRoomForBootInfo { kernel_end: loaded.end });
+    }
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(info + CMDLINE_OFFSET))?;
+    mem.write_obj(0u8, GuestAddress(info + CMDLINE_OFFSET + cmdline.len() as u64))?;
+    let initrd = load_initrd(mem, initrd, info_end, MMIO_GAP_START)?;
+    write_info(mem, info, initrd)?;
     Ok(BootSetup {
         format: KernelFormat::Multiboot,
-        entry: EntryState::Protected32 {
-            eip: loaded.entry,
-            eax: BOOTLOADER_MAGIC,
-            ebx: BOOT_INFO_START as u32,
-        },
+        entry: EntryState::Protected32 { eip: loaded.entry, eax: BOOTLOADER_MAGIC, ebx: info as u32 },
         kernel_end: loaded.end,
         initrd,
     })
 }
 
-fn write_info(mem: &GuestMemoryMmap, module: Option<(u64, u64)>) -> Result<(), BootError> {
-    let put32 = |offset: u64, value: u32| mem.write_obj(value, GuestAddress(BOOT_INFO_START + offset));
+/// Writes the information block at `info` (below the MMIO gap, so its 32-bit pointers hold).
+fn write_info(mem: &GuestMemoryMmap, info: u64, module: Option<(u64, u64)>) -> Result<(), BootError> {
+    let put32 = |offset: u64, value: u32| mem.write_obj(value, GuestAddress(info + offset));
     let map = e820_map(super::mem_size(mem));
     for (i, range) in map.iter().enumerate() {
-        let entry = MMAP_START + i as u64 * 24;
+        let entry = info + MMAP_OFFSET + i as u64 * 24;
         mem.write_obj(20u32, GuestAddress(entry))?;
         mem.write_obj(range.base, GuestAddress(entry + 4))?;
         mem.write_obj(range.size, GuestAddress(entry + 12))?;
@@ -134,19 +151,20 @@ fn write_info(mem: &GuestMemoryMmap, module: Option<(u64, u64)>) -> Result<(), B
     let mut flags = INFO_MEMORY | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME;
     put32(4, (EBDA_START / 1024) as u32)?;
     put32(8, ((low_ram_end(mem) - HIMEM_START) / 1024) as u32)?;
-    put32(16, CMDLINE_START as u32)?;
+    put32(16, (info + CMDLINE_OFFSET) as u32)?;
     put32(44, (map.len() * 24) as u32)?;
-    put32(48, MMAP_START as u32)?;
-    mem.write_slice(b"carve\0", GuestAddress(LOADER_NAME_START))?;
-    put32(64, LOADER_NAME_START as u32)?;
+    put32(48, (info + MMAP_OFFSET) as u32)?;
+    mem.write_slice(b"carve\0", GuestAddress(info + LOADER_NAME_OFFSET))?;
+    put32(64, (info + LOADER_NAME_OFFSET) as u32)?;
     if let Some((addr, size)) = module {
         flags |= INFO_MODS;
-        mem.write_obj(addr as u32, GuestAddress(MODS_START))?;
-        mem.write_obj((addr + size) as u32, GuestAddress(MODS_START + 4))?;
-        mem.write_obj(MODULE_STRING_START as u32, GuestAddress(MODS_START + 8))?;
-        mem.write_slice(b"initrd\0", GuestAddress(MODULE_STRING_START))?;
+        let mods = info + MODS_OFFSET;
+        mem.write_obj(addr as u32, GuestAddress(mods))?;
+        mem.write_obj((addr + size) as u32, GuestAddress(mods + 4))?;
+        mem.write_obj((info + MODULE_STRING_OFFSET) as u32, GuestAddress(mods + 8))?;
+        mem.write_slice(b"initrd\0", GuestAddress(info + MODULE_STRING_OFFSET))?;
         put32(20, 1)?;
-        put32(24, MODS_START as u32)?;
+        put32(24, mods as u32)?;
     }
     put32(0, flags)?;
     Ok(())
@@ -155,6 +173,63 @@ fn write_info(mem: &GuestMemoryMmap, module: Option<(u64, u64)>) -> Result<(), B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
+
+    /// A multiboot ELF32 with one PT_LOAD segment of `data` at `paddr` (`memsz` with its bss).
+    fn elf32(paddr: u32, data: &[u8], memsz: u32) -> Cursor<&'static [u8]> {
+        let mut elf = vec![0u8; 0x54];
+        elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
+        let put16 = |elf: &mut Vec<u8>, at: usize, v: u16| elf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let put32 = |elf: &mut Vec<u8>, at: usize, v: u32| elf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put16(&mut elf, 16, 2); // ET_EXEC
+        put16(&mut elf, 18, 3); // EM_386
+        put32(&mut elf, 20, 1);
+        put32(&mut elf, 24, paddr); // entry
+        put32(&mut elf, 28, 0x34); // program headers
+        put16(&mut elf, 40, 0x34);
+        put16(&mut elf, 42, 0x20);
+        put16(&mut elf, 44, 1);
+        for (at, v) in
+            [(0, 1), (4, 0x54), (8, paddr), (12, paddr), (16, data.len() as u32), (20, memsz), (24, 7)]
+        {
+            put32(&mut elf, 0x34 + at, v);
+        }
+        elf.extend_from_slice(data);
+        Cursor::new(Vec::leak(elf))
+    }
+
+    fn boot(paddr: u32, data: &[u8], memsz: u32) -> (GuestMemoryMmap, Result<BootSetup, BootError>) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut kernel = elf32(paddr, data, memsz);
+        let size = kernel.get_ref().len() as u64;
+        let result =
+            load::<_, Cursor<&[u8]>>(&mem, &mut kernel, size, MultibootHeader { flags: 0 }, "k x=1", None);
+        (mem, result)
+    }
+
+    #[test]
+    fn a_kernel_linked_low_keeps_its_bytes_and_finds_its_info_after_itself() {
+        // realmode.flat's shape: 16 KiB up, over the 0x6000 carve uses for PVH's start_info.
+        let data: Vec<u8> = (0..0x2800u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (mem, setup) = boot(0x4000, &data, 0x2900);
+        let EntryState::Protected32 { ebx, .. } = setup.unwrap().entry else { panic!("32-bit entry") };
+        assert_eq!(ebx, 0x7000, "the page after the kernel's bss");
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert!(back == data, "the loader wrote over the kernel");
+        let cmdline: u32 = mem.read_obj(GuestAddress(0x7000 + 16)).unwrap();
+        let mut text = [0u8; 6];
+        mem.read_slice(&mut text, GuestAddress(cmdline.into())).unwrap();
+        assert_eq!(&text, b"k x=1\0");
+    }
+
+    #[test]
+    fn segments_over_carves_low_structures_are_refused() {
+        for (paddr, what) in [(0x400, "boot GDT"), (0x9f000, "MP table"), (0xf0000, "MP table")] {
+            let error = boot(paddr, &[0x90; 16], 0x1000).1.unwrap_err().to_string();
+            assert!(error.contains(what) && error.contains(&format!("{paddr:#x}")), "{error}");
+        }
+    }
 
     #[test]
     fn header_needs_magic_and_checksum() {
