@@ -224,7 +224,10 @@ extern "C" fn rust_entry(magic: u32, info: u64) -> ! {
 
 #[no_mangle]
 extern "C" fn rust_ap_entry() -> ! {
-    crate::smp::ap_started();
+    let number = crate::smp::ap_started();
+    if let Some(work) = crate::smp::ap_work() {
+        work(number);
+    }
     loop {
         // SAFETY: parking an AP with interrupts off is the end of its life here.
         unsafe { core::arch::asm!("cli; hlt") };

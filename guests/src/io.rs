@@ -38,6 +38,26 @@ pub fn inl(port: u16) -> u32 {
     value
 }
 
+pub fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: guests read only MSRs their CPUID announces; a fault would end the test.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nostack)) };
+    (high as u64) << 32 | low as u64
+}
+
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: as for `rdmsr`; the MSRs guests write (KVM's clock MSRs) point at guest memory.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
+}
+
+/// The time-stamp counter, ordered after earlier loads (as Linux's rdtsc_ordered).
+pub fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDTSC only reads the counter.
+    unsafe { asm!("lfence", "rdtsc", out("eax") low, out("edx") high, options(nostack)) };
+    (high as u64) << 32 | low as u64
+}
+
 /// Reads a value at a physical address.
 pub fn read_phys<T: Copy>(addr: u64) -> T {
     // SAFETY: the low 4 GiB are identity mapped; callers read what the VMM put there.

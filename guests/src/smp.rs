@@ -1,6 +1,6 @@
 //! Finding the processors in the MP table and waking them with INIT/SIPI.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::entry::{ap_trampoline, AP_TRAMPOLINE};
 use crate::io::{phys_slice, read_phys, write_phys};
@@ -12,9 +12,23 @@ const ICR_HIGH: u64 = LAPIC + 0x310;
 const ICR_BUSY: u32 = 1 << 12;
 
 static STARTED_APS: AtomicU32 = AtomicU32::new(0);
+static AP_WORK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 
-pub(crate) fn ap_started() {
-    STARTED_APS.fetch_add(1, Ordering::SeqCst);
+/// Counts an AP in; returns its number (1, 2, …).
+pub(crate) fn ap_started() -> u32 {
+    STARTED_APS.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+/// Gives the application processors started after this call `work` to run (with their number)
+/// before they park.
+pub fn set_ap_work(work: fn(u32)) {
+    AP_WORK.store(work as *mut (), Ordering::SeqCst);
+}
+
+pub(crate) fn ap_work() -> Option<fn(u32)> {
+    let work = AP_WORK.load(Ordering::SeqCst);
+    // SAFETY: AP_WORK holds null or a `fn(u32)` stored by `set_ap_work`.
+    (!work.is_null()).then(|| unsafe { core::mem::transmute::<*mut (), fn(u32)>(work) })
 }
 
 pub fn started_aps() -> u32 {

@@ -83,6 +83,33 @@ fn a_multiboot_kernel_linked_low_runs_its_real_mode_checks() {
     assert!(stdout(&out).contains("realmode: all checks passed"), "{}", stdout(&out));
 }
 
+/// The KVM clock as kvm-unit-tests' kvmclock_test sees it, on two vCPUs: KVM's CPUID leaves,
+/// the wall clock, the rate against the PIT and the TSC frequency carve announces, and raw reads
+/// that never go back across vCPUs wherever KVM flags its master clock.
+#[test]
+fn the_kvm_clock_keeps_time_on_every_vcpu() {
+    if !kvm_usable("the_kvm_clock_keeps_time_on_every_vcpu") {
+        return;
+    }
+    let kernel = guest("kvmclock", Format::Pvh);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let cmdline = format!("expect_cpus=2 now={now}");
+    let out = carve_within(
+        TIMEOUT,
+        &["vm", "run", "--kernel", kernel.to_str().unwrap(), "--vcpus", "2", "--cmdline", &cmdline],
+    );
+    assert_guest_passed(&out);
+    let serial = stdout(&out);
+    assert!(serial.contains("PASS: the announced TSC frequency is the TSC's rate"), "{serial}");
+    // KVM keeps a master clock where the host's clocksource is the TSC (or a paravirtual clock);
+    // the emulated KVM host's is the HPET.
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource");
+    if clocksource.is_ok_and(|c| ["tsc", "kvm-clock"].contains(&c.trim())) {
+        assert!(serial.contains("PASS: the clock never went back across vCPUs (TSC-stable)"), "{serial}");
+    }
+}
+
 #[test]
 fn application_processors_start_through_init_sipi() {
     if !kvm_usable("application_processors_start_through_init_sipi") {
