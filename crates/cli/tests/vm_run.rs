@@ -110,6 +110,18 @@ fn the_kvm_clock_keeps_time_on_every_vcpu() {
     }
 }
 
+/// The TSC-deadline mode of the local APIC, which carve announces itself where KVM emulates it.
+#[test]
+fn the_tsc_deadline_timer_is_announced_and_fires() {
+    if !kvm_usable("the_tsc_deadline_timer_is_announced_and_fires") {
+        return;
+    }
+    let kernel = guest("tsc_deadline", Format::Pvh);
+    let out = carve_within(TIMEOUT, &["vm", "run", "--kernel", kernel.to_str().unwrap()]);
+    assert_guest_passed(&out);
+    assert!(stdout(&out).contains("3 deadlines checked"), "{}", stdout(&out));
+}
+
 #[test]
 fn application_processors_start_through_init_sipi() {
     if !kvm_usable("application_processors_start_through_init_sipi") {
