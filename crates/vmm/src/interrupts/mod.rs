@@ -6,6 +6,12 @@
 //! hands the notifier to) raises it without an ioctl. MSI vectors get their GSI on first unmask;
 //! masking takes the route and irqfd away and latches triggers as pending, which unmasking
 //! delivers.
+//!
+//! KVM_SET_GSI_ROUTING replaces the whole table and waits for an SRCU grace period, so a guest
+//! programming thousands of vectors would pay that thousands of times. Route changes therefore
+//! reach KVM when a vector next fires: every MSI trigger goes through [`MsiStore::trigger`],
+//! which commits a changed table and binds the vector's irqfd first. Until then a vector has no
+//! irqfd, so KVM's stale copy of its route cannot be used.
 
 pub mod routes;
 
@@ -52,7 +58,7 @@ impl InterruptManager {
     pub fn new(vm: Arc<VmFd>) -> Result<InterruptManager, InterruptError> {
         let limit = vm.check_extension_int(Cap::IrqRouting).max(0) as usize;
         let manager = InterruptManager { vm, table: Arc::new(Mutex::new(RouteTable::new(limit))) };
-        manager.commit(&manager.table())?;
+        manager.flush()?;
         Ok(manager)
     }
 
@@ -80,11 +86,22 @@ impl InterruptManager {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn commit(&self, table: &RouteTable) -> Result<(), InterruptError> {
+    fn commit(&self, table: &mut RouteTable) -> Result<(), InterruptError> {
         let routing = KvmIrqRouting::from_entries(&table.entries()).map_err(|_| {
             InterruptError::RoutesExhausted { limit: table.limit(), msi: table.msi_allocated() }
         })?;
-        self.vm.set_gsi_routing(&routing).map_err(kvm("set the GSI routing table"))
+        self.vm.set_gsi_routing(&routing).map_err(kvm("set the GSI routing table"))?;
+        table.committed();
+        Ok(())
+    }
+
+    /// Brings KVM's table up to date when routes changed since the last commit.
+    fn flush(&self) -> Result<(), InterruptError> {
+        let mut table = self.table();
+        if table.changed() {
+            self.commit(&mut table)?;
+        }
+        Ok(())
     }
 }
 
@@ -133,8 +150,15 @@ struct Vector {
     message: MsiMessage,
     masked: bool,
     pending: bool,
-    /// GSI and irqfd, from the first unmask on.
-    route: Option<(u32, EventFd)>,
+    /// GSI and eventfd, from the first unmask on.
+    route: Option<Route>,
+}
+
+struct Route {
+    gsi: u32,
+    event: EventFd,
+    /// Whether the eventfd is KVM's irqfd for `gsi` (from the first trigger after an unmask).
+    bound: bool,
 }
 
 impl Default for Vector {
@@ -182,18 +206,16 @@ impl MsiStore {
 
     /// The GSI KVM routes this vector through, once it has one.
     pub fn gsi(&self, index: usize) -> Option<u32> {
-        self.vectors.get(index).and_then(|v| v.route.as_ref().map(|(gsi, _)| *gsi))
+        self.vectors.get(index).and_then(|v| v.route.as_ref().map(|r| r.gsi))
     }
 
-    /// Sets the message; an unmasked vector's route changes at once.
+    /// Sets the message; an unmasked vector fires with it from its next trigger on.
     pub fn set_message(&mut self, index: usize, message: MsiMessage) -> Result<(), InterruptError> {
         let manager = self.manager.clone();
         let vector = self.vector(index);
         vector.message = message;
-        if let (false, Some((gsi, _))) = (vector.masked, &vector.route) {
-            let mut table = manager.table();
-            table.route(*gsi, Some(message));
-            manager.commit(&table)?;
+        if let (false, Some(route)) = (vector.masked, &vector.route) {
+            manager.table().route(route.gsi, Some(message));
         }
         Ok(())
     }
@@ -206,15 +228,16 @@ impl MsiStore {
             return Ok(());
         }
         vector.masked = true;
-        if let Some((gsi, event)) = &vector.route {
-            manager.vm.unregister_irqfd(event, *gsi).map_err(kvm("unbind an MSI irqfd"))?;
-            // Anything the device signalled just before is now pending, not lost.
-            if event.read().is_ok() {
-                vector.pending = true;
+        if let Some(route) = &mut vector.route {
+            if route.bound {
+                manager.vm.unregister_irqfd(&route.event, route.gsi).map_err(kvm("unbind an MSI irqfd"))?;
+                route.bound = false;
+                // Anything the device signalled just before is now pending, not lost.
+                if route.event.read().is_ok() {
+                    vector.pending = true;
+                }
             }
-            let mut table = manager.table();
-            table.route(*gsi, None);
-            manager.commit(&table)?;
+            manager.table().route(route.gsi, None);
         }
         Ok(())
     }
@@ -226,59 +249,57 @@ impl MsiStore {
         if !vector.masked {
             return Ok(());
         }
-        let (gsi, event) = match vector.route.take() {
-            Some(route) => route,
-            None => {
-                let event = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
-                let gsi = manager.table().allocate()?;
-                (gsi, event)
-            }
-        };
-        let mut table = manager.table();
-        table.route(gsi, Some(vector.message));
-        let bound = manager
-            .commit(&table)
-            .and_then(|()| manager.vm.register_irqfd(&event, gsi).map_err(kvm("bind an MSI irqfd")));
-        if let Err(e) = bound {
-            // Stay masked, keeping the GSI for the next try; the table loses the route again.
-            table.route(gsi, None);
-            let _ = manager.commit(&table);
-            vector.route = Some((gsi, event));
-            return Err(e);
+        if vector.route.is_none() {
+            let event = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+            let gsi = manager.table().allocate()?;
+            vector.route = Some(Route { gsi, event, bound: false });
         }
-        drop(table);
+        if let Some(route) = &vector.route {
+            manager.table().route(route.gsi, Some(vector.message));
+        }
         vector.masked = false;
         if std::mem::take(&mut vector.pending) {
-            let _ = event.write(1);
+            self.trigger(index)?;
         }
-        vector.route = Some((gsi, event));
         Ok(())
     }
 
-    /// Signals the vector: delivered now when unmasked, else latched as pending.
+    /// Signals the vector: delivered now when unmasked (KVM's table and the irqfd brought up to
+    /// date first), else latched as pending.
     pub fn trigger(&mut self, index: usize) -> Result<(), InterruptError> {
+        let manager = self.manager.clone();
         let vector = self.vector(index);
-        match (&vector.route, vector.masked) {
-            (Some((_, event)), false) => event.write(1).map_err(InterruptError::EventFd),
-            _ => {
-                vector.pending = true;
-                Ok(())
+        let Some(route) = vector.route.as_mut().filter(|_| !vector.masked) else {
+            vector.pending = true;
+            return Ok(());
+        };
+        let bound = manager.flush().and_then(|()| {
+            if !route.bound {
+                manager.vm.register_irqfd(&route.event, route.gsi).map_err(kvm("bind an MSI irqfd"))?;
+                route.bound = true;
             }
+            Ok(())
+        });
+        if let Err(e) = bound {
+            // Kept for the next trigger or unmask, which try again.
+            vector.pending = true;
+            return Err(e);
         }
+        route.event.write(1).map_err(InterruptError::EventFd)
     }
 }
 
 impl Drop for MsiStore {
     fn drop(&mut self) {
         let mut table = self.manager.table();
-        for vector in &self.vectors {
-            if let Some((gsi, event)) = &vector.route {
-                if !vector.masked {
-                    let _ = self.manager.vm.unregister_irqfd(event, *gsi);
-                }
-                table.release(*gsi);
+        for route in self.vectors.iter().filter_map(|v| v.route.as_ref()) {
+            if route.bound {
+                let _ = self.manager.vm.unregister_irqfd(&route.event, route.gsi);
             }
+            table.release(route.gsi);
         }
-        let _ = self.manager.commit(&table);
+        if table.changed() {
+            let _ = self.manager.commit(&mut table);
+        }
     }
 }

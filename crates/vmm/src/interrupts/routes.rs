@@ -27,11 +27,13 @@ pub struct RouteTable {
     msi: BTreeMap<u32, Option<MsiMessage>>,
     free: Vec<u32>,
     next_gsi: u32,
+    /// Whether KVM's copy is behind this model (routes changed since the last commit).
+    changed: bool,
 }
 
 impl RouteTable {
     pub fn new(limit: usize) -> RouteTable {
-        RouteTable { limit, msi: BTreeMap::new(), free: Vec::new(), next_gsi: IOAPIC_PINS }
+        RouteTable { limit, msi: BTreeMap::new(), free: Vec::new(), next_gsi: IOAPIC_PINS, changed: true }
     }
 
     /// KVM's limit on routing-table entries.
@@ -67,16 +69,28 @@ impl RouteTable {
     }
 
     pub fn release(&mut self, gsi: u32) {
-        if self.msi.remove(&gsi).is_some() {
+        if let Some(message) = self.msi.remove(&gsi) {
             self.free.push(gsi);
+            self.changed |= message.is_some();
         }
     }
 
     /// Routes `gsi` to `message`, or takes its route away with `None` (masking).
     pub fn route(&mut self, gsi: u32, message: Option<MsiMessage>) {
         if let Some(slot) = self.msi.get_mut(&gsi) {
+            self.changed |= *slot != message;
             *slot = message;
         }
+    }
+
+    /// Whether routes changed since [`RouteTable::committed`] was last called.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Notes that KVM now holds this table.
+    pub fn committed(&mut self) {
+        self.changed = false;
     }
 
     pub fn routed(&self, gsi: u32) -> Option<MsiMessage> {
@@ -171,6 +185,25 @@ mod tests {
         table.route(gsi, None);
         assert_eq!(table.entries().len(), LEGACY_ROUTES, "masking rebuilds the table without it");
         assert_eq!(table.routed(gsi), None);
+    }
+
+    #[test]
+    fn only_route_changes_leave_kvms_copy_behind() {
+        let mut table = RouteTable::new(4096);
+        assert!(table.changed(), "KVM has not seen the default routes yet");
+        table.committed();
+        let gsi = table.allocate().unwrap();
+        assert!(!table.changed(), "a GSI without a route changes nothing in KVM");
+        table.route(gsi, Some(MESSAGE));
+        assert!(table.changed());
+        table.committed();
+        table.route(gsi, Some(MESSAGE));
+        assert!(!table.changed(), "the same route again");
+        table.route(gsi, None);
+        assert!(table.changed(), "masking takes the route away");
+        table.committed();
+        table.release(gsi);
+        assert!(!table.changed(), "releasing a masked vector's GSI");
     }
 
     #[test]
