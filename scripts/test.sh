@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# carve's whole test suite: unit tests, guests on this machine's /dev/kvm, a brief run of every
+# carve's whole test suite: clippy, unit tests, guests on this machine's /dev/kvm, a brief run of every
 # fuzz target, the README's main job (scripts/demo.sh) with the shipped static binary, which the
 # cargo tests (glibc builds) do not run, and then the tests that need real KVM (Linux user space
 # under carve, enforced CPU templates, enclaves on a pool CPU with hugepages, every guest test
@@ -13,6 +13,8 @@ export CARVE_LINUX_KERNEL
 # carve's enclave kernel and init (the real KVM phase boots a Linux enclave with them).
 CARVE_ENCLAVE_BLOBS=$(scripts/build-enclave-blobs.sh)
 export CARVE_ENCLAVE_BLOBS
+# Lints first, including the workspace's rule that every `unsafe` block says why it is sound.
+cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"

@@ -126,7 +126,15 @@ fn nested_build(dir: &Path, target_dir: &Path, target: &str, extra: &[&str]) -> 
         .arg(target_dir)
         .args(extra);
     // The host build's flags and target settings must not leak into the guest build.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+    // (Nor does `cargo clippy`'s wrapper: the nested build is compiled, not linted.)
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+    ] {
         command.env_remove(var);
     }
     for (key, _) in env::vars() {

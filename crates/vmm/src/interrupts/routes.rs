@@ -146,10 +146,13 @@ mod tests {
         let entries = table.entries();
         assert_eq!(entries.len(), LEGACY_ROUTES);
         assert_eq!(LEGACY_ROUTES, 40);
-        // SAFETY (test): every entry here is an irqchip entry, so reading that union arm is sound.
         let routes: Vec<_> = entries
             .iter()
-            .map(|e| (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe { e.u.irqchip.pin }))
+            .map(|e| {
+                // SAFETY: every entry here is an irqchip entry, so reading that union arm is sound.
+                let irqchip = unsafe { e.u.irqchip };
+                (e.gsi, irqchip.irqchip, irqchip.pin)
+            })
             .collect();
         assert!(routes.contains(&(3, KVM_IRQCHIP_PIC_MASTER, 3)));
         assert!(routes.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));
@@ -179,7 +182,7 @@ mod tests {
         assert_eq!(entries.len(), LEGACY_ROUTES + 1);
         let last = entries.last().unwrap();
         assert_eq!((last.gsi, last.type_), (gsi, KVM_IRQ_ROUTING_MSI));
-        // SAFETY (test): the entry's type says MSI.
+        // SAFETY: the entry's type says MSI.
         let msi = unsafe { last.u.msi };
         assert_eq!((msi.address_lo, msi.address_hi, msi.data), (0xfee0_0000, 0, 0x41));
         table.route(gsi, None);
