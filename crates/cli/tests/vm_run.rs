@@ -84,7 +84,7 @@ fn a_multiboot_kernel_linked_low_runs_its_real_mode_checks() {
 }
 
 /// The KVM clock as kvm-unit-tests' kvmclock_test sees it, on two vCPUs: KVM's CPUID leaves,
-/// the wall clock, the rate against the PIT and the TSC frequency carve announces, and raw reads
+/// the wall clock, the rate against the PIT, the TSC frequency carve announces, and raw reads
 /// that never go back across vCPUs wherever KVM flags its master clock.
 #[test]
 fn the_kvm_clock_keeps_time_on_every_vcpu() {

@@ -1,6 +1,7 @@
 //! The KVM clock from inside, as kvm-unit-tests' kvmclock_test checks it: KVM's CPUID leaves
 //! announce it, every vCPU enables it, the time it gives never goes back when read across
-//! vCPUs, it advances at the rate of the PIT (an independent clock), and the wall clock KVM
+//! vCPUs (where KVM flags its master clock), it advances at the rate of the PIT (an independent
+//! clock), the TSC runs at the rate announced in leaf 0x40000010, and the wall clock KVM
 //! derives from it is the host's time (`now=SECONDS` on the command line).
 //!
 //! `expect_cpus=N` (default 2) vCPUs each read the clock `loops=N` (default 20000) times.
@@ -175,15 +176,18 @@ fn main(boot: &BootInfo) -> ! {
     let (end, _) = clock_read(0);
     let elapsed_us = (end - start) / 1000;
     println!("500 ms on the PIT took {} us on the KVM clock", elapsed_us);
-    check!((450_000..=550_000).contains(&elapsed_us), "the clock advances at the PIT's rate (within 10%)");
-    // The TSC frequency the VMM announces (carve: KVM's, in leaf 0x40000010) is the TSC's rate.
+    // Polling sees each 50 ms countdown end late when the vCPU is descheduled on a loaded host,
+    // never early: the bound above is loose, the one below is not.
+    check!((475_000..=750_000).contains(&elapsed_us), "the clock advances at the PIT's rate");
+    // The TSC frequency the VMM announces (carve: KVM's, in leaf 0x40000010) is the rate of the
+    // TSC this vCPU reads, measured over the same window on the KVM clock.
     if signature.eax >= TIMING_LEAF {
         let announced_khz = __cpuid(TIMING_LEAF).eax as u64;
-        let measured_khz = (tsc_end - tsc_start) / 500;
-        println!("TSC: {} kHz announced, {} kHz measured against the PIT", announced_khz, measured_khz);
+        let measured_khz = (tsc_end - tsc_start) * 1000 / elapsed_us.max(1);
+        println!("TSC: {} kHz announced, {} kHz measured", announced_khz, measured_khz);
         check!(
-            measured_khz.abs_diff(announced_khz) * 20 <= announced_khz,
-            "the announced TSC frequency is the TSC's rate (within 5%)"
+            measured_khz.abs_diff(announced_khz) * 50 <= announced_khz,
+            "the announced TSC frequency is the TSC's rate (within 2%)"
         );
     }
 
