@@ -235,7 +235,13 @@ pub fn describe_enclaves(args: DescribeArgs) -> Result<(), NitroError> {
         states.into_iter().map(|s| Description::new(s, args.metadata)).collect();
     print_json(&descriptions);
     if failed > 0 {
+        // As nitro-cli: what could be described is printed, then the command fails.
         eprintln!("Failed connections: {failed}");
+        return Err(Failure::new(
+            code::ENCLAVE_PROCESS_CONNECTION,
+            format!("{failed} enclave process(es) did not answer within 3 s"),
+        )
+        .into());
     }
     Ok(())
 }

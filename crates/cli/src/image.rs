@@ -82,14 +82,16 @@ pub struct PcrArgs {
     signing_certificate: Option<PathBuf>,
 }
 
+/// As nitro-cli's: a missing image is E01 and a missing signer E60 (not usage errors); one half
+/// of the signer without the other is a usage error there too.
 #[derive(Args)]
 pub struct SignArgs {
     #[arg(long, value_name = "PATH")]
-    eif_path: PathBuf,
-    #[arg(long, value_name = "PEM")]
-    signing_certificate: PathBuf,
-    #[arg(long, value_name = "PATH")]
-    private_key: PathBuf,
+    eif_path: Option<PathBuf>,
+    #[arg(long, value_name = "PEM", requires = "private_key")]
+    signing_certificate: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", requires = "signing_certificate")]
+    private_key: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -209,10 +211,35 @@ fn load_signer(
     let pem = std::fs::read(certificate).map_err(|e| NitroError::file(certificate, "read", e))?;
     let certificate = SigningCertificate::from_pem(&pem)
         .map_err(|e| NitroError::new(code, format!("{}: {e}", certificate.display())))?;
+    if is_kms_key_arn(&key.to_string_lossy()) {
+        return Err(NitroError::new(
+            code,
+            format!("--private-key {} is a KMS key ARN; carve signs with a PEM key file, KMS signing is not supported", key.display()),
+        ));
+    }
     let key_text = std::fs::read_to_string(key).map_err(|e| NitroError::file(key, "read", e))?;
     let key = SigningKey::from_pem(&key_text)
         .map_err(|e| NitroError::new(code, format!("{}: {e}", key.display())))?;
     Ok((key, certificate))
+}
+
+/// Whether `text` has the shape nitro-cli takes as a KMS key, not a key file:
+/// `arn:<aws partition>:kms:<region>:<12-digit account>:key/<id>` (or `key:<id>`).
+fn is_kms_key_arn(text: &str) -> bool {
+    let fields: Vec<&str> = text.splitn(6, ':').collect();
+    let [arn, partition, service, region, account, resource] = fields[..] else { return false };
+    let id = resource.strip_prefix("key/").or_else(|| resource.strip_prefix("key:"));
+    let word = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    arn == "arn"
+        && partition.starts_with("aws")
+        && word(partition)
+        && service == "kms"
+        && word(region)
+        && account.len() == 12
+        && account.chars().all(|c| c.is_ascii_digit())
+        && id.is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
 }
 
 /// Writes through a temporary file renamed into place, so a failed build leaves nothing.
@@ -441,8 +468,16 @@ fn find_blobs(given: Option<&Path>) -> Result<PathBuf, NitroError> {
 }
 
 pub fn sign_eif(args: SignArgs) -> Result<(), NitroError> {
-    let path = &args.eif_path;
-    let (key, certificate) = load_signer(&args.signing_certificate, &args.private_key, ErrorCode::SIGNING)?;
+    let Some(path) = &args.eif_path else {
+        return Err(NitroError::new(ErrorCode::MISSING_ARGUMENT, "`eif-path` argument not found"));
+    };
+    let (Some(certificate), Some(key)) = (&args.signing_certificate, &args.private_key) else {
+        return Err(NitroError::new(
+            ErrorCode::SIGNING,
+            "nothing to sign with: give --signing-certificate and --private-key",
+        ));
+    };
+    let (key, certificate) = load_signer(certificate, key, ErrorCode::SIGNING)?;
     let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
     let mut source = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
     let measurements = write_atomically(path, |file| {
@@ -452,4 +487,30 @@ pub fn sign_eif(args: SignArgs) -> Result<(), NitroError> {
     eprintln!("Enclave Image successfully signed.");
     print_json(&BuildOutput { measurements: measurements.to_map() });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_kms_key_arn;
+
+    #[test]
+    fn kms_key_arns_are_told_from_key_files() {
+        for arn in [
+            "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws-cn:kms:cn-north-1:123456789012:key:mrk-1234",
+            "arn:aws-us-gov:kms:us-gov-west-1:123456789012:key/abc",
+        ] {
+            assert!(is_kms_key_arn(arn), "{arn}");
+        }
+        for not in [
+            "key.pem",
+            "/etc/keys/arn:aws:kms:us-east-1:123456789012:key/x",
+            "arn:aws:kms:us-east-1:12345678901:key/abc",
+            "arn:aws:kms:us-east-1:123456789012:alias/mine",
+            "arn:aws:s3:us-east-1:123456789012:key/abc",
+            "arn:aws:kms:us-east-1:123456789012:key/",
+        ] {
+            assert!(!is_kms_key_arn(not), "{not}");
+        }
+    }
 }

@@ -68,9 +68,12 @@ impl Host {
     }
 
     /// Waits until no enclave is listed (an enclave that ended on its own).
+    /// Waits until no enclave is described and every enclave process has given back its claim
+    /// and sockets (a process stops answering before it has taken its VM down).
     fn wait_until_empty(&self) {
         let deadline = Instant::now() + common::TIMEOUT;
-        while !self.describe().is_empty() {
+        let held = |f: &String| f.contains(".vsock") || (f.ends_with(".lock") && f != "carve.lock");
+        while !self.describe().is_empty() || self.files().iter().any(held) {
             assert!(Instant::now() < deadline, "the enclave did not end");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -192,6 +195,19 @@ fn launch_describe_console_terminate_in_development_mode() {
     std::fs::remove_file(host.run_dir.join("demo.eif")).unwrap();
     let other = described.iter().find(|d| d["EnclaveName"] == "demo_1").unwrap();
     assert_eq!(other["Flags"], "NONE");
+
+    // An enclave process that does not answer: the others are described, then E39.
+    let stopped = other["ProcessID"].to_string();
+    let signal =
+        |name: &str| assert!(Command::new("kill").args([name, &stopped]).status().unwrap().success());
+    signal("-STOP");
+    let out = host.carve(&["describe-enclaves"]);
+    signal("-CONT");
+    assert_fails(&out, 39, "did not answer");
+    assert!(stderr(&out).starts_with("Failed connections: 1\n"), "{}", stderr(&out));
+    let answered: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0]["EnclaveID"], id.as_str());
 
     // The console replays what the enclave printed, including its heartbeat.
     let out = host.carve(&["console", "--enclave-id", &id, "--disconnect-timeout", "1"]);
@@ -435,9 +451,10 @@ fn bad_input_gets_nitro_cli_codes() {
 
     // Naming enclaves that do not exist.
     assert_fails(&host.carve(&["terminate-enclave", "--enclave-name", "nobody"]), 58, "nobody");
+    // nitro-cli finds no socket for such an ID: E11.
     assert_fails(
         &host.carve(&["terminate-enclave", "--enclave-id", "i-0000000000000000-enc1234"]),
-        39,
+        11,
         "No enclave with ID",
     );
     assert_fails(&host.carve(&["console", "--enclave-id", "bogus"]), 3, "not an enclave ID");
@@ -817,6 +834,22 @@ fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
         "64",
     ]);
     assert_fails(&out, 59, "signature");
+
+    // A certificate outside its validity period: describe-eif shows the dates, run-enclave
+    // refuses with E59 before anything starts.
+    let expired_eif = dir.join("expired.eif");
+    std::fs::copy(dir.join("signed.eif"), &expired_eif).unwrap();
+    let (old_key, old_cert) = common::expired_signer(&dir, "expired");
+    let eif_arg = expired_eif.to_str().unwrap();
+    let signing =
+        ["sign-eif", "--eif-path", eif_arg, "--signing-certificate", &old_cert, "--private-key", &old_key];
+    let out = host.carve(&signing);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let described: Value =
+        serde_json::from_slice(&host.carve(&["describe-eif", "--eif-path", eif_arg]).stdout).unwrap();
+    assert_eq!(described["SigningCertificate"]["NotAfter"], "Jan  2 00:00:00 2020 GMT", "{described}");
+    let out = host.carve(&["run-enclave", "--eif-path", eif_arg, "--cpu-count", "1", "--memory", "64"]);
+    assert_fails(&out, 59, "the signing certificate is expired or not yet valid");
     assert_eq!(host.describe().len(), 1);
 }
 

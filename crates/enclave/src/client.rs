@@ -65,7 +65,7 @@ pub enum Selector<'a> {
 }
 
 /// The running enclave `selector` names: unknown names → E58; malformed IDs → E03; IDs of no
-/// running enclave → E39.
+/// running enclave → E11 (nitro-cli fails to connect to the socket such an ID would have).
 pub fn find(run_dir: &RunDir, selector: Selector) -> Result<Record> {
     let records = run_dir.live_records(&run_dir.lock()?);
     match selector {
@@ -77,7 +77,7 @@ pub fn find(run_dir: &RunDir, selector: Selector) -> Result<Record> {
                 return Err(Failure::new(code::INVALID_ARGUMENT, format!("'{id}' is not an enclave ID")));
             }
             records.into_iter().find(|r| r.id == id).ok_or_else(|| {
-                Failure::new(code::ENCLAVE_PROCESS_CONNECTION, format!("No enclave with ID {id} is running"))
+                Failure::new(code::SOCKET_ERROR, format!("No enclave with ID {id} is running"))
             })
         }
     }
@@ -120,17 +120,40 @@ fn expect_failure(reply: Reply) -> Failure {
     }
 }
 
-/// Every running enclave's state, and how many could not be asked.
+/// Every running enclave's state, and how many took the question but did not answer it within
+/// 3 s. One whose socket refuses or drops the question is ending (its process closes the socket
+/// before taking its VM down) and is left out, as nitro-cli leaves out stale sockets.
 pub fn describe_all(run_dir: &RunDir) -> Result<(Vec<EnclaveState>, usize)> {
     let mut states = Vec::new();
     let mut failed = 0;
     for record in running(run_dir)? {
-        match ask(run_dir, &record, &Request::Describe, Some(Duration::from_secs(3))) {
-            Ok((_, Reply::Described(state), _)) => states.push(*state),
-            _ => failed += 1,
+        match describe_one(run_dir, &record) {
+            Ok(Some(state)) => states.push(state),
+            Ok(None) => {}
+            Err(_) => failed += 1,
         }
     }
     Ok((states, failed))
+}
+
+/// `Ok(None)` when the enclave's process is ending; `Err` when it does not answer.
+fn describe_one(run_dir: &RunDir, record: &Record) -> std::io::Result<Option<EnclaveState>> {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionRefused, ConnectionReset, NotFound};
+    let ending =
+        |e: &std::io::Error| matches!(e.kind(), ConnectionRefused | ConnectionReset | BrokenPipe | NotFound);
+    let attempt = || -> std::io::Result<Option<Reply>> {
+        let mut stream = UnixStream::connect(run_dir.control_socket(record.slot))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        send(&mut stream, &Request::Describe)?;
+        receive::<Reply>(&mut BufReader::new(stream))
+    };
+    match attempt() {
+        Ok(Some(Reply::Described(state))) => Ok(Some(*state)),
+        Ok(None) => Ok(None),
+        Ok(Some(other)) => Err(std::io::Error::other(format!("unexpected reply {other:?}"))),
+        Err(e) if ending(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Terminates an enclave; returns once its process gave everything back.

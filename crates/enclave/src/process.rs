@@ -230,7 +230,8 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
 }
 
 /// Opens the image and checks it as nitro-cli does before anything is claimed: memory for
-/// its size (E26), format (E35), signature (E59), CRC (E35).
+/// its size (E26), format (E35), signature and the certificate's validity period (E59), CRC
+/// (E35).
 fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Image> {
     let (file, name) = open_image(request, demo_image)?;
     let size = file.metadata().map_err(|e| Failure::file(&image_path(&file), "read", e))?.len();
@@ -241,6 +242,17 @@ fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Ima
         return Err(Failure::new(
             code::SIGNATURE_CHECKER,
             format!("{name}: the image's signature does not match its PCRs or its certificate is not valid"),
+        ));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if let Some(signature) = summary.signature.as_ref().filter(|s| !s.certificate.valid_at(now)) {
+        let validity = signature.certificate.describe();
+        return Err(Failure::new(
+            code::SIGNATURE_CHECKER,
+            format!(
+                "{name}: the signing certificate is expired or not yet valid (valid from {} to {})",
+                validity.not_before, validity.not_after
+            ),
         ));
     }
     if !summary.crc_ok() {
@@ -524,6 +536,9 @@ impl Enclave {
             }
             clients.retain(|c| !c.is_finished());
         }
+        // No new questions while the VM is taken down: askers are refused, not left waiting.
+        drop(self.control);
+        let _ = std::fs::remove_file(&self.control_path);
         let (vm_end, clean) = match self.vm.join() {
             Ok(Ok(outcome)) => {
                 let clean = matches!(outcome.exit, VmExit::Reset | VmExit::PowerOff | VmExit::Halted);
@@ -545,10 +560,8 @@ impl Enclave {
         };
         log::info!("enclave {} ended: {reason}", state.run.id);
         self.console.close();
-        // Give back before anyone hears the enclave ended: memory went with the VM; now the
-        // sockets and the claim on CPUs and slot.
-        drop(self.control);
-        let _ = std::fs::remove_file(&self.control_path);
+        // Give back before anyone hears the enclave ended: memory went with the VM, the control
+        // socket before it; now the vsock socket and the claim on CPUs and slot.
         let _ = std::fs::remove_file(&self.vsock_path);
         drop(self._claim);
         ending.set(reason);

@@ -204,6 +204,44 @@ fn openssl(args: &[&str]) {
 }
 
 /// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
+/// A P-384 key and a self-signed certificate valid only on 2020-01-01 (`openssl ca`, which
+/// OpenSSL 3.0 needs to set dates in the past).
+pub fn expired_signer(dir: &Path, name: &str) -> (String, String) {
+    let path = |suffix: &str| dir.join(format!("{name}.{suffix}")).to_str().unwrap().to_string();
+    let (key, cert, csr, config) = (path("key"), path("pem"), path("csr"), path("cnf"));
+    std::fs::write(path("index"), "").unwrap();
+    std::fs::write(path("serial"), "01\n").unwrap();
+    let ca = format!(
+        "[ca]\ndefault_ca = own\n[own]\ndatabase = {}\nserial = {}\nnew_certs_dir = {}\n\
+         default_md = sha384\npolicy = any\n[any]\norganizationName = optional\ncommonName = supplied\n",
+        path("index"),
+        path("serial"),
+        dir.display()
+    );
+    std::fs::write(&config, ca).unwrap();
+    openssl(&["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", &key]);
+    openssl(&["req", "-new", "-key", &key, "-out", &csr, "-subj", "/O=carve/CN=expired"]);
+    openssl(&[
+        "ca",
+        "-batch",
+        "-notext",
+        "-selfsign",
+        "-config",
+        &config,
+        "-keyfile",
+        &key,
+        "-in",
+        &csr,
+        "-out",
+        &cert,
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20200102000000Z",
+    ]);
+    (key, cert)
+}
+
 pub fn signer(dir: &Path, name: &str) -> (String, String) {
     let key = dir.join(format!("{name}.key")).to_str().unwrap().to_string();
     let cert = dir.join(format!("{name}.pem")).to_str().unwrap().to_string();
