@@ -58,6 +58,12 @@ static STABLE_FLAG_SEEN: AtomicU32 = AtomicU32::new(0);
 
 /// Nanoseconds since the VM's clock started, and the pvclock flags, from `cpu`'s area.
 fn clock_read(cpu: usize) -> (u64, u8) {
+    let (ns, flags, _) = clock_read_with_tsc(cpu);
+    (ns, flags)
+}
+
+/// [`clock_read`], with the TSC value the time was computed from.
+fn clock_read_with_tsc(cpu: usize) -> (u64, u8, u64) {
     let area = CLOCKS[cpu].addr();
     loop {
         let version = read_phys::<u32>(area);
@@ -81,7 +87,7 @@ fn clock_read(cpu: usize) -> (u64, u8) {
         } else {
             delta >>= -shift;
         }
-        return (system_time + ((delta as u128 * mul as u128) >> 32) as u64, flags);
+        return (system_time + ((delta as u128 * mul as u128) >> 32) as u64, flags, tsc);
     }
 }
 
@@ -169,12 +175,12 @@ fn main(boot: &BootInfo) -> ! {
         check!(seconds.abs_diff(now) <= 30, "the wall clock is the host's time, within 30 s");
     }
 
-    let (start, _) = clock_read(0);
-    let tsc_start = rdtsc();
+    // Each clock reading comes with the TSC it was computed from, so the TSC and the clock
+    // measure the same window however the vCPU is scheduled.
+    let (start, _, tsc_start) = clock_read_with_tsc(0);
     pit_wait_ms(500);
-    let tsc_end = rdtsc();
-    let (end, _) = clock_read(0);
-    let elapsed_us = (end - start) / 1000;
+    let (end, _, tsc_end) = clock_read_with_tsc(0);
+    let elapsed_us = end.saturating_sub(start) / 1000;
     println!("500 ms on the PIT took {} us on the KVM clock", elapsed_us);
     // Polling sees each 50 ms countdown end late when the vCPU is descheduled on a loaded host,
     // never early: the bound above is loose, the one below is not.

@@ -24,8 +24,9 @@ const TIMING_LEAF: u32 = 0x4000_0010;
 /// returns the count and the TSC when it was seen.
 fn wait_until(seen: u32, until: u64) -> (u32, u64) {
     loop {
-        let now = rdtsc();
+        // The count before the TSC: a TSC read after the interrupt was seen is after its delivery.
         let fired = count(0);
+        let now = rdtsc();
         if fired > seen || now > until {
             return (fired, now);
         }
@@ -55,9 +56,11 @@ fn main(_boot: &BootInfo) -> ! {
     let (fired, _) = wait_until(1, rdtsc() + patience);
     check!(fired == 2, "a deadline already past fires at once");
 
-    wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + delay);
+    // Far enough ahead that a descheduled vCPU cannot reach it between the two writes.
+    let deadline = rdtsc() + patience;
+    wrmsr(MSR_IA32_TSC_DEADLINE, deadline);
     wrmsr(MSR_IA32_TSC_DEADLINE, 0);
-    let (fired, _) = wait_until(2, rdtsc() + 3 * delay);
+    let (fired, _) = wait_until(2, deadline + 3 * delay);
     check!(fired == 2, "writing 0 disarms a pending deadline");
     println!("TSC-deadline timer: {} kHz TSC, 3 deadlines checked", khz);
     exit(0)

@@ -203,7 +203,6 @@ fn openssl(args: &[&str]) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
 /// A P-384 key and a self-signed certificate valid only on 2020-01-01 (`openssl ca`, which
 /// OpenSSL 3.0 needs to set dates in the past).
 pub fn expired_signer(dir: &Path, name: &str) -> (String, String) {
@@ -242,6 +241,7 @@ pub fn expired_signer(dir: &Path, name: &str) -> (String, String) {
     (key, cert)
 }
 
+/// A P-384 key and a self-signed certificate for it (openssl as the fixture generator).
 pub fn signer(dir: &Path, name: &str) -> (String, String) {
     let key = dir.join(format!("{name}.key")).to_str().unwrap().to_string();
     let cert = dir.join(format!("{name}.pem")).to_str().unwrap().to_string();

@@ -120,14 +120,20 @@ pub(super) fn load<K: Image, I: Image>(
     };
 
     check_cmdline(cmdline, CMDLINE_MAX_SIZE)?;
-    let info = loaded.end.next_multiple_of(PAGE_SIZE);
-    let info_end = info + CMDLINE_OFFSET + cmdline.len() as u64 + 1;
+    let mut info = loaded.end.next_multiple_of(PAGE_SIZE);
+    let size = CMDLINE_OFFSET + cmdline.len() as u64 + 1;
+    if info < HIMEM_START && info + size > EBDA_START {
+        // A low kernel ending just under the EBDA: its information goes above 1 MiB instead.
+        info = HIMEM_START;
+    }
+    let info_end = info + size;
     if info_end > low_ram_end(mem).min(MMIO_GAP_START) {
         return Err(BootError::NoRoomForBootInfo { kernel_end: loaded.end });
     }
     mem.write_slice(cmdline.as_bytes(), GuestAddress(info + CMDLINE_OFFSET))?;
     mem.write_obj(0u8, GuestAddress(info + CMDLINE_OFFSET + cmdline.len() as u64))?;
-    let initrd = load_initrd(mem, initrd, info_end, MMIO_GAP_START)?;
+    // (never below 1 MiB, where carve's MP and ACPI tables go)
+    let initrd = load_initrd(mem, initrd, info_end.max(HIMEM_START), MMIO_GAP_START)?;
     write_info(mem, info, initrd)?;
     Ok(BootSetup {
         format: KernelFormat::Multiboot,
@@ -221,6 +227,16 @@ mod tests {
         let mut text = [0u8; 6];
         mem.read_slice(&mut text, GuestAddress(cmdline.into())).unwrap();
         assert_eq!(&text, b"k x=1\0");
+    }
+
+    #[test]
+    fn information_never_lands_on_the_mp_table() {
+        // A kernel ending just under the EBDA (0x9fc00): its information goes to 1 MiB.
+        let (mem, setup) = boot(0x4000, &[0x90; 16], 0x9f800 - 0x4000);
+        let EntryState::Protected32 { ebx, .. } = setup.unwrap().entry else { panic!("32-bit entry") };
+        assert_eq!(u64::from(ebx), HIMEM_START);
+        let cmdline: u32 = mem.read_obj(GuestAddress(HIMEM_START + 16)).unwrap();
+        assert!(u64::from(cmdline) > HIMEM_START);
     }
 
     #[test]

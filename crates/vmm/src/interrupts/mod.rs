@@ -242,12 +242,13 @@ impl MsiStore {
         Ok(())
     }
 
-    /// Unmasks the vector, allocating its GSI on first use, and delivers a pending trigger.
+    /// Unmasks the vector, allocating its GSI on first use, and delivers a pending trigger (also
+    /// one an unmasked vector kept because KVM refused it before).
     pub fn unmask(&mut self, index: usize) -> Result<(), InterruptError> {
         let manager = self.manager.clone();
         let vector = self.vector(index);
         if !vector.masked {
-            return Ok(());
+            return if vector.pending { self.trigger(index) } else { Ok(()) };
         }
         if vector.route.is_none() {
             let event = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
@@ -285,7 +286,9 @@ impl MsiStore {
             vector.pending = true;
             return Err(e);
         }
-        route.event.write(1).map_err(InterruptError::EventFd)
+        route.event.write(1).map_err(InterruptError::EventFd)?;
+        vector.pending = false;
+        Ok(())
     }
 }
 
