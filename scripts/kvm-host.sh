@@ -138,8 +138,13 @@ relay() {
         if ((status == 0)); then
             printf '%s\n' "$line"
         elif ((status > 128)); then
+            [[ -z $line ]] || printf '%s\n' "$line"
             touch "$results/stalled"
-            kill "$(cat "$results/qemu.pid")" 2>/dev/null
+            local qemu_pid
+            qemu_pid=$(cat "$results/qemu.pid")
+            kill "$qemu_pid" 2>/dev/null
+            # A QEMU too wedged to handle SIGTERM is killed outright.
+            { sleep 10 && kill -KILL "$qemu_pid" 2>/dev/null; } &
             cat >/dev/null
             return
         else

@@ -30,10 +30,14 @@ fi
 rm -f "$demo_log"
 
 # The real KVM phase: the test executables cargo just built, run inside the software KVM host.
+# (Not carve-cli:enclaves: with its pool CPUs and hugepages it has frozen the emulated host whole
+# — a TCG soft lockup of the host's CPU 0 — in three recent CI runs, twice in a row on fresh
+# hosts; docs/kvm-host.md. It runs in the first phase; linux_enclave covers an enclave on a pool
+# CPU with hugepages on real KVM.)
 real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:linux_enclave
-    carve-cli:enclaves carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
+    carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
 list=$(mktemp)
-trap 'rm -f "$log" "$list" "$list.json" "$list.left"' EXIT
+trap 'rm -f "$log" "$list" "$list.json" "$list.left" "$list.left.next"' EXIT
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null >"$list.json"
 python3 - "$list.json" $real_kvm_tests >"$list" <<'PY'
 import json, sys
@@ -52,13 +56,14 @@ fi
 echo "== real KVM phase: $(wc -l <"$list") test executables on the software KVM host (scripts/kvm-host.sh)"
 started=$SECONDS
 # The emulated host has frozen whole once (no timer inside it fired, so the per-executable
-# limits of real-kvm-tests.sh never ran out): a host that prints nothing for 7 minutes is
-# killed, and a fresh one runs the executables that had not finished, once.
+# limits of real-kvm-tests.sh never ran out): a host that prints nothing for 8 minutes (an
+# executable's attempt is silent for at most 370 s) is killed, and a fresh one runs the
+# executables that had not finished, once.
 left=$list.left
 cp "$list" "$left"
 for host in 1 2; do
     set +e
-    CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 420 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
+    CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 480 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
     phase=${PIPESTATUS[0]}
     set -e
     ((phase == 124 && host == 1)) || break
@@ -66,6 +71,8 @@ for host in 1 2; do
         grep -qF "== real KVM: $package --test $target took" "$log" || echo "$package $target $path"
     done <"$list" >"$left.next"
     mv "$left.next" "$left"
+    # (a host that ran out of time after every executable had finished fails nothing)
+    [[ -s $left ]] || { phase=0; break; }
     echo "== real KVM phase: the host froze or ran out of time; a fresh host runs the $(wc -l <"$left") executables left, once"
 done
 # (what failed on a host that later froze fails the phase too)
