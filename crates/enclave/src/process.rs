@@ -188,6 +188,11 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         ));
     }
     drop(heartbeat);
+    // Askers see the enclave from now on (nitro-cli's enclave process, too, listens only once
+    // its enclave runs); until now they would have waited on a socket nobody accepts on.
+    std::fs::rename(run_dir.starting_control_socket(record.slot), &control_path).map_err(|e| {
+        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
+    })?;
     notify(&format!(
         "Started enclave with enclave-cid: {cid}, memory: {memory_mib} MiB, cpu-ids: {:?}",
         cpus.pinned
@@ -279,12 +284,14 @@ fn claim_resources(run_dir: &RunDir, request: &LaunchRequest, pool: &Pool) -> Re
     let claim = run_dir.claim(&record, &lock)?;
     let control_path = run_dir.control_socket(slot);
     let vsock_path = run_dir.vsock_socket(&record.id);
-    let cleanup = SocketFiles(vec![control_path.clone(), vsock_path.clone()]);
-    let control = UnixListener::bind(&control_path).map_err(|e| {
+    let starting = run_dir.starting_control_socket(slot);
+    let cleanup = SocketFiles(vec![starting.clone(), control_path.clone(), vsock_path.clone()]);
+    // Bound under a name of its own until the enclave runs (see `launch`).
+    let control = UnixListener::bind(&starting).map_err(|e| {
         Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
     })?;
     // Anyone may ask; the process itself decides who may terminate (nitro-cli's 0766).
-    let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o766));
+    let _ = std::fs::set_permissions(&starting, std::fs::Permissions::from_mode(0o766));
     let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
         .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e))?;
     let app_exit_path = run_dir::port_socket(&vsock_path, app_exit::PORT);

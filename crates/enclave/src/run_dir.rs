@@ -65,6 +65,12 @@ impl RunDir {
         self.path.join(format!("{slot:x}.sock"))
     }
 
+    /// Where an enclave's control socket listens until the enclave runs, then renamed to
+    /// [`RunDir::control_socket`]: nobody asks a process that cannot answer yet.
+    pub fn starting_control_socket(&self, slot: u64) -> PathBuf {
+        self.path.join(format!("{slot:x}.sock.starting"))
+    }
+
     fn record_path(&self, slot: u64) -> PathBuf {
         self.path.join(format!("{slot:x}.lock"))
     }
@@ -132,6 +138,7 @@ impl RunDir {
     fn remove_leftovers(&self, slot: u64, record: Option<&Record>) {
         log::info!("removing what the dead enclave process of slot {slot:x} left behind");
         let _ = std::fs::remove_file(self.control_socket(slot));
+        let _ = std::fs::remove_file(self.starting_control_socket(slot));
         if let Some(record) = record {
             let _ = std::fs::remove_file(self.vsock_socket(&record.id));
             let vsock = self.vsock_socket(&record.id);
