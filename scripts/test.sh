@@ -30,10 +30,9 @@ fi
 rm -f "$demo_log"
 
 # The real KVM phase: the test executables cargo just built, run inside the software KVM host.
-# (Not carve-cli:enclaves: with its pool CPUs and hugepages it has frozen the emulated host whole
-# — a TCG soft lockup of the host's CPU 0 — in three recent CI runs, twice in a row on fresh
-# hosts; docs/kvm-host.md. It runs in the first phase; linux_enclave covers an enclave on a pool
-# CPU with hugepages on real KVM.)
+# (Not carve-cli:enclaves for now: the emulated host freezes in long runs — TCG soft lockups,
+# docs/kvm-host.md — most often in that executable, the longest after linux_enclave. It runs in
+# the first phase; linux_enclave covers an enclave on a pool CPU with hugepages on real KVM.)
 real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:linux_enclave
     carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm"
 list=$(mktemp)
@@ -55,25 +54,25 @@ if (($(wc -l <"$list") != $(wc -w <<<"$real_kvm_tests"))); then
 fi
 echo "== real KVM phase: $(wc -l <"$list") test executables on the software KVM host (scripts/kvm-host.sh)"
 started=$SECONDS
-# The emulated host has frozen whole once (no timer inside it fired, so the per-executable
-# limits of real-kvm-tests.sh never ran out): a host that prints nothing for 8 minutes (an
+# The emulated host freezes whole now and then (no timer inside it fires, so the per-executable
+# limits of real-kvm-tests.sh never run out): a host that prints nothing for 8 minutes (an
 # executable's attempt is silent for at most 370 s) is killed, and a fresh one runs the
-# executables that had not finished, once.
+# executables that had not finished; three hosts at most.
 left=$list.left
 cp "$list" "$left"
-for host in 1 2; do
+for host in 1 2 3; do
     set +e
     CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 480 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
     phase=${PIPESTATUS[0]}
     set -e
-    ((phase == 124 && host == 1)) || break
+    ((phase == 124 && host < 3)) || break
     while read -r package target path; do
         grep -qF "== real KVM: $package --test $target took" "$log" || echo "$package $target $path"
     done <"$list" >"$left.next"
     mv "$left.next" "$left"
     # (a host that ran out of time after every executable had finished fails nothing)
     [[ -s $left ]] || { phase=0; break; }
-    echo "== real KVM phase: the host froze or ran out of time; a fresh host runs the $(wc -l <"$left") executables left, once"
+    echo "== real KVM phase: the host froze or ran out of time; a fresh host runs the $(wc -l <"$left") executables left"
 done
 # (what failed on a host that later froze fails the phase too)
 ! grep -q '^== real KVM: .* FAILED' "$log" || phase=1
