@@ -16,8 +16,8 @@
 #
 # The kernel (Debian's linux-image-*-amd64, unpacked, not installed) and the initramfs are
 # cached in ~/.cache/carve. Exit status: CMD's own; 124 when it did not finish within the time
-# limit, or printed nothing for the --stall time (the emulated host can freeze whole, where
-# no timer inside it fires; the host is killed and its last console lines are shown); 125 when
+# limit, or showed no sign of life for the --stall time (the emulated host can freeze whole,
+# where no timer inside it fires; the host is killed and its last console lines are shown); 125 when
 # the host could not be set up or ended without running CMD to completion.
 set -euo pipefail
 
@@ -123,22 +123,33 @@ trap '[[ -n ${CARVE_KVM_HOST_KEEP:-} ]] || rm -rf "$results"' EXIT
     # The same open-file limits as here (the host's init would leave 1024/4096).
     printf 'ulimit -Hn %s && ulimit -Sn %s\n' "$(ulimit -Hn)" "$(ulimit -Sn)"
     printf 'cd %q || exit 125\n' "$PWD"
+    # A living host says so every 10 s, through QEMU's 9p server, whatever CMD prints: --stall
+    # tells a frozen host from a command that is quiet for a while.
+    ((stall == 0)) || printf '(while touch "$KVM_HOST_RESULTS/alive"; do sleep 10; done) </dev/null >/dev/null 2>&1 &\n'
     printf 'exec'
     printf ' %q' "$@"
     echo
 } >"$results/command.sh"
 
-# Passes CMD's output on line by line; with --stall, kills the host when a line is that late.
+# Passes CMD's output on line by line; with --stall, kills the host when it has not touched
+# $results/alive for that long (the file is made now, so booting counts against it too).
 relay() {
-    local line status wait=()
-    ((stall == 0)) || wait=(-t "$stall")
+    local line status
+    touch "$results/alive"
     while :; do
-        IFS= read -r "${wait[@]}" line
+        if ((stall == 0)); then
+            IFS= read -r line
+        else
+            IFS= read -r -t 10 line
+        fi
         status=$?
         if ((status == 0)); then
             printf '%s\n' "$line"
         elif ((status > 128)); then
-            [[ -z $line ]] || printf '%s\n' "$line"
+            # (a line cut by the wait is passed on as it is; its rest follows)
+            printf '%s' "$line"
+            (($(date +%s) - $(stat -c %Y "$results/alive") > stall)) || continue
+            echo
             touch "$results/stalled"
             local qemu_pid
             qemu_pid=$(cat "$results/qemu.pid")
@@ -175,7 +186,7 @@ last_lines() {
 if [[ -f $results/status ]]; then
     exit "$(cat "$results/status")"
 elif [[ -f $results/stalled ]]; then
-    echo "kvm-host: '$*' printed nothing for ${stall} s (after $((SECONDS - started)) s); the host was killed" >&2
+    echo "kvm-host: the host showed no sign of life for ${stall} s (after $((SECONDS - started)) s, running '$*'); it was killed" >&2
     last_lines
     exit 124
 elif ((qemu == 124 || qemu == 137)); then

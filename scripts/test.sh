@@ -55,17 +55,17 @@ fi
 echo "== real KVM phase: $(wc -l <"$list") test executables on the software KVM host (scripts/kvm-host.sh)"
 started=$SECONDS
 # The emulated host freezes whole now and then (no timer inside it fires, so the per-executable
-# limits of real-kvm-tests.sh never run out): a host that prints nothing for 8 minutes (an
-# executable's attempt is silent for at most 370 s) is killed, and a fresh one runs the
-# executables that had not finished; three hosts at most.
+# limits of real-kvm-tests.sh never run out): a host that shows no sign of life for 2 minutes
+# (a living one touches a file every 10 s) is killed, and a fresh one runs the executables
+# that had not finished; four hosts at most.
 left=$list.left
 cp "$list" "$left"
-for host in 1 2 3; do
+for host in 1 2 3 4; do
     set +e
-    CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 480 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
+    CARVE_ENCLAVE_CYCLES=10 scripts/kvm-host.sh --timeout 1500 --stall 120 scripts/real-kvm-tests.sh "$left" 2>&1 | tee -a "$log"
     phase=${PIPESTATUS[0]}
     set -e
-    ((phase == 124 && host < 3)) || break
+    ((phase == 124 && host < 4)) || break
     while read -r package target path; do
         grep -qF "== real KVM: $package --test $target took" "$log" || echo "$package $target $path"
     done <"$list" >"$left.next"
