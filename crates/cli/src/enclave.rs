@@ -293,9 +293,16 @@ pub fn console(args: ConsoleArgs) -> Result<(), NitroError> {
 
 pub fn wait(args: WaitArgs) -> Result<(), NitroError> {
     let run_dir = RunDir::open()?;
-    let record = client::find(&run_dir, selector(&args.enclave_id, &args.enclave_name))?;
-    let reason = client::wait(&run_dir, &record)?;
-    println!("Enclave {} ended: {reason}", record.id);
+    let (id, reason) = match client::find(&run_dir, selector(&args.enclave_id, &args.enclave_name)) {
+        Ok(record) => (record.id.clone(), client::wait(&run_dir, &record)?),
+        // An enclave that has already ended, named by its ID (names are used again), is
+        // answered from the log.
+        Err(missing) => match args.enclave_id.as_deref() {
+            Some(id) => (id.to_string(), client::recorded_end(&run_dir, id).ok_or(missing)?),
+            None => return Err(missing.into()),
+        },
+    };
+    println!("Enclave {id} ended: {reason}");
     Ok(())
 }
 

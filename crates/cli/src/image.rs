@@ -314,8 +314,9 @@ struct ImageParts {
 }
 
 /// The build time the image records: `SOURCE_DATE_EPOCH` (the reproducible-builds convention)
-/// when set, else the container image's creation time, else now. nitro-cli always writes now,
-/// so its images of the same container differ from build to build; carve's do not.
+/// when set, else the container image's creation time (the epoch when it has none), else —
+/// for images made from a kernel, not a container — now. nitro-cli always writes now, so its
+/// images of the same container differ from build to build; carve's do not.
 fn build_time(created: Option<String>) -> String {
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
@@ -424,7 +425,9 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
         ramdisks: vec![bootstrap, customer],
         default_name: image.name(),
         default_version: image.id_hex(),
-        created: image.created(),
+        // An image without its own time (some builders leave it out) is dated as the
+        // reproducible ones (ko, rules_oci) date theirs: the Unix epoch.
+        created: Some(image.created().unwrap_or_else(|| carve_eif::metadata::rfc3339(0))),
         docker_info: image.docker_info(),
     })
 }

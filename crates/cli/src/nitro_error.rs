@@ -56,7 +56,7 @@ const CODES: &[(u8, &str, &str)] = &[
     (47, "IntegerParsingError", "A number could not be parsed or converted."),
     (48, "EifBuildingError", "The enclave image could not be built; the message says which input was at fault."),
     (49, "DockerImageBuildError", "A container image could not be built."),
-    (50, "DockerImagePullError", "The container image could not be obtained; carve reads images from `docker save` or OCI archives."),
+    (50, "DockerImagePullError", "The container image could not be obtained: from a Docker daemon, the registry or the archive given (`--oci-archive`)."),
     (51, "ArtifactsPathNotSet", "No directory for build artifacts was found."),
     (52, "BlobsPathNotSet", "No blobs directory (kernel, init, nsm.ko, cmdline) was found; set --blobs-dir or NITRO_CLI_BLOBS."),
     (53, "ClockSkewError", "The system clock is not usable."),

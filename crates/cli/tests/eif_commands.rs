@@ -292,12 +292,18 @@ fn docker_archive(path: &Path) {
     add(&mut lower, "etc/removed", EntryType::Regular, 0o644, b"gone", None);
     add(&mut lower, "var/cache/", EntryType::Directory, 0o755, b"", None);
     add(&mut lower, "var/cache/old", EntryType::Regular, 0o644, b"old", None);
+    // Links a later layer writes through: they are followed inside the image's root.
+    add(&mut lower, "escape", EntryType::Symlink, 0o777, b"", Some("/"));
+    add(&mut lower, "lib", EntryType::Symlink, 0o777, b"", Some("usr/lib"));
+    add(&mut lower, "etc/localtime", EntryType::Symlink, 0o777, b"", Some("/usr/share/zoneinfo/UTC"));
     let lower = lower.into_inner().unwrap();
     let mut upper = Builder::new(Vec::new());
     add(&mut upper, "etc/.wh.removed", EntryType::Regular, 0o644, b"", None);
     add(&mut upper, "var/cache/.wh..wh..opq", EntryType::Regular, 0o644, b"", None);
     add(&mut upper, "var/cache/new", EntryType::Regular, 0o644, b"new", None);
     add(&mut upper, "etc/motd", EntryType::Regular, 0o644, b"welcome\n", None);
+    add(&mut upper, "escape/init", EntryType::Regular, 0o755, b"not the enclave's init", None);
+    add(&mut upper, "lib/libapp.so", EntryType::Regular, 0o644, b"ELF", None);
     let upper = upper.into_inner().unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, &upper).unwrap();
@@ -341,7 +347,7 @@ fn oci_layout_archive(path: &Path) {
     layer.append_data(&mut header, "app/run", &b"run me"[..]).unwrap();
     let layer = layer.into_inner().unwrap();
     let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/app/run"], "Env": ["A=1"]}
+        "architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/app/run"], "Env": ["A=1"]}
     }))
     .unwrap();
     let manifest = serde_json::to_vec(&serde_json::json!({
@@ -408,22 +414,32 @@ fn section(path: &Path, index: usize) -> Vec<u8> {
     image[section.data_offset() as usize..(section.data_offset() + section.size) as usize].to_vec()
 }
 
+/// A cpio archive's names, listed by GNU cpio (the oracle).
+fn list_cpio(bytes: &[u8]) -> String {
+    let mut cpio = Command::new("cpio")
+        .args(["-t", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cpio is installed");
+    std::io::Write::write_all(&mut cpio.stdin.take().unwrap(), bytes).unwrap();
+    let list = cpio.wait_with_output().unwrap();
+    assert!(list.status.success());
+    String::from_utf8_lossy(&list.stdout).into_owned()
+}
+
 /// Lists and extracts a cpio archive with GNU cpio (the oracle).
 fn extract_cpio(bytes: &[u8], into: &Path) -> String {
     std::fs::create_dir_all(into).unwrap();
     let archive = into.with_extension("cpio");
     std::fs::write(&archive, bytes).unwrap();
-    let list = Command::new("cpio")
-        .args(["-t", "-F", archive.to_str().unwrap()])
-        .output()
-        .expect("cpio is installed");
     let status = Command::new("cpio")
         .args(["-i", "-d", "--quiet", "-F", archive.to_str().unwrap()])
         .current_dir(into)
         .status()
         .unwrap();
     assert!(status.success());
-    String::from_utf8_lossy(&list.stdout).into_owned()
+    list_cpio(bytes)
 }
 
 #[test]
@@ -534,8 +550,19 @@ fn container_archives_become_nitro_cli_ramdisks() {
     assert_eq!(section(&eif, 1), b"reboot=k panic=30 pci=off nomodules console=ttyS0");
     let bootstrap = extract_cpio(&section(&eif, 3), &dir.join("bootstrap"));
     assert_eq!(bootstrap.lines().collect::<Vec<_>>(), ["dev", "init", "nsm.ko"]);
-    let customer = extract_cpio(&section(&eif, 4), &dir.join("customer"));
+    let customer = list_cpio(&section(&eif, 4));
+    // (checked before GNU cpio unpacks it here, as the kernel would, following links)
+    assert!(!customer.contains("escape/") && !customer.contains("rootfs/lib/"), "{customer}");
+    extract_cpio(&section(&eif, 4), &dir.join("customer"));
     let root = dir.join("customer");
+    assert_eq!(std::fs::read(root.join("rootfs/init")).unwrap(), b"not the enclave's init");
+    assert_eq!(std::fs::read(root.join("rootfs/usr/lib/libapp.so")).unwrap(), b"ELF");
+    assert_eq!(std::fs::read_link(root.join("rootfs/escape")).unwrap(), Path::new("/"));
+    // An absolute link is kept as it is: the app resolves it in its chroot.
+    assert_eq!(
+        std::fs::read_link(root.join("rootfs/etc/localtime")).unwrap(),
+        Path::new("/usr/share/zoneinfo/UTC")
+    );
     // As nitro-cli runs it: the image's Cmd, its Entrypoint ignored.
     assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "--loud\nworld\n");
     assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "PATH=/bin\nMODE=enclave\n");
@@ -569,12 +596,15 @@ fn container_archives_become_nitro_cli_ramdisks() {
     extract_cpio(&section(&from_layout, 4), &dir.join("layout-customer"));
     let root = dir.join("layout-customer");
     assert_eq!(std::fs::read(root.join("rootfs/app/run")).unwrap(), b"run me");
+    // (the layer has no entry for app/: the ramdisk makes it, ahead of its file)
+    let listed = list_cpio(&section(&from_layout, 4));
+    assert!(listed.contains("rootfs/app\nrootfs/app/run\n"), "{listed}");
     assert_eq!(std::fs::read_to_string(root.join("cmd")).unwrap(), "/app/run\n");
     assert_eq!(std::fs::read_to_string(root.join("env")).unwrap(), "A=1\n");
-    assert_eq!(
-        json(&carve(&["describe-eif", "--eif-path", from_layout.to_str().unwrap()]))["ImageName"],
-        "oci-app"
-    );
+    let described = json(&carve(&["describe-eif", "--eif-path", from_layout.to_str().unwrap()]));
+    assert_eq!(described["ImageName"], "oci-app");
+    // An image without its own creation time is dated the epoch, not the day it was built.
+    assert_eq!(described["Metadata"]["BuildTime"], "1970-01-01T00:00:00.000000000+00:00");
 
     let out = build_from_archive(Some(&archive), Some("missing:tag"), &blobs, &eif);
     assert_nitro_error(&out, 50, "no image tagged missing:tag");

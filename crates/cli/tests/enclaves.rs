@@ -244,6 +244,14 @@ fn launch_describe_console_terminate_in_development_mode() {
     talk(&host.run_dir.join(format!("{other_id}.vsock")), 5007, b"");
     host.wait_until_empty();
     assert_eq!(host.files(), ["allocator.json", "carve.lock", "enclaves.log"]);
+    // `wait` for an enclave that has ended answers from the log, as `docker wait` does; by
+    // name (names are used again) it is E58.
+    let waited = host.carve(&["wait", "--enclave-id", other_id]);
+    assert!(waited.status.success(), "{}", stderr(&waited));
+    assert!(stdout(&waited).starts_with(&format!("Enclave {other_id} ended: ")), "{}", stdout(&waited));
+    let waited = host.carve(&["wait", "--enclave-id", &id]);
+    assert_eq!(stdout(&waited), format!("Enclave {id} ended: terminated on request\n"));
+    assert_fails(&host.carve(&["wait", "--enclave-name", "demo"]), 58, "No enclave named 'demo'");
 }
 
 fn build_eif(host: &Host, guest_name: &str, cmdline: &str) -> PathBuf {

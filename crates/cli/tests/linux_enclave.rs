@@ -239,17 +239,17 @@ fn an_enclave_app_attests_through_dev_nsm_on_a_pool_cpu_with_hugepages() {
     );
     assert!(verify.status.success(), "the document verifies: {}{}", stdout(&verify), stderr(&verify));
 
-    // The parent tells the app to exit 7; carve's init reports it and the enclave ends (the
-    // other test sees it through `carve wait`; here the app may be gone before a wait starts).
+    // The parent tells the app to exit 7; carve's init reports it, the enclave ends, and
+    // `carve wait` says so (from the enclave, or from the log if it is already gone).
     let _ = talk(&vsock, 5007, &[7]);
+    let waited = host.carve(&["wait", "--enclave-id", &id], &[]);
+    assert!(waited.status.success(), "{}", stderr(&waited));
+    assert!(
+        stdout(&waited).starts_with(&format!("Enclave {id} ended: the app exited with status 7")),
+        "{}",
+        stdout(&waited)
+    );
     let deadline = std::time::Instant::now() + common::TIMEOUT;
-    let log = host.root.join("run/enclaves.log");
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains(&format!("enclave {id} ended")) {
-        assert!(std::time::Instant::now() < deadline, "the enclave did not end");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(log.contains(&format!("enclave {id} ended: the app exited with status 7")), "{log}");
     while stdout(&host.carve(&["describe-enclaves"], &[])).trim() != "[]" {
         assert!(std::time::Instant::now() < deadline, "the enclave is still listed");
         std::thread::sleep(std::time::Duration::from_millis(100));

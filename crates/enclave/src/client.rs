@@ -10,6 +10,9 @@ use crate::error::{code, Failure, Result};
 use crate::protocol::{receive, send, EnclaveState, LaunchEvent, LaunchRequest, Reply, Request, RunInfo};
 use crate::run_dir::{Record, RunDir};
 
+/// Where enclave processes write their log, in the run directory.
+pub const LOG_FILE: &str = "enclaves.log";
+
 /// The hidden `carve` subcommand that becomes an enclave process.
 pub const ENCLAVE_PROCESS_COMMAND: &str = "__enclave-process";
 
@@ -17,7 +20,7 @@ pub const ENCLAVE_PROCESS_COMMAND: &str = "__enclave-process";
 pub fn launch(run_dir: &RunDir, request: &LaunchRequest, notice: &mut dyn FnMut(&str)) -> Result<RunInfo> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(code::PROCESS_SPAWN, format!("cannot find the carve executable: {e}")))?;
-    let log_path = run_dir.path().join("enclaves.log");
+    let log_path = run_dir.path().join(LOG_FILE);
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -180,10 +183,33 @@ pub fn terminate_all(run_dir: &RunDir) -> Result<Vec<(Record, Result<()>)>> {
 
 /// Blocks until the enclave ends; returns why it ended.
 pub fn wait(run_dir: &RunDir, record: &Record) -> Result<String> {
-    match ask(run_dir, record, &Request::Wait, None)? {
-        (_, Reply::Ended(reason), _) => Ok(reason),
-        (_, reply, _) => Err(expect_failure(reply)),
+    match ask(run_dir, record, &Request::Wait, None) {
+        Ok((_, Reply::Ended(reason), _)) => Ok(reason),
+        Ok((_, reply, _)) => Err(expect_failure(reply)),
+        // Its control socket closes as it starts to end; the log says how, a moment later.
+        Err(refused) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let still_ending = run_dir.live_records(&run_dir.lock()?).iter().any(|r| r.id == record.id);
+                if let Some(reason) = recorded_end(run_dir, &record.id) {
+                    return Ok(reason);
+                }
+                if !still_ending || Instant::now() > deadline {
+                    return Err(refused);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
+}
+
+/// How enclave `id` ended, from the enclave log (its process writes the line before it lets go
+/// of the enclave's slot), if it has: `wait` for an enclave that is gone answers as `docker
+/// wait` does for a container that has exited.
+pub fn recorded_end(run_dir: &RunDir, id: &str) -> Option<String> {
+    let log = std::fs::read_to_string(run_dir.path().join(LOG_FILE)).ok()?;
+    let marker = format!("enclave {id} ended: ");
+    log.lines().rev().find_map(|line| line.split_once(&marker).map(|(_, reason)| reason.to_string()))
 }
 
 /// Copies the enclave's console to `out` until the enclave ends or `disconnect` passes;

@@ -4,7 +4,7 @@
 //! `env`); the bootstrap ramdisk comes from the blobs directory (`dev/`, `init`, `nsm.ko`).
 //! Layers are streamed; only the file table is kept in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -221,6 +221,17 @@ impl Image {
         for (index, blob) in self.layers.iter().enumerate() {
             self.apply_layer(index, blob, &mut tree)?;
         }
+        // Layers may leave out the directories their files are in; the kernel, unpacking the
+        // ramdisk, makes none, so such files would silently not be there.
+        let missing: BTreeSet<String> = tree
+            .keys()
+            .flat_map(|path| path.match_indices('/').map(|(end, _)| path[..end].to_string()))
+            .filter(|dir| !tree.contains_key(dir))
+            .collect();
+        for dir in missing {
+            let entry = CpioEntry::directory(&dir, 0o755);
+            tree.insert(dir, Node { layer: self.layers.len(), entry });
+        }
         let config = &self.config["config"];
         let strings = |value: &Value| -> Vec<String> {
             value
@@ -288,6 +299,9 @@ impl Image {
             let raw = entry.path().map_err(unreadable)?.to_string_lossy().into_owned();
             let escapes = |what: &str| layer_error(format!("has {what}, which escapes the image's root"));
             let path = normalize(&raw).ok_or_else(|| escapes(&format!("the path {raw:?}")))?;
+            let path = resolve_parents(tree, &path).ok_or_else(|| {
+                layer_error(format!("has the path {raw:?} through a loop of symbolic links"))
+            })?;
             if path.is_empty() {
                 continue;
             }
@@ -322,6 +336,7 @@ impl Image {
                 tar::EntryType::Link => {
                     let target = link_name(&entry);
                     let resolved = normalize(&target)
+                        .and_then(|target| resolve_parents(tree, &target))
                         .ok_or_else(|| escapes(&format!("the hard link {raw} -> {target}")))?;
                     match tree.get(&resolved) {
                         Some(node) => node.entry.kind.clone(),
@@ -346,11 +361,18 @@ impl Image {
                 },
                 _ => continue,
             };
-            if matches!(kind, Kind::Directory) {
-                if let Some(existing) = tree.get_mut(&path) {
+            // As Docker unpacks a layer: a directory over a directory only takes its mode;
+            // anything else replaces what was there, a directory with everything under it.
+            match (tree.get_mut(&path), &kind) {
+                (Some(existing), Kind::Directory) if matches!(existing.entry.kind, Kind::Directory) => {
                     existing.entry.mode = mode;
                     continue;
                 }
+                (Some(existing), _) if matches!(existing.entry.kind, Kind::Directory) => {
+                    let prefix = format!("{path}/");
+                    tree.retain(|p, _| !p.starts_with(&prefix));
+                }
+                _ => {}
             }
             let entry = CpioEntry {
                 name: path.clone(),
@@ -393,6 +415,48 @@ fn normalize(path: &str) -> Option<String> {
     }
     Some(parts.join("/"))
 }
+
+/// `path` (normalized) with each directory on the way followed through the symbolic links
+/// already in `tree`, inside the image's root as Docker follows them: an absolute target starts
+/// at the root, and `..` at the root stays there. Without this a layer holding `x -> /` and then
+/// `x/init` would have the kernel, unpacking the ramdisk, write through the link over the
+/// enclave's own `/init`. `None` for a loop of links.
+fn resolve_parents(tree: &BTreeMap<String, Node>, path: &str) -> Option<String> {
+    let mut resolved: Vec<&str> = Vec::new();
+    let mut pending: VecDeque<&str> = path.split('/').collect();
+    let mut links = 0;
+    while let Some(component) = pending.pop_front() {
+        match component {
+            "" | "." => continue,
+            ".." => {
+                resolved.pop();
+                continue;
+            }
+            name => resolved.push(name),
+        }
+        // The last component is the entry itself, never followed.
+        if pending.iter().all(|c| c.is_empty() || *c == ".") {
+            break;
+        }
+        if let Some(Kind::Symlink(target)) = tree.get(&resolved.join("/")).map(|n| &n.entry.kind) {
+            links += 1;
+            if links > MAX_LINKS {
+                return None;
+            }
+            resolved.pop();
+            if target.starts_with('/') {
+                resolved.clear();
+            }
+            for part in target.split('/').rev() {
+                pending.push_front(part);
+            }
+        }
+    }
+    Some(resolved.join("/"))
+}
+
+/// Links followed for one path before it counts as a loop (Linux's own limit).
+const MAX_LINKS: usize = 40;
 
 /// A JSON document's bytes, at most [`MAX_JSON`].
 fn read_small(blob: &Blob) -> Result<Vec<u8>, String> {
@@ -471,4 +535,30 @@ pub fn bootstrap_ramdisk(blobs: &Path) -> Result<SectionInput<'static>, ImageErr
     let stream = CpioStream::new(entries);
     let len = stream.len();
     Ok(SectionInput::new("the bootstrap ramdisk", stream, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(links: &[(&str, &str)]) -> BTreeMap<String, Node> {
+        let link = |(path, target): &(&str, &str)| {
+            let entry =
+                CpioEntry { kind: Kind::Symlink(target.to_string()), ..CpioEntry::directory(path, 0o777) };
+            (path.to_string(), Node { layer: 0, entry })
+        };
+        links.iter().map(link).collect()
+    }
+
+    #[test]
+    fn paths_through_links_stay_in_the_root() {
+        let tree = tree(&[("up", "../../.."), ("root", "/"), ("lib", "usr/lib"), ("a", "b"), ("b", "a")]);
+        assert_eq!(resolve_parents(&tree, "root/init").as_deref(), Some("init"));
+        assert_eq!(resolve_parents(&tree, "root/root/etc/x").as_deref(), Some("etc/x"));
+        assert_eq!(resolve_parents(&tree, "up/etc/passwd").as_deref(), Some("etc/passwd"));
+        assert_eq!(resolve_parents(&tree, "lib/libc.so").as_deref(), Some("usr/lib/libc.so"));
+        // The entry itself is never followed: a new `root` replaces the link.
+        assert_eq!(resolve_parents(&tree, "root").as_deref(), Some("root"));
+        assert_eq!(resolve_parents(&tree, "a/x"), None, "a loop");
+    }
 }
