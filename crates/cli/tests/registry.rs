@@ -269,6 +269,12 @@ fn a_registry_with_htpasswd_auth_is_pulled_with_docker_credentials() {
     assert_eq!(pcrs(&build(&dir, &uri, &eif, &[("PATH", &path)])), expected);
     assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), registry.address);
     std::fs::remove_file(&eif).unwrap();
+    // The same helper as the store for every registry (`credsStore`, Docker Desktop's way).
+    std::fs::remove_file(&asked).unwrap();
+    write_config(json!({"credsStore": "carvetest"}));
+    assert_eq!(pcrs(&build(&dir, &uri, &eif, &[("PATH", &path)])), expected);
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), registry.address);
+    std::fs::remove_file(&eif).unwrap();
 
     // A helper that fails is named.
     install_script(
