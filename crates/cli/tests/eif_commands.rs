@@ -68,7 +68,7 @@ fn build_describe_sign_and_pcr_agree() {
     assert_eq!(stderr(&out), "Start building the Enclave Image...\nEnclave Image successfully created.\n");
     let built = json(&out);
     assert!(stdout(&out)
-        .starts_with("{\n  \"Measurements\": {\n    \"HashAlgorithm\": \"Sha384 { ... }\",\n    \"PCR0\""));
+        .starts_with("{\n  \"Measurements\": {\n    \"HashAlgorithm\": \"Sha512_48 { .. }\",\n    \"PCR0\""));
 
     let out = carve(&["describe-eif", "--eif-path", eif.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

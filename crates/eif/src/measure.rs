@@ -8,8 +8,11 @@ use sha2::{Digest, Sha384};
 pub const PCR_LEN: usize = 48;
 pub type Pcr = [u8; PCR_LEN];
 
-/// How nitro-cli names the hash in its JSON (the Rust Debug text of its hasher).
-pub const HASH_ALGORITHM: &str = "Sha384 { ... }";
+/// How nitro-cli names the hash in its JSON: the Rust Debug text of its hasher. nitro-cli 1.5
+/// (aws-nitro-enclaves-image-format 0.7 and 0.8) hashes with sha2 0.10, whose `Sha384` prints
+/// as the SHA-512 core truncated to 48 bytes; the 1.4 releases (sha2 0.9) printed
+/// `Sha384 { ... }`.
+pub const HASH_ALGORITHM: &str = "Sha512_48 { .. }";
 
 /// Extends a zero register with `digest`.
 pub fn extend_zero(digest: &[u8]) -> Pcr {
