@@ -117,7 +117,7 @@ fn parse_serial(text: &str) -> Result<SerialArg, String> {
 }
 
 fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
-    let (mut cid, mut uds) = (None, None);
+    let (mut cid, mut uds, mut shared_listeners) = (None, None, None);
     for part in text.split(',') {
         match part.split_once('=') {
             Some(("cid", value)) => {
@@ -126,11 +126,12 @@ fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
                 cid = Some(value);
             }
             Some(("uds", path)) if !path.is_empty() => uds = Some(PathBuf::from(path)),
-            _ => return Err(format!("unexpected '{part}'; expected cid=N,uds=PATH")),
+            Some(("shared", path)) if !path.is_empty() => shared_listeners = Some(PathBuf::from(path)),
+            _ => return Err(format!("unexpected '{part}'; expected cid=N,uds=PATH[,shared=PREFIX]")),
         }
     }
     match (cid, uds) {
-        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+        (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds, shared_listeners }),
         _ => Err("both cid=N and uds=PATH are needed".into()),
     }
 }

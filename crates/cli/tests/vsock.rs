@@ -27,7 +27,10 @@ fn guest_and_host_exchange_data_both_ways_over_hybrid_vsock() {
     }
     let dir = fresh_dir("vsock-guest");
     let uds = dir.join("v.sock");
-    let parent = UnixListener::bind(dir.join("v.sock_9000")).unwrap();
+    // The parent listens where every VM's connections to its port 9000 arrive (AF_VSOCK's
+    // model); the VM's own listener's file is stale, so carve goes on to the shared one.
+    drop(UnixListener::bind(dir.join("v.sock_9000")).unwrap());
+    let parent = UnixListener::bind(dir.join("all_9000")).unwrap();
     let to_guest = bytes(1 << 20, 42);
     let cmdline = format!(
         "cid=7 parent_port=9000 expect_len={} expect_sum={} send_len={}",
@@ -36,10 +39,16 @@ fn guest_and_host_exchange_data_both_ways_over_hybrid_vsock() {
         1 << 20
     );
     let kernel = guest("vsock", Format::Pvh);
-    let vm = Vm::start(&["--kernel", kernel.to_str().unwrap()], &uds, 7, &["--cmdline", &cmdline]);
+    let vsock = format!("cid=7,uds={},shared={}", uds.display(), dir.join("all").display());
+    let vm = Vm::start_with_vsock(&["--kernel", kernel.to_str().unwrap()], &vsock, &["--cmdline", &cmdline]);
 
-    // Guest → parent listener: greeting, 1 MiB to the guest, 1 MiB back.
-    let (conn, _) = parent.accept().unwrap();
+    // Guest → parent listener: greeting, 1 MiB to the guest, 1 MiB back. The connection comes
+    // from an abstract address naming the guest's end: CID, port, and the parent port.
+    let (conn, from) = parent.accept().unwrap();
+    let from = std::os::linux::net::SocketAddrExt::as_abstract_name(&from).map(String::from_utf8_lossy);
+    let from = from.expect("the connection is named").into_owned();
+    let guest_port = from.strip_prefix("carve/vsock/7/").and_then(|rest| rest.strip_suffix("/9000"));
+    assert!(guest_port.is_some_and(|p| p.parse::<u32>().is_ok()), "named {from}");
     conn.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut hello = String::new();

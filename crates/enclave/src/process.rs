@@ -152,7 +152,11 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         } else {
             SerialSink::None
         },
-        vsock: Some(VsockConfig { cid, uds: vsock_path.clone() }),
+        vsock: Some(VsockConfig {
+            cid,
+            uds: vsock_path.clone(),
+            shared_listeners: Some(run_dir.shared_vsock_prefix()),
+        }),
         nsm: Some(NsmConfig {
             module_id: id.clone(),
             parent: ParentIdentity::default(),

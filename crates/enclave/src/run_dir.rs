@@ -80,6 +80,13 @@ impl RunDir {
         self.path.join(format!("{id}.vsock"))
     }
 
+    /// Where a parent program listens for every enclave's connections to its vsock port P:
+    /// `vsock_P` (AF_VSOCK's model: one listener, any CID). An enclave's own `<ID>.vsock_P`
+    /// comes first.
+    pub fn shared_vsock_prefix(&self) -> PathBuf {
+        self.path.join("vsock")
+    }
+
     pub fn pool_file(&self) -> PathBuf {
         self.path.join("allocator.json")
     }

@@ -22,7 +22,7 @@ fn transport(name: &str) -> (MmioTransport, VsockBackend, Arc<CountingLine>) {
     let uds = dir.join(name);
     let _ = std::fs::remove_file(&uds);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let (device, backend) = Vsock::new(9, uds, mem.clone()).unwrap();
+    let (device, backend) = Vsock::new(9, uds, None, mem.clone()).unwrap();
     let line = Arc::new(CountingLine::default());
     (MmioTransport::new(Box::new(device), mem, line.clone()), backend, line)
 }
@@ -194,11 +194,11 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     let _ = std::fs::remove_file(&stale);
     drop(UnixListener::bind(&stale).unwrap()); // the file outlives its listener, as after a kill
     assert!(stale.exists());
-    assert!(Vsock::new(9, stale.clone(), mem.clone()).is_ok(), "a stale socket is reclaimed");
+    assert!(Vsock::new(9, stale.clone(), None, mem.clone()).is_ok(), "a stale socket is reclaimed");
 
     let live = dir.join("live.sock");
     let _ = std::fs::remove_file(&live);
     let _listener = UnixListener::bind(&live).unwrap();
-    let error = Vsock::new(9, live.clone(), mem).err().expect("a live socket is not taken over");
+    let error = Vsock::new(9, live.clone(), None, mem).err().expect("a live socket is not taken over");
     assert!(error.to_string().contains("cannot listen on the vsock Unix socket"), "{error}");
 }

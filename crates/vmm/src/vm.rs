@@ -155,6 +155,8 @@ pub enum KernelSpec {
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
+    /// Listeners every VM reaches (`PREFIX_PORT`), after the VM's own at `uds_PORT`.
+    pub shared_listeners: Option<PathBuf>,
 }
 
 /// The NSM to attach: who the VM is, who launched it, and the CA that signs for it. The image
@@ -304,7 +306,12 @@ impl Vm {
         let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
         if let Some(vsock) = &config.vsock {
             let (device, backend) =
-                carve_virtio::vsock::Vsock::new(vsock.cid, vsock.uds.clone(), mem.clone())?;
+                carve_virtio::vsock::Vsock::new(
+                vsock.cid,
+                vsock.uds.clone(),
+                vsock.shared_listeners.clone(),
+                mem.clone(),
+            )?;
             virtio.attach(Box::new(device), &mem)?;
             device_handlers.push(Box::new(backend));
         }

@@ -123,11 +123,15 @@ pub struct Vm(pub Option<Child>);
 impl Vm {
     /// `carve vm run` with `image` (`--kernel PATH` or `--demo`) and a vsock device.
     pub fn start(image: &[&str], uds: &Path, cid: u32, extra: &[&str]) -> Vm {
+        Vm::start_with_vsock(image, &format!("cid={cid},uds={}", uds.display()), extra)
+    }
+
+    /// As [`Vm::start`], with the whole `--vsock` value.
+    pub fn start_with_vsock(image: &[&str], vsock: &str, extra: &[&str]) -> Vm {
         let child = Command::new(env!("CARGO_BIN_EXE_carve"))
             .args(["vm", "run"])
             .args(image)
-            .arg("--vsock")
-            .arg(format!("cid={cid},uds={}", uds.display()))
+            .args(["--vsock", vsock])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

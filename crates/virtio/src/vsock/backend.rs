@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use socket2::{Domain, SockAddr, Socket, Type};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
@@ -122,6 +123,8 @@ impl Peer {
 pub struct VsockBackend {
     cid: u64,
     uds: PathBuf,
+    /// Where listeners shared by every VM are (`PREFIX_PORT`), tried after this VM's own.
+    shared_listeners: Option<PathBuf>,
     mem: GuestMemoryMmap,
     queue_events: [EventFd; 3],
     commands: CommandReceiver,
@@ -146,6 +149,7 @@ impl VsockBackend {
     pub(super) fn new(
         cid: u64,
         uds: PathBuf,
+        shared_listeners: Option<PathBuf>,
         mem: GuestMemoryMmap,
         queue_events: [EventFd; 3],
         commands: CommandReceiver,
@@ -158,6 +162,7 @@ impl VsockBackend {
             timer,
             cid,
             uds,
+            shared_listeners,
             mem,
             queue_events,
             commands,
@@ -411,11 +416,19 @@ impl VsockBackend {
             self.refuse(h, key);
             return;
         }
-        let mut path = self.uds.clone().into_os_string();
-        path.push(format!("_{}", key.host_port));
         // Connecting to a listening Unix socket completes at once or fails (then RST), and never
-        // waits: a listener whose backlog the guest filled must not stall the event loop.
-        let Ok(stream) = connect_nonblocking(Path::new(&path)) else { return self.refuse(h, key) };
+        // waits: a listener whose backlog the guest filled must not stall the event loop. This
+        // VM's own listener for the port comes first, then the one shared by every VM.
+        let from = format!("carve/vsock/{}/{}/{}", self.cid, key.guest_port, key.host_port);
+        let connected = connect_nonblocking(&port_path(&self.uds, key.host_port), &from).or_else(|e| {
+            match &self.shared_listeners {
+                Some(shared) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                    connect_nonblocking(&port_path(shared, key.host_port), &from)
+                }
+                _ => Err(e),
+            }
+        });
+        let Ok(stream) = connected else { return self.refuse(h, key) };
         let mut conn = Connection::new(stream, State::Established);
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         self.register(key, conn, h.dst_cid);
@@ -765,35 +778,24 @@ fn read_host_data<B: BitmapSlice>(
     Some(len)
 }
 
-/// A non-blocking connection to the Unix listener at `path`: EAGAIN when its backlog is full.
-fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: socket(2) with constant arguments; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+/// A non-blocking connection to the Unix listener at `path` (EAGAIN when its backlog is full),
+/// made from the abstract address `from` when that is free, so that the listener's accept(2)
+/// learns which guest end the connection is (two VMs given the same CID leave it unnamed).
+fn connect_nonblocking(path: &Path, from: &str) -> std::io::Result<UnixStream> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    if let Ok(name) = SockAddr::unix(format!("\0{from}")) {
+        let _ = socket.bind(&name);
     }
-    // SAFETY: fd was just created and is owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data; all zeroes is valid before the fields are set.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(std::io::Error::from(ErrorKind::InvalidInput));
-    }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: addr is a valid sockaddr_un of len bytes for the call's duration.
-    if unsafe { libc::connect(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(socket))
+    socket.connect(&SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
+/// `PREFIX_PORT`: where a listener for parent port `port` is.
+fn port_path(prefix: &Path, port: u32) -> PathBuf {
+    let mut path = prefix.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
 }
 
 fn write_header<B: BitmapSlice>(

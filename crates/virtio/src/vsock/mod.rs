@@ -71,10 +71,13 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Creates the device for guest `cid` and its backend, listening on `uds`.
+    /// Creates the device for guest `cid` and its backend, listening on `uds`; the guest's
+    /// connections to the parent's port P go to a listener at `uds_P`, else at
+    /// `shared_listeners_P`.
     pub fn new(
         cid: u64,
         uds: PathBuf,
+        shared_listeners: Option<PathBuf>,
         mem: vm_memory::GuestMemoryMmap,
     ) -> Result<(Vsock, VsockBackend), VsockError> {
         validate_cid(cid)?;
@@ -85,6 +88,7 @@ impl Vsock {
         let backend = VsockBackend::new(
             cid,
             uds,
+            shared_listeners,
             mem,
             [clone(&notifiers[RX])?, clone(&notifiers[TX])?, clone(&notifiers[EVENTS])?],
             receiver,
