@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let _peer = UnixListener::bind(&peer_path).unwrap();
 
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let (device, backend) = Vsock::new(5, uds.clone(), mem.clone()).unwrap();
+    let (device, backend) = Vsock::new(5, uds.clone(), None, mem.clone()).unwrap();
     let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
     events.add_subscriber(Box::new(backend));
     let mut t = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(NoLine));

@@ -57,6 +57,14 @@ pub struct RunArgs {
     /// A name for the enclave (default: the image's file name without .eif).
     #[arg(long, value_name = "NAME", conflicts_with = "config")]
     enclave_name: Option<String>,
+    /// The parent's role, measured into PCR3 (carve's; default: the allocator configuration's
+    /// `parent_role`, else none).
+    #[arg(long, value_name = "TEXT", conflicts_with = "config")]
+    parent_role: Option<String>,
+    /// The parent instance's ID, measured into PCR4 (carve's; default: the allocator
+    /// configuration's `parent_id`, else this host's ID, as in enclave IDs).
+    #[arg(long, value_name = "TEXT", conflicts_with = "config")]
+    parent_id: Option<String>,
     /// All of the above as nitro-cli's JSON (eif_path, memory_mib, cpu_count | cpu_ids, …).
     #[arg(long, value_name = "JSON_FILE")]
     config: Option<PathBuf>,
@@ -140,8 +148,15 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
             debug_mode: args.debug_mode || args.attach_console,
             attach_console: args.attach_console,
             enclave_name: args.enclave_name.clone(),
+            parent_role: args.parent_role.clone(),
+            parent_id: args.parent_id.clone(),
         },
     };
+    for (flag, value) in [("parent-role", &run.parent_role), ("parent-id", &run.parent_id)] {
+        if let Some(Err(problem)) = value.as_deref().map(carve_enclave::ids::check_parent_identity) {
+            return Err(Failure::new(code::INVALID_ARGUMENT, format!("`{flag}` {problem}")));
+        }
+    }
     if args.attach_console {
         run.attach_console = true;
         run.debug_mode = true;
@@ -342,14 +357,16 @@ fn set_pool(args: &AllocatorArgs) -> Result<String, AllocatorError> {
         return Ok("The enclave CPU pool is empty and its hugepages are given back.".into());
     }
     let config = AllocatorConfig::read(&args.config)?;
-    let new = if config.development {
+    let parent = (config.parent_role.clone(), config.parent_id.clone());
+    let mut new = if config.development {
         Pool { development: true, ..Pool::default() }
     } else {
         let (cpus, node) = pool::choose_cpus(&config, &topology)?;
         let memory_mib = config.memory_mib.unwrap_or_default();
         let pages_before = pool::reserve_hugepages(&topology, node, memory_mib)?;
-        Pool { cpus, node, memory_mib, development: false, pages_before }
+        Pool { cpus, node, memory_mib, pages_before, ..Pool::default() }
     };
+    (new.parent_role, new.parent_id) = parent;
     let text = serde_json::to_string(&new).expect("pools serialize");
     std::fs::write(&path, text).map_err(|source| AllocatorError::SetPages { path: path.clone(), source })?;
     Ok(if new.development {

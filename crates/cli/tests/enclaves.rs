@@ -155,6 +155,8 @@ fn launch_describe_console_terminate_in_development_mode() {
     let out =
         host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64", "--enclave-name", ""]);
     assert_fails(&out, 3, "`enclave-name` must not be empty");
+    let out = host.carve(&["run-enclave", "--demo", "--cpu-count", "1", "--memory", "64", "--parent-id", ""]);
+    assert_fails(&out, 3, "`parent-id` must be 1 to 2048 bytes long");
     let second = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
     assert_eq!(second["EnclaveName"], "demo_1");
     assert_eq!(second["EnclaveCID"], 17);
@@ -162,6 +164,15 @@ fn launch_describe_console_terminate_in_development_mode() {
     let out = host.carve(&["describe-enclaves"]);
     let described: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(described.len(), 2);
+    // Unless told otherwise, PCR4 measures this host's ID, as EC2's the instance ID that also
+    // begins its enclave IDs (sha384sum over 48 zero bytes and the ID is AWS's recipe); no
+    // role, no PCR3.
+    let host_id = id.rsplit_once("-enc").unwrap().0;
+    let recipe = format!("{{ head -c 48 /dev/zero; printf %s '{host_id}'; }} | sha384sum");
+    let sum = Command::new("sh").args(["-c", &recipe]).output().unwrap();
+    let expected = stdout(&sum).split_whitespace().next().unwrap().to_string();
+    assert_eq!(described[0]["Measurements"]["PCR4"], expected.as_str());
+    assert!(described[0]["Measurements"].get("PCR3").is_none());
     let first_text = stdout(&out);
     assert_eq!(
         key_order(&first_text)[..12],
@@ -191,7 +202,9 @@ fn launch_describe_console_terminate_in_development_mode() {
         host.run_dir.join("demo.eif").to_str().unwrap(),
     ]);
     let built: Value = serde_json::from_slice(&built.stdout).unwrap();
-    assert_eq!(mine["Measurements"], built["Measurements"]);
+    let mut image_measurements = mine["Measurements"].clone();
+    image_measurements.as_object_mut().unwrap().remove("PCR4");
+    assert_eq!(image_measurements, built["Measurements"], "the image's, besides the parent's PCR4");
     std::fs::remove_file(host.run_dir.join("demo.eif")).unwrap();
     let other = described.iter().find(|d| d["EnclaveName"] == "demo_1").unwrap();
     assert_eq!(other["Flags"], "NONE");
@@ -769,8 +782,13 @@ fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
         return;
     }
     let host = Host::new("signed");
-    host.development();
     let dir = host.run_dir.parent().unwrap().to_path_buf();
+    // The parent's identity for PCR3 and PCR4, as EC2 measures its role and instance ID: the
+    // instance ID from the allocator configuration, the role from run-enclave.
+    let allocator = dir.join("allocator.yaml");
+    std::fs::write(&allocator, "development: true\nparent_id: i-1234567890abcdef0\n").unwrap();
+    let out = host.carve(&["allocator", "--config", allocator.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let eif = dir.join("signed.eif");
     let out = host.carve(&["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -790,14 +808,25 @@ fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
 
     // The config file route, with a name of its own.
     let config = dir.join("run.json");
-    let json =
-        serde_json::json!({"eif_path": eif, "memory_mib": 64, "cpu_count": 1, "enclave_name": "signed-app"});
+    let json = serde_json::json!({
+        "eif_path": eif, "memory_mib": 64, "cpu_count": 1, "enclave_name": "signed-app",
+        "parent_role": "arn:aws:iam::123456789012:role/Webserver"
+    });
     std::fs::write(&config, json.to_string()).unwrap();
     let enclave = host.run(&["--config", config.to_str().unwrap()]);
     assert_eq!(enclave["EnclaveName"], "signed-app");
     let out = host.carve(&["describe-enclaves", "--metadata"]);
     let described: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(described[0]["Measurements"]["PCR8"], pcr8.as_str());
+    // AWS's published values for this role and instance ID.
+    let (pcr3, pcr4) = (
+        "78fce75db17cd4e0a3fb8dad3ad128ca5e77edbb2b2c7f75329dccd99aa5f6ef4fc1f1a452e315b9e98f9e312e6921e6",
+        "08f996b5d43e047a9eb51e7f548bfee7e164fd7dc8f65541f2ac09d6545ac812719327281c401a67a10fcba87ae79ce0",
+    );
+    assert_eq!(
+        (&described[0]["Measurements"]["PCR3"], &described[0]["Measurements"]["PCR4"]),
+        (&pcr3.into(), &pcr4.into())
+    );
     assert!(
         described[0]["ImageName"].is_string() && described[0]["Metadata"]["BuildTool"].is_string(),
         "{}",
@@ -821,6 +850,10 @@ fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
         &format!("8={pcr8}"),
         "--pcr",
         &format!("0={}", measured["Measurements"]["PCR0"].as_str().unwrap()),
+        "--pcr",
+        &format!("3={pcr3}"),
+        "--pcr",
+        &format!("4={pcr4}"),
     ]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();

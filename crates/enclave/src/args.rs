@@ -26,6 +26,14 @@ pub struct RunEnclaveArgs {
     pub attach_console: bool,
     pub cpu_count: Option<u32>,
     pub enclave_name: Option<String>,
+    /// carve's: the parent's role measured into PCR3 (an IAM role ARN on EC2); else the
+    /// allocator configuration's, else none (PCR3 zero).
+    #[serde(default)]
+    pub parent_role: Option<String>,
+    /// carve's: the parent instance's ID measured into PCR4; else the allocator
+    /// configuration's, else the host's ID (the prefix of its enclave IDs).
+    #[serde(default)]
+    pub parent_id: Option<String>,
 }
 
 /// How the enclave's CPUs are chosen.

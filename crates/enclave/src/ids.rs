@@ -6,13 +6,33 @@ use std::path::Path;
 const BOARD_ASSET_TAG: &str = "/sys/devices/virtual/dmi/id/board_asset_tag";
 const NO_INSTANCE: &str = "i-0000000000000000";
 
-/// `<board asset tag, or i-0000000000000000>-enc<slot in lowercase hex>`.
-pub fn enclave_id(slot: u64) -> String {
+/// This host's instance ID as nitro-cli reads it: the board asset tag (EC2's instance ID),
+/// else `i-0000000000000000`.
+pub fn host_id() -> String {
     let tag = std::fs::read_to_string(BOARD_ASSET_TAG)
         .map(|t| t.split_whitespace().collect::<String>())
         .unwrap_or_default();
-    let prefix = if tag.is_empty() { NO_INSTANCE } else { tag.as_str() };
-    format!("{prefix}-enc{slot:x}")
+    if tag.is_empty() {
+        NO_INSTANCE.to_string()
+    } else {
+        tag
+    }
+}
+
+/// A parent identity for PCR3/PCR4: 1–2048 bytes (an IAM ARN's limit) of printable text.
+pub fn check_parent_identity(text: &str) -> Result<(), &'static str> {
+    if text.is_empty() || text.len() > 2048 {
+        Err("must be 1 to 2048 bytes long")
+    } else if text.chars().any(char::is_control) {
+        Err("must not hold control characters")
+    } else {
+        Ok(())
+    }
+}
+
+/// `<host ID>-enc<slot in lowercase hex>`.
+pub fn enclave_id(slot: u64) -> String {
+    format!("{}-enc{slot:x}", host_id())
 }
 
 /// The slot an enclave ID names: the hex after its last `-enc`.

@@ -21,6 +21,9 @@ pub struct AllocatorConfig {
     pub cpu_pool: Option<String>,
     #[serde(default)]
     pub development: bool,
+    /// carve's: who the enclaves' parent is, for PCR3 and PCR4 (run-enclave's flags win).
+    pub parent_role: Option<String>,
+    pub parent_id: Option<String>,
 }
 
 /// Why `carve allocator` failed; statuses are those of nitro-cli's allocator script.
@@ -68,6 +71,10 @@ pub struct Pool {
     pub development: bool,
     /// Hugepage counts per page size (KiB) on `node` before the reservation, restored on clear.
     pub pages_before: Vec<(u64, u64)>,
+    #[serde(default)]
+    pub parent_role: Option<String>,
+    #[serde(default)]
+    pub parent_id: Option<String>,
 }
 
 /// Host CPU and memory topology as sysfs shows it (`root` is `/sys` outside tests).
@@ -302,6 +309,12 @@ impl AllocatorConfig {
             .map_err(|source| AllocatorError::ReadConfig { path: path.to_path_buf(), source })?;
         let config: AllocatorConfig = serde_yaml_ng::from_str(&text)
             .map_err(|e| AllocatorError::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
+        for (key, value) in [("parent_role", &config.parent_role), ("parent_id", &config.parent_id)] {
+            if let Some(Err(problem)) = value.as_deref().map(crate::ids::check_parent_identity) {
+                let message = format!("{key} {problem}");
+                return Err(AllocatorError::BadConfig { path: path.to_path_buf(), message });
+            }
+        }
         if !config.development && config.memory_mib.is_none() {
             return Err(AllocatorError::BadConfig {
                 path: path.to_path_buf(),
@@ -361,7 +374,7 @@ mod tests {
             memory_mib: Some(512),
             cpu_count: count,
             cpu_pool: pool.map(String::from),
-            development: false,
+            ..AllocatorConfig::default()
         }
     }
 
@@ -418,5 +431,16 @@ mod tests {
         assert!(matches!(AllocatorConfig::read(&path), Err(AllocatorError::BadConfig { .. })));
         std::fs::write(&path, "development: true\n").unwrap();
         assert!(AllocatorConfig::read(&path).unwrap().development);
+        // carve's parent identity for PCR3/PCR4, checked as run-enclave's flags are.
+        std::fs::write(&path, "development: true\nparent_role: arn:aws:iam::1:role/r\nparent_id: i-1\n")
+            .unwrap();
+        let read = AllocatorConfig::read(&path).unwrap();
+        assert_eq!(
+            (read.parent_role.as_deref(), read.parent_id.as_deref()),
+            (Some("arn:aws:iam::1:role/r"), Some("i-1"))
+        );
+        std::fs::write(&path, "development: true\nparent_id: \"\"\n").unwrap();
+        let error = AllocatorConfig::read(&path).unwrap_err().to_string();
+        assert!(error.ends_with("parent_id must be 1 to 2048 bytes long"), "{error}");
     }
 }

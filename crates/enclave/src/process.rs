@@ -137,6 +137,13 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, app_exit, cleanup } =
         claim_resources(&run_dir, &request, &pool)?;
     let (id, cid) = (record.id.clone(), record.cid);
+    // Who the parent is, as EC2 measures it into PCR3 (its role) and PCR4 (its instance ID).
+    let parent = ParentIdentity {
+        role: args.parent_role.clone().or_else(|| pool.parent_role.clone()),
+        instance_id: Some(
+            args.parent_id.clone().or_else(|| pool.parent_id.clone()).unwrap_or_else(ids::host_id),
+        ),
+    };
 
     notify("Start allocating memory...");
     let console = Console::new();
@@ -159,7 +166,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
         }),
         nsm: Some(NsmConfig {
             module_id: id.clone(),
-            parent: ParentIdentity::default(),
+            parent: parent.clone(),
             debug_mode: args.debug_mode,
             ca,
         }),
@@ -223,7 +230,13 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
             state: "RUNNING".into(),
             debug_mode: args.debug_mode,
             development: pool.development,
-            measurements: image.summary.measurements.to_map(),
+            measurements: {
+                let mut measurements = image.summary.measurements.to_map();
+                for (index, value) in parent.pcrs() {
+                    measurements.insert(format!("PCR{index}"), carve_eif::measure::hex(&value));
+                }
+                measurements
+            },
             metadata: image.summary.metadata.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
         },
         vm,

@@ -31,6 +31,15 @@ pub struct ParentIdentity {
     pub instance_id: Option<String>,
 }
 
+impl ParentIdentity {
+    /// PCR3 and PCR4 for the identity stated (a register left out stays zero).
+    pub fn pcrs(&self) -> impl Iterator<Item = (usize, PcrValue)> + '_ {
+        [(3, &self.role), (4, &self.instance_id)]
+            .into_iter()
+            .filter_map(|(index, text)| text.as_ref().map(|text| (index, extend_zero(text.as_bytes()))))
+    }
+}
+
 /// What the bank holds at boot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BootMeasurements {
@@ -58,11 +67,8 @@ impl PcrBank {
                 values[8] = pcr8;
             }
         }
-        if let Some(role) = &boot.parent.role {
-            values[3] = extend_zero(role.as_bytes());
-        }
-        if let Some(instance) = &boot.parent.instance_id {
-            values[4] = extend_zero(instance.as_bytes());
+        for (index, value) in boot.parent.pcrs() {
+            values[index] = value;
         }
         PcrBank { values, locked: (1 << PLATFORM_PCRS) - 1 }
     }
@@ -156,6 +162,23 @@ mod tests {
         assert_eq!(bank.describe(5).unwrap(), (true, [0; 48]));
         assert_eq!(bank.describe(16).unwrap(), (false, [0; 48]));
         assert_eq!(bank.locked(), (0..16).collect::<Vec<u16>>());
+    }
+
+    #[test]
+    fn parent_pcrs_match_the_values_aws_documents() {
+        let parent = ParentIdentity {
+            role: Some("arn:aws:iam::123456789012:role/Webserver".into()),
+            instance_id: Some("i-1234567890abcdef0".into()),
+        };
+        let hex = |v: PcrValue| v.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let pcrs: Vec<(usize, String)> = parent.pcrs().map(|(i, v)| (i, hex(v))).collect();
+        assert_eq!(
+            pcrs,
+            [
+                (3, "78fce75db17cd4e0a3fb8dad3ad128ca5e77edbb2b2c7f75329dccd99aa5f6ef4fc1f1a452e315b9e98f9e312e6921e6".into()),
+                (4, "08f996b5d43e047a9eb51e7f548bfee7e164fd7dc8f65541f2ac09d6545ac812719327281c401a67a10fcba87ae79ce0".into()),
+            ]
+        );
     }
 
     #[test]

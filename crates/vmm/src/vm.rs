@@ -305,8 +305,7 @@ impl Vm {
             VirtioDevices { vm: &vm_fd, interrupts: &interrupts, mmio: &mut mmio, slots: Vec::new() };
         let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
         if let Some(vsock) = &config.vsock {
-            let (device, backend) =
-                carve_virtio::vsock::Vsock::new(
+            let (device, backend) = carve_virtio::vsock::Vsock::new(
                 vsock.cid,
                 vsock.uds.clone(),
                 vsock.shared_listeners.clone(),

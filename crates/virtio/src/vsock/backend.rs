@@ -788,7 +788,7 @@ fn connect_nonblocking(path: &Path, from: &str) -> std::io::Result<UnixStream> {
         let _ = socket.bind(&name);
     }
     socket.connect(&SockAddr::unix(path)?)?;
-    Ok(socket.into())
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// `PREFIX_PORT`: where a listener for parent port `port` is.
