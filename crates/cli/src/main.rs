@@ -8,6 +8,7 @@ mod image;
 mod logger;
 mod nitro_error;
 mod vm;
+mod vsock_proxy;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ enum Command {
     /// carve's attestation CA: print its root, verify attestation documents.
     #[command(subcommand)]
     Attestation(attestation::AttestationCommand),
+    /// Relay every enclave's connections to a vsock port to a TCP server (AWS's vsock-proxy).
+    VsockProxy(vsock_proxy::ProxyArgs),
     /// Explain a nitro-cli error code (Exx).
     Explain {
         #[arg(long, value_name = "Exx")]
@@ -85,6 +88,9 @@ fn raise_open_file_limit() {
 
 fn main() -> ExitCode {
     raise_open_file_limit();
+    if invoked_as() == Some(std::ffi::OsString::from(vsock_proxy::NAME)) {
+        return run_as_vsock_proxy();
+    }
     let cli = parse_command_line();
     // An enclave process's log (run dir's enclaves.log) records at least its life events.
     let is_enclave_process = matches!(cli.command, Command::EnclaveProcess);
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Command::Vm(command) => return vm::run(command),
         Command::Attestation(command) => return attestation::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
+        Command::VsockProxy(args) => return vsock_proxy::run(args),
         Command::BuildEnclave(args) => image::build_enclave(*args),
         Command::DescribeEif(args) => image::describe_eif(args),
         Command::SignEif(args) => image::sign_eif(args),
@@ -115,11 +122,8 @@ fn main() -> ExitCode {
 /// and errors, `Nitro CLI 1.5.0` for `--version`.
 fn parse_command_line() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
-    let invoked_as = std::env::args_os()
-        .next()
-        .map(|arg0| std::path::Path::new(&arg0).file_name().map(|n| n.to_os_string()).unwrap_or(arg0));
     let mut command = Cli::command();
-    if invoked_as.as_deref() == Some(std::ffi::OsStr::new(NITRO_CLI_NAME)) {
+    if invoked_as().as_deref() == Some(std::ffi::OsStr::new(NITRO_CLI_NAME)) {
         command = command
             .name(NITRO_CLI_NAME)
             .bin_name(NITRO_CLI_NAME)
@@ -129,4 +133,27 @@ fn parse_command_line() -> Cli {
     }
     let matches = command.get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The file name carve was started as (`nitro-cli` and `vsock-proxy` are links to it).
+fn invoked_as() -> Option<std::ffi::OsString> {
+    std::env::args_os()
+        .next()
+        .map(|arg0| std::path::Path::new(&arg0).file_name().map(|n| n.to_os_string()).unwrap_or(arg0))
+}
+
+/// Invoked as `vsock-proxy`, carve is AWS's vsock-proxy: its command line, name and version,
+/// and its logging (`RUST_LOG`, errors only by default).
+fn run_as_vsock_proxy() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = vsock_proxy::VsockProxyCli::command()
+        .name(vsock_proxy::TITLE)
+        .bin_name(vsock_proxy::NAME)
+        .about(vsock_proxy::TITLE)
+        .version(vsock_proxy::VERSION);
+    let matches = command.get_matches();
+    let cli = vsock_proxy::VsockProxyCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let level = std::env::var("RUST_LOG").ok().and_then(|l| logger::parse_level(&l).ok());
+    logger::init(level.unwrap_or(log::LevelFilter::Error));
+    vsock_proxy::run(cli.args)
 }

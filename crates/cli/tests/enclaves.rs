@@ -897,3 +897,90 @@ fn a_signed_image_runs_with_pcr8_and_a_tampered_one_is_refused() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn an_enclave_reaches_a_tcp_server_through_vsock_proxy() {
+    if !kvm_usable("an_enclave_reaches_a_tcp_server_through_vsock_proxy") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let host = Host::new("vsock-proxy");
+    host.development();
+    // A TCP server outside the enclave: reads one line, answers, closes.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port().to_string();
+    let served = std::thread::spawn(move || {
+        let (mut conn, _) = server.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        conn.write_all(b"hello from outside\n").unwrap();
+        line
+    });
+    let allowlist = host.run_dir.with_file_name("vsock-proxy.yaml");
+    std::fs::write(
+        &allowlist,
+        format!("allowlist:\n- {{address: localhost, port: 9}}\n- {{address: 127.0.0.1, port: {port}}}\n"),
+    )
+    .unwrap();
+    let carve = Path::new(env!("CARGO_BIN_EXE_carve"));
+    let mut proxy = host
+        .command(
+            carve,
+            &[
+                "--log-level",
+                "info",
+                "vsock-proxy",
+                "--config",
+                allowlist.to_str().unwrap(),
+                "8000",
+                "127.0.0.1",
+                &port,
+            ],
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listener = host.run_dir.join("vsock_8000");
+    let deadline = Instant::now() + common::TIMEOUT;
+    while !listener.exists() {
+        assert!(Instant::now() < deadline, "the proxy listens");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The enclave connects out before its heartbeat, before run-enclave could name it.
+    let eif = build_eif(&host, "demo", "console=ttyS0 connect_out=8000");
+    let enclave = host.run(&[
+        "--eif-path",
+        eif.to_str().unwrap(),
+        "--cpu-count",
+        "1",
+        "--memory",
+        "64",
+        "--debug-mode",
+    ]);
+    let id = enclave["EnclaveID"].as_str().unwrap();
+    assert_eq!(served.join().unwrap(), "hello from the enclave\n");
+    let out = host.carve(&["console", "--enclave-id", id, "--disconnect-timeout", "3"]);
+    assert!(
+        stdout(&out).contains("connect out:   port 8000 answered: hello from outside"),
+        "{}",
+        stdout(&out)
+    );
+
+    // SIGTERM stops the proxy, which takes its socket with it; its log named the enclave.
+    let out = host.carve(&["terminate-enclave", "--enclave-id", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(proxy.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = proxy.wait().unwrap();
+    let mut log = String::new();
+    proxy.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{log}");
+    assert!(log.contains(&format!("Accepted connection on cid: {} port: ", enclave["EnclaveCID"])), "{log}");
+    assert!(log.contains(&format!("to 127.0.0.1:{port}")), "{log}");
+    assert!(!listener.exists(), "the proxy's socket is gone");
+    host.wait_until_empty();
+}

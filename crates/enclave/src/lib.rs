@@ -3,7 +3,8 @@
 //! each enclave's VM ([`process`]) and the CLI's side of talking to it ([`client`], over
 //! [`protocol`]), the run directory of sockets and records ([`run_dir`]), the CPU pool and
 //! hugepages ([`pool`]), the boot heartbeat ([`heartbeat`]), the app's exit status from carve's
-//! init ([`app_exit`]) and the console ring ([`console`]).
+//! init ([`app_exit`]), the console ring ([`console`]) and AWS's vsock-proxy for every
+//! enclave ([`vsock_proxy`]).
 
 pub mod app_exit;
 pub mod args;
@@ -16,5 +17,6 @@ pub mod pool;
 pub mod process;
 pub mod protocol;
 pub mod run_dir;
+pub mod vsock_proxy;
 
 pub use error::{code, Failure};

@@ -3,7 +3,8 @@
 //! attestation on port 5006 (a u32 big-endian length and that many nonce bytes in; a u32
 //! big-endian length and the attestation document out). A connection to port 5007 tells it to
 //! stop; so does `echo_sessions=N` on the command line after N sessions of either kind. Either
-//! way it powers off cleanly.
+//! way it powers off cleanly. With `connect_out=P` it first connects to the parent's port P (as
+//! an app reaching a vsock-proxy does), sends one line, and prints what comes back.
 #![no_std]
 #![no_main]
 
@@ -53,6 +54,9 @@ fn main(boot: &BootInfo) -> ! {
                     println!("  nsm:           attestation on port {}", ATTESTATION_PORT);
                     vsock.listen(ATTESTATION_PORT);
                 }
+                if let Some(port) = param(boot.cmdline, "connect_out").and_then(parse_u64) {
+                    connect_out(&mut vsock, port as u32);
+                }
                 // Listening first: once the parent has the heartbeat, the services are up.
                 match heartbeat(&mut vsock) {
                     Ok(()) => println!("  heartbeat:     acknowledged by the parent"),
@@ -86,6 +90,40 @@ fn main(boot: &BootInfo) -> ! {
     }
     println!("Demo guest done; powering off.");
     carve_guests::reset()
+}
+
+/// Sends a greeting to the parent's `port` and prints the answer, up to 200 bytes, once the
+/// parent closes (or the buffer is full).
+fn connect_out(vsock: &mut Vsock, port: u32) {
+    let Some(conn) = vsock.connect(port) else {
+        println!("  connect out:   no free connection");
+        return;
+    };
+    let greeting = b"hello from the enclave\n";
+    let (mut sent, mut answer, mut got) = (0, [0u8; 200], 0);
+    loop {
+        vsock.poll(|_| {});
+        match vsock.state(conn) {
+            State::Connecting => continue,
+            State::Established => {}
+            _ if got == 0 => {
+                println!("  connect out:   port {} refused or closed without answering", port);
+                vsock.release(conn);
+                return;
+            }
+            _ => break,
+        }
+        if sent < greeting.len() {
+            sent += vsock.send(conn, &greeting[sent..]);
+        }
+        got += vsock.recv(conn, &mut answer[got..]);
+        if got == answer.len() || vsock.peer_closed(conn) {
+            break;
+        }
+    }
+    vsock.close(conn);
+    let text = core::str::from_utf8(&answer[..got]).unwrap_or("(not UTF-8)");
+    println!("  connect out:   port {} answered: {}", port, text.trim_end());
 }
 
 /// The attestation service, one connection at a time: the current connection's request is

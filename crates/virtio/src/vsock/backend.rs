@@ -834,9 +834,9 @@ fn header_of<B: BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
     }
 }
 
-/// Binds `path`; a socket file nobody listens on (left by a killed carve) is replaced, a live
-/// one is an error.
-fn bind_reclaiming_stale(path: &std::path::Path) -> std::io::Result<UnixListener> {
+/// Binds a Unix listener at `path`, taking the place of a socket file nobody listens on (left by
+/// a killed process); a live listener there is `AddrInUse`.
+pub fn bind_reclaiming_stale(path: &std::path::Path) -> std::io::Result<UnixListener> {
     match UnixListener::bind(path) {
         Err(e) if e.kind() == ErrorKind::AddrInUse => match UnixStream::connect(path) {
             Err(refused) if refused.kind() == ErrorKind::ConnectionRefused => {
