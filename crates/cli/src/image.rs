@@ -144,7 +144,7 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("command output always serializes"));
 }
 
-fn eif_error(code: ErrorCode, path: &Path, error: EifError) -> NitroError {
+pub(crate) fn eif_error(code: ErrorCode, path: &Path, error: EifError) -> NitroError {
     match error {
         EifError::Io(e) => NitroError::file(path, "read", e),
         EifError::Output(e) => NitroError::file(path, "write", e),

@@ -7,6 +7,7 @@ mod enclave;
 mod image;
 mod logger;
 mod nitro_error;
+mod pcr_diff;
 mod vm;
 mod vsock_proxy;
 
@@ -60,6 +61,8 @@ enum Command {
     /// carve's attestation CA: print its root, verify attestation documents.
     #[command(subcommand)]
     Attestation(attestation::AttestationCommand),
+    /// Which PCRs of two enclave images differ, and the sections and files that make them.
+    PcrDiff(pcr_diff::PcrDiffArgs),
     /// Relay every enclave's connections to a vsock port to a TCP server (AWS's vsock-proxy).
     VsockProxy(vsock_proxy::ProxyArgs),
     /// Explain a nitro-cli error code (Exx).
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Attestation(command) => return attestation::run(command),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
         Command::VsockProxy(args) => return vsock_proxy::run(args),
+        Command::PcrDiff(args) => return pcr_diff::run(args),
         Command::BuildEnclave(args) => image::build_enclave(*args),
         Command::DescribeEif(args) => image::describe_eif(args),
         Command::SignEif(args) => image::sign_eif(args),

@@ -653,3 +653,94 @@ fn big_images_are_streamed_in_constant_memory() {
     }
     let _ = std::fs::remove_file(&eif);
 }
+
+#[test]
+fn pcr_diff_names_the_sections_and_files_that_differ() {
+    let dir = dir("pcr-diff");
+    // Two application ramdisks, written by GNU cpio (the oracle) from two trees.
+    let ramdisk = |name: &str, files: &[(&str, &str, &str)]| -> PathBuf {
+        let root = dir.join(name);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        for (path, content, mtime) in files {
+            std::fs::write(root.join(path), content).unwrap();
+            let touched = Command::new("touch").args(["-d", mtime]).arg(root.join(path)).status().unwrap();
+            assert!(touched.success());
+        }
+        let listing =
+            Command::new("find").args(["etc", "-mindepth", "1"]).current_dir(&root).output().unwrap();
+        let archive = dir.join(format!("{name}.cpio"));
+        let mut cpio = Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet", "-F", archive.to_str().unwrap()])
+            .current_dir(&root)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let listing = String::from_utf8(listing.stdout).unwrap();
+        let mut names: Vec<&str> = listing.lines().collect();
+        names.sort();
+        std::io::Write::write_all(&mut cpio.stdin.take().unwrap(), (names.join("\n") + "\n").as_bytes())
+            .unwrap();
+        assert!(cpio.wait().unwrap().success());
+        archive
+    };
+    let first = ramdisk(
+        "a",
+        &[("etc/config", "mode=one\n", "2026-01-01 00:00 UTC"), ("etc/hosts", "h\n", "2026-01-01 00:00 UTC")],
+    );
+    let second = ramdisk(
+        "b",
+        &[
+            ("etc/config", "mode=two!\n", "2026-02-01 00:00 UTC"),
+            ("etc/hosts", "h\n", "2026-01-01 00:00 UTC"),
+            ("etc/extra", "x", "2026-01-01 00:00 UTC"),
+        ],
+    );
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, bytes(30_000, 5)).unwrap();
+    let build = |app: &Path, output: &Path| {
+        let out = carve(&[
+            "build-enclave",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0",
+            "--ramdisk",
+            kernel.to_str().unwrap(),
+            "--ramdisk",
+            app.to_str().unwrap(),
+            "--output-file",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let (a, b) = (dir.join("a.eif"), dir.join("b.eif"));
+    build(&first, &a);
+    build(&second, &b);
+
+    let out = carve(&["pcr-diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[2].starts_with("PCR0: differs ")
+            && lines[3].starts_with("PCR1: same ")
+            && lines[4].starts_with("PCR2: differs "),
+        "{text}"
+    );
+    assert!(
+        lines[5].starts_with("ramdisk 2 (PCR0, PCR2): ") && lines[5].ends_with(" 2 files differ"),
+        "{text}"
+    );
+    assert!(lines[6].starts_with("  ~ etc/config: mtime 2026-01-01T00:00:00.000000000+00:00 → 2026-02-01T00:00:00.000000000+00:00, size 9 → 10, sha256 "), "{text}");
+    assert!(lines[7].starts_with("  + etc/extra: only in the second (file 0644 "), "{text}");
+    // (each was built now: their build times differ, outside every PCR)
+    assert_eq!(lines[8..], ["metadata (not measured): differs"], "{text}");
+    // The same image: exit 0.
+    let out = carve(&["pcr-diff", a.to_str().unwrap(), a.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // Not an EIF: E35 naming the file.
+    let out = carve(&["pcr-diff", a.to_str().unwrap(), first.to_str().unwrap()]);
+    assert_nitro_error(&out, 35, &format!("{}: the image is truncated", first.display()));
+    let out = carve(&["pcr-diff", kernel.to_str().unwrap(), a.to_str().unwrap()]);
+    assert_nitro_error(&out, 35, &format!("{}: not an EIF", kernel.display()));
+}

@@ -11,6 +11,7 @@ pub mod cpio;
 mod daemon;
 mod error;
 mod oci;
+pub mod ramdisk;
 #[cfg(feature = "registry")]
 mod registry;
 
