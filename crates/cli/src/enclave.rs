@@ -13,18 +13,12 @@ use carve_enclave::client::{self, Selector};
 use carve_enclave::pool::{self, AllocatorConfig, AllocatorError, Pool, Topology};
 use carve_enclave::protocol::{EnclaveState, LaunchRequest, RunInfo};
 use carve_enclave::run_dir::RunDir;
-use carve_enclave::{code, Failure};
+
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 
 use crate::image::IdentityOutput;
-use crate::nitro_error::{ErrorCode, NitroError};
-
-impl From<Failure> for NitroError {
-    fn from(failure: Failure) -> NitroError {
-        NitroError::new(ErrorCode::from_number(failure.code), failure.message)
-    }
-}
+use carve_nitro_error::{ErrorCode, Failure};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("cpus").required(true).args(["cpu_ids", "cpu_count", "config"])))]
@@ -154,7 +148,7 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
     };
     for (flag, value) in [("parent-role", &run.parent_role), ("parent-id", &run.parent_id)] {
         if let Some(Err(problem)) = value.as_deref().map(carve_enclave::ids::check_parent_identity) {
-            return Err(Failure::new(code::INVALID_ARGUMENT, format!("`{flag}` {problem}")));
+            return Err(Failure::new(ErrorCode::INVALID_ARGUMENT, format!("`{flag}` {problem}")));
         }
     }
     if args.attach_console {
@@ -162,7 +156,7 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
         run.debug_mode = true;
     }
     if run.enclave_name.as_deref() == Some("") {
-        return Err(Failure::new(code::INVALID_ARGUMENT, "`enclave-name` must not be empty"));
+        return Err(Failure::new(ErrorCode::INVALID_ARGUMENT, "`enclave-name` must not be empty"));
     }
     match run.enclave_cid {
         Some(0) => eprintln!("The enclave CID will be auto-generated as the provided CID is 0"),
@@ -182,7 +176,7 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
     Ok((run, cpus))
 }
 
-pub fn run_enclave(args: RunArgs) -> Result<(), NitroError> {
+pub fn run_enclave(args: RunArgs) -> Result<(), Failure> {
     let (run, cpus) = run_args(&args)?;
     let run_dir = RunDir::open()?;
     let attach = run.attach_console;
@@ -201,12 +195,12 @@ fn attach_console(
     record: &carve_enclave::run_dir::Record,
     info: &RunInfo,
     disconnect: Option<Duration>,
-) -> Result<(), NitroError> {
+) -> Result<(), Failure> {
     let connected = &mut || {
         println!("Connecting to the console for enclave {}...", info.cid);
         println!("Successfully connected to the console.");
     };
-    Ok(client::console(run_dir, record, disconnect, connected, &mut std::io::stdout())?)
+    client::console(run_dir, record, disconnect, connected, &mut std::io::stdout())
 }
 
 #[derive(Serialize)]
@@ -243,7 +237,7 @@ impl Description {
     }
 }
 
-pub fn describe_enclaves(args: DescribeArgs) -> Result<(), NitroError> {
+pub fn describe_enclaves(args: DescribeArgs) -> Result<(), Failure> {
     let run_dir = RunDir::open()?;
     let (states, failed) = client::describe_all(&run_dir)?;
     let descriptions: Vec<Description> =
@@ -253,10 +247,9 @@ pub fn describe_enclaves(args: DescribeArgs) -> Result<(), NitroError> {
         // As nitro-cli: what could be described is printed, then the command fails.
         eprintln!("Failed connections: {failed}");
         return Err(Failure::new(
-            code::ENCLAVE_PROCESS_CONNECTION,
+            ErrorCode::ENCLAVE_PROCESS_CONNECTION,
             format!("{failed} enclave process(es) did not answer within 3 s"),
-        )
-        .into());
+        ));
     }
     Ok(())
 }
@@ -271,7 +264,7 @@ struct Terminated {
     terminated: bool,
 }
 
-pub fn terminate_enclave(args: TerminateArgs) -> Result<(), NitroError> {
+pub fn terminate_enclave(args: TerminateArgs) -> Result<(), Failure> {
     let run_dir = RunDir::open()?;
     if args.all {
         let mut results = Vec::new();
@@ -291,7 +284,7 @@ pub fn terminate_enclave(args: TerminateArgs) -> Result<(), NitroError> {
     Ok(())
 }
 
-pub fn console(args: ConsoleArgs) -> Result<(), NitroError> {
+pub fn console(args: ConsoleArgs) -> Result<(), Failure> {
     let disconnect = args
         .disconnect_timeout
         .as_deref()
@@ -301,12 +294,12 @@ pub fn console(args: ConsoleArgs) -> Result<(), NitroError> {
     let record = client::find(&run_dir, selector(&args.enclave_id, &args.enclave_name))?;
     let (states, _) = client::describe_all(&run_dir)?;
     let info = states.into_iter().find(|s| s.run.id == record.id).map(|s| s.run).ok_or_else(|| {
-        Failure::new(code::ENCLAVE_PROCESS_CONNECTION, format!("enclave {} ended", record.id))
+        Failure::new(ErrorCode::ENCLAVE_PROCESS_CONNECTION, format!("enclave {} ended", record.id))
     })?;
     attach_console(&run_dir, &record, &info, disconnect)
 }
 
-pub fn wait(args: WaitArgs) -> Result<(), NitroError> {
+pub fn wait(args: WaitArgs) -> Result<(), Failure> {
     let run_dir = RunDir::open()?;
     let (id, reason) = match client::find(&run_dir, selector(&args.enclave_id, &args.enclave_name)) {
         Ok(record) => (record.id.clone(), client::wait(&run_dir, &record)?),
@@ -314,7 +307,7 @@ pub fn wait(args: WaitArgs) -> Result<(), NitroError> {
         // answered from the log.
         Err(missing) => match args.enclave_id.as_deref() {
             Some(id) => (id.to_string(), client::recorded_end(&run_dir, id).ok_or(missing)?),
-            None => return Err(missing.into()),
+            None => return Err(missing),
         },
     };
     println!("Enclave {id} ended: {reason}");

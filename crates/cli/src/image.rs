@@ -16,7 +16,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::nitro_error::{ErrorCode, NitroError};
+use carve_nitro_error::{ErrorCode, Failure};
 
 #[derive(Args)]
 pub struct BuildArgs {
@@ -144,20 +144,20 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("command output always serializes"));
 }
 
-pub(crate) fn eif_error(code: ErrorCode, path: &Path, error: EifError) -> NitroError {
+pub(crate) fn eif_error(code: ErrorCode, path: &Path, error: EifError) -> Failure {
     match error {
-        EifError::Io(e) => NitroError::file(path, "read", e),
-        EifError::Output(e) => NitroError::file(path, "write", e),
-        other => NitroError::new(code, format!("{}: {other}", path.display())),
+        EifError::Io(e) => Failure::file(path, "read", e),
+        EifError::Output(e) => Failure::file(path, "write", e),
+        other => Failure::new(code, format!("{}: {other}", path.display())),
     }
 }
 
-pub fn describe_eif(args: DescribeArgs) -> Result<(), NitroError> {
+pub fn describe_eif(args: DescribeArgs) -> Result<(), Failure> {
     let path = &args.eif_path;
     let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
     let identity = match &summary.metadata {
         Some(bytes) => Some(IdentityInfo::parse(bytes).map_err(|e| {
-            NitroError::new(
+            Failure::new(
                 ErrorCode::EIF_PARSING,
                 format!("{}: the metadata section is not valid: {e}", path.display()),
             )
@@ -178,15 +178,15 @@ pub fn describe_eif(args: DescribeArgs) -> Result<(), NitroError> {
 }
 
 /// `carve pcr`: one streaming pass over the file, in constant memory.
-pub fn pcr(args: PcrArgs) -> Result<(), NitroError> {
+pub fn pcr(args: PcrArgs) -> Result<(), Failure> {
     let mut output = BTreeMap::new();
     if let Some(path) = &args.signing_certificate {
-        let pem = std::fs::read(path).map_err(|e| NitroError::file(path, "read", e))?;
+        let pem = std::fs::read(path).map_err(|e| Failure::file(path, "read", e))?;
         let certificate = SigningCertificate::from_pem(&pem)
-            .map_err(|e| NitroError::new(ErrorCode::HASHER, format!("{}: {e}", path.display())))?;
+            .map_err(|e| Failure::new(ErrorCode::HASHER, format!("{}: {e}", path.display())))?;
         output.insert("PCR8", hex(&certificate.pcr8()));
     } else if let Some(path) = &args.input {
-        let mut file = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
+        let mut file = File::open(path).map_err(|e| Failure::file(path, "open", e))?;
         let mut hasher = PcrHasher::default();
         let mut buffer = vec![0u8; 1 << 20];
         loop {
@@ -194,7 +194,7 @@ pub fn pcr(args: PcrArgs) -> Result<(), NitroError> {
                 Ok(0) => break,
                 Ok(n) => hasher.update(&buffer[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(NitroError::file(path, "read", e)),
+                Err(e) => return Err(Failure::file(path, "read", e)),
             }
         }
         output.insert("PCR", hex(&hasher.finish()));
@@ -207,19 +207,19 @@ fn load_signer(
     certificate: &Path,
     key: &Path,
     code: ErrorCode,
-) -> Result<(SigningKey, SigningCertificate), NitroError> {
-    let pem = std::fs::read(certificate).map_err(|e| NitroError::file(certificate, "read", e))?;
+) -> Result<(SigningKey, SigningCertificate), Failure> {
+    let pem = std::fs::read(certificate).map_err(|e| Failure::file(certificate, "read", e))?;
     let certificate = SigningCertificate::from_pem(&pem)
-        .map_err(|e| NitroError::new(code, format!("{}: {e}", certificate.display())))?;
+        .map_err(|e| Failure::new(code, format!("{}: {e}", certificate.display())))?;
     if is_kms_key_arn(&key.to_string_lossy()) {
-        return Err(NitroError::new(
+        return Err(Failure::new(
             code,
             format!("--private-key {} is a KMS key ARN; carve signs with a PEM key file, KMS signing is not supported", key.display()),
         ));
     }
-    let key_text = std::fs::read_to_string(key).map_err(|e| NitroError::file(key, "read", e))?;
-    let key = SigningKey::from_pem(&key_text)
-        .map_err(|e| NitroError::new(code, format!("{}: {e}", key.display())))?;
+    let key_text = std::fs::read_to_string(key).map_err(|e| Failure::file(key, "read", e))?;
+    let key =
+        SigningKey::from_pem(&key_text).map_err(|e| Failure::new(code, format!("{}: {e}", key.display())))?;
     Ok((key, certificate))
 }
 
@@ -245,14 +245,14 @@ fn is_kms_key_arn(text: &str) -> bool {
 /// Writes through a temporary file renamed into place, so a failed build leaves nothing.
 fn write_atomically(
     path: &Path,
-    write: impl FnOnce(&mut File) -> Result<Measurements, NitroError>,
-) -> Result<Measurements, NitroError> {
+    write: impl FnOnce(&mut File) -> Result<Measurements, Failure>,
+) -> Result<Measurements, Failure> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temporary = path.with_file_name(format!(".{name}.carve-{}", std::process::id()));
-    let mut file = File::create(&temporary).map_err(|e| NitroError::file(path, "create", e))?;
+    let mut file = File::create(&temporary).map_err(|e| Failure::file(path, "create", e))?;
     let result = write(&mut file).and_then(|m| {
-        file.sync_all().map_err(|e| NitroError::file(path, "write", e))?;
-        std::fs::rename(&temporary, path).map_err(|e| NitroError::file(path, "create", e))?;
+        file.sync_all().map_err(|e| Failure::file(path, "write", e))?;
+        std::fs::rename(&temporary, path).map_err(|e| Failure::file(path, "create", e))?;
         Ok(m)
     });
     if result.is_err() {
@@ -261,31 +261,28 @@ fn write_atomically(
     result
 }
 
-fn input_file(path: &Path) -> Result<SectionInput<'static>, NitroError> {
-    let file = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
-    let meta = file.metadata().map_err(|e| NitroError::file(path, "read", e))?;
+fn input_file(path: &Path) -> Result<SectionInput<'static>, Failure> {
+    let file = File::open(path).map_err(|e| Failure::file(path, "open", e))?;
+    let meta = file.metadata().map_err(|e| Failure::file(path, "read", e))?;
     if meta.is_dir() {
-        return Err(NitroError::file(path, "read", "it is a directory"));
+        return Err(Failure::file(path, "read", "it is a directory"));
     }
     Ok(SectionInput::new(path.display().to_string(), BufReader::with_capacity(1 << 20, file), meta.len()))
 }
 
-fn custom_metadata(path: Option<&Path>) -> Result<Value, NitroError> {
+fn custom_metadata(path: Option<&Path>) -> Result<Value, Failure> {
     let Some(path) = path else { return Ok(Value::Null) };
-    let meta = std::fs::metadata(path).map_err(|e| NitroError::file(path, "read", e))?;
+    let meta = std::fs::metadata(path).map_err(|e| Failure::file(path, "read", e))?;
     if !meta.is_file() || meta.len() > MAX_CUSTOM_METADATA {
         let why = if meta.is_file() { "it is larger than 4096 bytes" } else { "it is not a file" };
-        return Err(NitroError::new(
+        return Err(Failure::new(
             ErrorCode::EIF_BUILDING,
             format!("cannot use metadata file '{}': {why}", path.display()),
         ));
     }
-    let text = std::fs::read(path).map_err(|e| NitroError::file(path, "read", e))?;
+    let text = std::fs::read(path).map_err(|e| Failure::file(path, "read", e))?;
     serde_json::from_slice(&text).map_err(|e| {
-        NitroError::new(
-            ErrorCode::EIF_BUILDING,
-            format!("metadata file '{}' is not JSON: {e}", path.display()),
-        )
+        Failure::new(ErrorCode::EIF_BUILDING, format!("metadata file '{}' is not JSON: {e}", path.display()))
     })
 }
 
@@ -325,7 +322,7 @@ fn build_time(created: Option<String>) -> String {
     epoch.map(carve_eif::metadata::rfc3339).or(created).unwrap_or_else(rfc3339_now)
 }
 
-pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
+pub fn build_enclave(args: BuildArgs) -> Result<(), Failure> {
     eprintln!("Start building the Enclave Image...");
     if args.demo {
         return write_demo(&args.output_file);
@@ -335,7 +332,7 @@ pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
         && args.docker_uri.is_none()
         && args.docker_dir.is_none()
     {
-        return Err(NitroError::new(
+        return Err(Failure::new(
             ErrorCode::MISSING_ARGUMENT,
             "nothing to build from: give --kernel with --cmdline and --ramdisk, or --oci-archive (and --docker-uri)",
         ));
@@ -385,9 +382,9 @@ pub fn build_enclave(args: BuildArgs) -> Result<(), NitroError> {
 }
 
 /// Writes the demo enclave built into carve and prints its measurements.
-fn write_demo(output: &Path) -> Result<(), NitroError> {
+fn write_demo(output: &Path) -> Result<(), Failure> {
     let measurements = write_atomically(output, |file| {
-        file.write_all(carve_guest_images::DEMO_EIF).map_err(|e| NitroError::file(output, "write", e))?;
+        file.write_all(carve_guest_images::DEMO_EIF).map_err(|e| Failure::file(output, "write", e))?;
         let summary = carve_eif::read(carve_guest_images::DEMO_EIF, None, &mut carve_eif::reader::Discard)
             .map_err(|e| eif_error(ErrorCode::EIF_BUILDING, output, e))?;
         Ok(summary.measurements)
@@ -399,9 +396,9 @@ fn write_demo(output: &Path) -> Result<(), NitroError> {
 
 /// Kernel, cmdline and bootstrap ramdisk from the blobs directory; the customer ramdisk from
 /// the container image.
-fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
+fn container_parts(args: &BuildArgs) -> Result<ImageParts, Failure> {
     if args.docker_dir.is_some() {
-        return Err(NitroError::new(
+        return Err(Failure::new(
             ErrorCode::DOCKER_IMAGE_BUILD,
             "carve builds no container images (--docker-dir); build it with your tools, `docker save` it and pass --oci-archive",
         ));
@@ -409,12 +406,12 @@ fn container_parts(args: &BuildArgs) -> Result<ImageParts, NitroError> {
     let blobs = find_blobs(args.blobs_dir.as_deref())?;
     let cmdline_path = blobs.join("cmdline");
     let cmdline =
-        std::fs::read_to_string(&cmdline_path).map_err(|e| NitroError::file(&cmdline_path, "read", e))?;
+        std::fs::read_to_string(&cmdline_path).map_err(|e| Failure::file(&cmdline_path, "read", e))?;
     let image = match (&args.oci_archive, &args.docker_uri) {
         (Some(archive), uri) => carve_image::Image::open(archive, uri.as_deref())?,
         (None, Some(uri)) => carve_image::fetch(uri, &carve_image::PullOptions::from_environment())?,
         (None, None) => {
-            return Err(NitroError::new(ErrorCode::MISSING_ARGUMENT, "give --docker-uri or --oci-archive"))
+            return Err(Failure::new(ErrorCode::MISSING_ARGUMENT, "give --docker-uri or --oci-archive"))
         }
     };
     let bootstrap = carve_image::bootstrap_ramdisk(&blobs)?;
@@ -437,12 +434,12 @@ const NITRO_CLI_BLOBS: &str = "/usr/share/nitro_enclaves/blobs";
 
 /// The enclave kernel, cmdline and init: `--blobs-dir` or `NITRO_CLI_BLOBS` when given, else
 /// carve's own (scripts/build-enclave-blobs.sh keeps them in carve's cache), else nitro-cli's.
-fn find_blobs(given: Option<&Path>) -> Result<PathBuf, NitroError> {
+fn find_blobs(given: Option<&Path>) -> Result<PathBuf, Failure> {
     if let Some(dir) = given {
         if dir.join("bzImage").is_file() {
             return Ok(dir.to_path_buf());
         }
-        return Err(NitroError::new(
+        return Err(Failure::new(
             ErrorCode::BLOBS_PATH_NOT_SET,
             format!(
                 "no enclave blobs (bzImage, cmdline, init) in '{}' (--blobs-dir or NITRO_CLI_BLOBS)",
@@ -460,7 +457,7 @@ fn find_blobs(given: Option<&Path>) -> Result<PathBuf, NitroError> {
         cache.map(|c| c.join("enclave-blobs")).into_iter().chain([PathBuf::from(NITRO_CLI_BLOBS)]).collect();
     candidates.iter().find(|dir| dir.join("bzImage").is_file()).cloned().ok_or_else(|| {
         let looked: Vec<String> = candidates.iter().map(|d| format!("'{}'", d.display())).collect();
-        NitroError::new(
+        Failure::new(
             ErrorCode::BLOBS_PATH_NOT_SET,
             format!(
                 "no enclave blobs found (looked in NITRO_CLI_BLOBS, {}); build carve's with scripts/build-enclave-blobs.sh",
@@ -470,19 +467,19 @@ fn find_blobs(given: Option<&Path>) -> Result<PathBuf, NitroError> {
     })
 }
 
-pub fn sign_eif(args: SignArgs) -> Result<(), NitroError> {
+pub fn sign_eif(args: SignArgs) -> Result<(), Failure> {
     let Some(path) = &args.eif_path else {
-        return Err(NitroError::new(ErrorCode::MISSING_ARGUMENT, "`eif-path` argument not found"));
+        return Err(Failure::new(ErrorCode::MISSING_ARGUMENT, "`eif-path` argument not found"));
     };
     let (Some(certificate), Some(key)) = (&args.signing_certificate, &args.private_key) else {
-        return Err(NitroError::new(
+        return Err(Failure::new(
             ErrorCode::SIGNING,
             "nothing to sign with: give --signing-certificate and --private-key",
         ));
     };
     let (key, certificate) = load_signer(certificate, key, ErrorCode::SIGNING)?;
     let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
-    let mut source = File::open(path).map_err(|e| NitroError::file(path, "open", e))?;
+    let mut source = File::open(path).map_err(|e| Failure::file(path, "open", e))?;
     let measurements = write_atomically(path, |file| {
         carve_eif::sign_image(&mut source, &summary, &key, &certificate, file)
             .map_err(|e| eif_error(ErrorCode::SIGNING, path, e))

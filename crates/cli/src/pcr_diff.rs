@@ -14,7 +14,7 @@ use clap::Args;
 use sha2::{Digest, Sha384};
 
 use crate::image::eif_error;
-use crate::nitro_error::{ErrorCode, NitroError};
+use carve_nitro_error::{ErrorCode, Failure};
 
 #[derive(Args)]
 pub struct PcrDiffArgs {
@@ -43,9 +43,9 @@ struct Image<'a> {
 }
 
 impl Image<'_> {
-    fn open(path: &Path) -> Result<Image<'_>, NitroError> {
+    fn open(path: &Path) -> Result<Image<'_>, Failure> {
         let summary = carve_eif::read_file(path).map_err(|e| eif_error(ErrorCode::EIF_PARSING, path, e))?;
-        let file = File::open(path).map_err(|e| NitroError::file(path, "read", e))?;
+        let file = File::open(path).map_err(|e| Failure::file(path, "read", e))?;
         Ok(Image { path, file, summary })
     }
 
@@ -53,28 +53,27 @@ impl Image<'_> {
         self.summary.sections.iter().filter(|s| s.section_type == kind).copied().collect()
     }
 
-    fn reader(&self, section: &SectionInfo) -> Result<impl Read + '_, NitroError> {
+    fn reader(&self, section: &SectionInfo) -> Result<impl Read + '_, Failure> {
         let mut file = &self.file;
-        file.seek(SeekFrom::Start(section.data_offset()))
-            .map_err(|e| NitroError::file(self.path, "read", e))?;
+        file.seek(SeekFrom::Start(section.data_offset())).map_err(|e| Failure::file(self.path, "read", e))?;
         Ok(file.take(section.size))
     }
 
-    fn digest(&self, section: &SectionInfo) -> Result<Vec<u8>, NitroError> {
+    fn digest(&self, section: &SectionInfo) -> Result<Vec<u8>, Failure> {
         let mut hasher = Sha384::new();
         std::io::copy(&mut self.reader(section)?, &mut hasher)
-            .map_err(|e| NitroError::file(self.path, "read", e))?;
+            .map_err(|e| Failure::file(self.path, "read", e))?;
         Ok(hasher.finalize().to_vec())
     }
 
-    fn bytes(&self, section: &SectionInfo) -> Result<Vec<u8>, NitroError> {
+    fn bytes(&self, section: &SectionInfo) -> Result<Vec<u8>, Failure> {
         let mut bytes = Vec::new();
-        self.reader(section)?.read_to_end(&mut bytes).map_err(|e| NitroError::file(self.path, "read", e))?;
+        self.reader(section)?.read_to_end(&mut bytes).map_err(|e| Failure::file(self.path, "read", e))?;
         Ok(bytes)
     }
 }
 
-fn compare(args: &PcrDiffArgs) -> Result<bool, NitroError> {
+fn compare(args: &PcrDiffArgs) -> Result<bool, Failure> {
     let (a, b) = (Image::open(&args.first)?, Image::open(&args.second)?);
     println!("A: {}\nB: {}", a.path.display(), b.path.display());
     let (pcrs_a, pcrs_b) = (a.summary.measurements.to_map(), b.summary.measurements.to_map());
@@ -117,7 +116,7 @@ fn compare(args: &PcrDiffArgs) -> Result<bool, NitroError> {
                 }
                 let list = |image: &Image, section: &SectionInfo| {
                     ramdisk::list(image.reader(section)?).map_err(|e| {
-                        NitroError::new(
+                        Failure::new(
                             ErrorCode::EIF_PARSING,
                             format!("{}: ramdisk {}: {e}", image.path.display(), index + 1),
                         )

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{code, Failure, Result};
+use crate::error::{ErrorCode, Failure, Result};
 use crate::protocol::{receive, send, EnclaveState, LaunchEvent, LaunchRequest, Reply, Request, RunInfo};
 use crate::run_dir::{Record, RunDir};
 
@@ -18,8 +18,9 @@ pub const ENCLAVE_PROCESS_COMMAND: &str = "__enclave-process";
 
 /// Starts an enclave process and follows its launch; `notice` gets nitro-cli's stderr lines.
 pub fn launch(run_dir: &RunDir, request: &LaunchRequest, notice: &mut dyn FnMut(&str)) -> Result<RunInfo> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::new(code::PROCESS_SPAWN, format!("cannot find the carve executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        Failure::new(ErrorCode::PROCESS_SPAWN, format!("cannot find the carve executable: {e}"))
+    })?;
     let log_path = run_dir.path().join(LOG_FILE);
     let log = std::fs::File::options()
         .create(true)
@@ -32,10 +33,12 @@ pub fn launch(run_dir: &RunDir, request: &LaunchRequest, notice: &mut dyn FnMut(
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .map_err(|e| Failure::new(code::PROCESS_SPAWN, format!("cannot start the enclave process: {e}")))?;
+        .map_err(|e| {
+            Failure::new(ErrorCode::PROCESS_SPAWN, format!("cannot start the enclave process: {e}"))
+        })?;
     let mut stdin = child.stdin.take().expect("piped");
     send(&mut stdin, request).map_err(|e| {
-        Failure::new(code::PROCESS_SPAWN, format!("cannot hand the enclave process its request: {e}"))
+        Failure::new(ErrorCode::PROCESS_SPAWN, format!("cannot hand the enclave process its request: {e}"))
     })?;
     drop(stdin);
     let mut events = BufReader::new(child.stdout.take().expect("piped"));
@@ -50,7 +53,7 @@ pub fn launch(run_dir: &RunDir, request: &LaunchRequest, notice: &mut dyn FnMut(
             Ok(None) | Err(_) => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 return Err(Failure::new(
-                    code::PROCESS_SPAWN,
+                    ErrorCode::PROCESS_SPAWN,
                     format!(
                         "the enclave process ended before the enclave started ({status}); see {}",
                         log_path.display()
@@ -73,14 +76,17 @@ pub fn find(run_dir: &RunDir, selector: Selector) -> Result<Record> {
     let records = run_dir.live_records(&run_dir.lock()?);
     match selector {
         Selector::Name(name) => records.into_iter().find(|r| r.name == name).ok_or_else(|| {
-            Failure::new(code::ENCLAVE_NAMING, format!("No enclave named '{name}' is running"))
+            Failure::new(ErrorCode::ENCLAVE_NAMING, format!("No enclave named '{name}' is running"))
         }),
         Selector::Id(id) => {
             if crate::ids::slot_of(id).is_none() {
-                return Err(Failure::new(code::INVALID_ARGUMENT, format!("'{id}' is not an enclave ID")));
+                return Err(Failure::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("'{id}' is not an enclave ID"),
+                ));
             }
             records.into_iter().find(|r| r.id == id).ok_or_else(|| {
-                Failure::new(code::SOCKET_ERROR, format!("No enclave with ID {id} is running"))
+                Failure::new(ErrorCode::SOCKET_ERROR, format!("No enclave with ID {id} is running"))
             })
         }
     }
@@ -101,7 +107,7 @@ fn ask(
     let path = run_dir.control_socket(record.slot);
     let failed = |e: &dyn std::fmt::Display| {
         Failure::new(
-            code::ENCLAVE_PROCESS_CONNECTION,
+            ErrorCode::ENCLAVE_PROCESS_CONNECTION,
             format!("cannot reach the process of enclave {}: {e}", record.id),
         )
     };
@@ -119,7 +125,7 @@ fn ask(
 fn expect_failure(reply: Reply) -> Failure {
     match reply {
         Reply::Failed(failure) => failure,
-        other => Failure::new(code::COMMAND_NOT_EXECUTED, format!("unexpected reply {other:?}")),
+        other => Failure::new(ErrorCode::COMMAND_NOT_EXECUTED, format!("unexpected reply {other:?}")),
     }
 }
 
@@ -227,7 +233,7 @@ pub fn console(
     }
     connected();
     let write_failed = |e: std::io::Error| {
-        Failure::new(code::CONSOLE_WRITE_OUTPUT, format!("cannot write the console output: {e}"))
+        Failure::new(ErrorCode::CONSOLE_WRITE_OUTPUT, format!("cannot write the console output: {e}"))
     };
     out.write_all(&first).and_then(|()| out.flush()).map_err(write_failed)?;
     let deadline = disconnect.map(|d| Instant::now() + d);
@@ -249,7 +255,10 @@ pub fn console(
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(Failure::new(code::CONSOLE_READ, format!("cannot read the enclave console: {e}")))
+                return Err(Failure::new(
+                    ErrorCode::CONSOLE_READ,
+                    format!("cannot read the enclave console: {e}"),
+                ))
             }
         }
     }

@@ -19,4 +19,4 @@ pub mod protocol;
 pub mod run_dir;
 pub mod vsock_proxy;
 
-pub use error::{code, Failure};
+pub use error::{ErrorCode, Failure};

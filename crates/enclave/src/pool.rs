@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{code, Failure, Result};
+use crate::error::{ErrorCode, Failure, Result};
 
 /// nitro-cli's allocator.yaml: `memory_mib` and one of `cpu_count` / `cpu_pool`; carve adds
 /// `development: true` for hosts without a pool (laptops): no pinning, ordinary memory.
@@ -152,7 +152,7 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
         let number = |t: &str| {
             t.trim().parse::<u32>().map_err(|_| {
                 Failure::new(
-                    code::MALFORMED_CPU_ID,
+                    ErrorCode::MALFORMED_CPU_ID,
                     format!("'{part}' in the CPU list '{text}' is not a CPU id"),
                 )
             })
@@ -162,7 +162,7 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
                 let (first, last) = (number(first)?, number(last)?);
                 if first > last {
                     return Err(Failure::new(
-                        code::CPU_ERROR,
+                        ErrorCode::CPU_ERROR,
                         format!("the CPU range {part} runs backwards"),
                     ));
                 }
@@ -173,7 +173,7 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
             }
         }
         if cpus.last().is_some_and(|&cpu| cpu > MAX_CPU_ID) {
-            return Err(Failure::new(code::CPU_ERROR, format!("{part}: CPU ids end at {MAX_CPU_ID}")));
+            return Err(Failure::new(ErrorCode::CPU_ERROR, format!("{part}: CPU ids end at {MAX_CPU_ID}")));
         }
     }
     Ok(cpus.into_iter().collect())
@@ -334,10 +334,10 @@ mod tests {
         assert_eq!(parse_cpu_list("2,3,6-9").unwrap(), vec![2, 3, 6, 7, 8, 9]);
         assert_eq!(parse_cpu_list("1\n3\n").unwrap(), vec![1, 3]);
         assert_eq!(parse_cpu_list("").unwrap(), Vec::<u32>::new());
-        assert_eq!(parse_cpu_list("1,x").unwrap_err().code, code::MALFORMED_CPU_ID);
-        assert_eq!(parse_cpu_list("5-2").unwrap_err().code, code::CPU_ERROR);
-        assert_eq!(parse_cpu_list("0-4294967295").unwrap_err().code, code::CPU_ERROR);
-        assert_eq!(parse_cpu_list("8192").unwrap_err().code, code::CPU_ERROR);
+        assert_eq!(parse_cpu_list("1,x").unwrap_err().code, ErrorCode::MALFORMED_CPU_ID);
+        assert_eq!(parse_cpu_list("5-2").unwrap_err().code, ErrorCode::CPU_ERROR);
+        assert_eq!(parse_cpu_list("0-4294967295").unwrap_err().code, ErrorCode::CPU_ERROR);
+        assert_eq!(parse_cpu_list("8192").unwrap_err().code, ErrorCode::CPU_ERROR);
     }
 
     /// A fake sysfs: `cores` lists each core's CPUs, `nodes` each node's CPUs.

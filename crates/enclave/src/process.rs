@@ -15,17 +15,15 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use carve_nsm::pcr::ParentIdentity;
-use carve_vmm::boot::BootError;
-use carve_vmm::memory::MemoryError;
 use carve_vmm::{
-    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmExit, VmOutcome, VmStopper,
-    VsockConfig,
+    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmErrorKind, VmExit, VmOutcome,
+    VmStopper, VsockConfig,
 };
 
 use crate::app_exit::{self, AppExitListener};
 use crate::args::{check_memory, CpuRequest};
 use crate::console::{Chunk, Console};
-use crate::error::{code, Failure, Result};
+use crate::error::{ErrorCode, Failure, Result};
 use crate::heartbeat::{self, HeartbeatError, HeartbeatListener};
 use crate::ids;
 use crate::pool::{Pool, Topology};
@@ -45,7 +43,7 @@ pub fn main(demo_image: &'static [u8]) -> i32 {
         Ok(Some(request)) => request,
         other => {
             let failure =
-                Failure::new(code::SERDE, format!("no launch request on standard input: {other:?}"));
+                Failure::new(ErrorCode::SERDE, format!("no launch request on standard input: {other:?}"));
             let _ = send(&mut events, &LaunchEvent::Failed(failure));
             return 1;
         }
@@ -56,7 +54,7 @@ pub fn main(demo_image: &'static [u8]) -> i32 {
     let enclave = match launch(request, demo_image, &notify) {
         Ok(enclave) => enclave,
         Err(failure) => {
-            log::error!("launch failed: [ E{:02} ] {}", failure.code, failure.message);
+            log::error!("launch failed: [ {} ] {}", failure.code, failure.message);
             let _ = send(&mut events, &LaunchEvent::Failed(failure));
             return 1;
         }
@@ -149,7 +147,9 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let console = Console::new();
     let ca = carve_nsm::pki::state_dir()
         .and_then(|dir| carve_nsm::pki::CertificateAuthority::open(&dir))
-        .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot open carve's attestation CA: {e}")))?;
+        .map_err(|e| {
+            Failure::new(ErrorCode::UNSPECIFIED, format!("cannot open carve's attestation CA: {e}"))
+        })?;
     let config = VmConfig {
         cmdline: String::new(),
         memory_mib: args.memory_mib,
@@ -181,7 +181,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let vm = thread::Builder::new()
         .name("carve-vm".into())
         .spawn(move || vm.run())
-        .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot start the VM thread: {e}")))?;
+        .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot start the VM thread: {e}")))?;
     // The VM has its copy; the CLI may replace or remove the file now.
     drop(image.file);
 
@@ -194,7 +194,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
             _ => String::new(),
         };
         return Err(Failure::new(
-            code::ENCLAVE_BOOT_FAILURE,
+            ErrorCode::ENCLAVE_BOOT_FAILURE,
             format!("Waiting on enclave to boot failed with error: {e}{ended}"),
         ));
     }
@@ -202,7 +202,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     // Askers see the enclave from now on (nitro-cli's enclave process, too, listens only once
     // its enclave runs); until now they would have waited on a socket nobody accepts on.
     std::fs::rename(run_dir.starting_control_socket(record.slot), &control_path).map_err(|e| {
-        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
+        Failure::new(ErrorCode::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
     })?;
     notify(&format!(
         "Started enclave with enclave-cid: {cid}, memory: {memory_mib} MiB, cpu-ids: {:?}",
@@ -259,10 +259,10 @@ fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Ima
     let size = file.metadata().map_err(|e| Failure::file(&image_path(&file), "read", e))?.len();
     check_memory(request.args.memory_mib, size)?;
     let summary = carve_eif::read(&file, Some(size), &mut carve_eif::reader::Discard)
-        .map_err(|e| Failure::new(code::EIF_PARSING, format!("{name}: {e}")))?;
+        .map_err(|e| Failure::new(ErrorCode::EIF_PARSING, format!("{name}: {e}")))?;
     if summary.signature_check() == Some(false) {
         return Err(Failure::new(
-            code::SIGNATURE_CHECKER,
+            ErrorCode::SIGNATURE_CHECKER,
             format!("{name}: the image's signature does not match its PCRs or its certificate is not valid"),
         ));
     }
@@ -270,7 +270,7 @@ fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Ima
     if let Some(signature) = summary.signature.as_ref().filter(|s| !s.certificate.valid_at(now)) {
         let validity = signature.certificate.describe();
         return Err(Failure::new(
-            code::SIGNATURE_CHECKER,
+            ErrorCode::SIGNATURE_CHECKER,
             format!(
                 "{name}: the signing certificate is expired or not yet valid (valid from {} to {})",
                 validity.not_before, validity.not_after
@@ -278,7 +278,7 @@ fn check_image(request: &LaunchRequest, demo_image: &'static [u8]) -> Result<Ima
         ));
     }
     if !summary.crc_ok() {
-        return Err(Failure::new(code::EIF_PARSING, format!("{name}: the image's CRC does not match")));
+        return Err(Failure::new(ErrorCode::EIF_PARSING, format!("{name}: the image's CRC does not match")));
     }
     Ok(Image { file, size, summary })
 }
@@ -305,15 +305,18 @@ fn claim_resources(run_dir: &RunDir, request: &LaunchRequest, pool: &Pool) -> Re
     let cleanup = SocketFiles(vec![starting.clone(), control_path.clone(), vsock_path.clone()]);
     // Bound under a name of its own until the enclave runs (see `launch`).
     let control = UnixListener::bind(&starting).map_err(|e| {
-        Failure::new(code::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
+        Failure::new(ErrorCode::SOCKET_ERROR, format!("cannot listen on {}: {e}", control_path.display()))
     })?;
     // Anyone may ask; the process itself decides who may terminate (nitro-cli's 0766).
     let _ = std::fs::set_permissions(&starting, std::fs::Permissions::from_mode(0o766));
     let heartbeat = HeartbeatListener::bind(&run_dir::heartbeat_socket(&vsock_path))
-        .map_err(|e| Failure::new(code::ENCLAVE_BOOT_FAILURE, e))?;
+        .map_err(|e| Failure::new(ErrorCode::ENCLAVE_BOOT_FAILURE, e))?;
     let app_exit_path = run_dir::port_socket(&vsock_path, app_exit::PORT);
     let app_exit = AppExitListener::bind(&app_exit_path).map_err(|e| {
-        Failure::new(code::ENCLAVE_BOOT_FAILURE, format!("cannot listen on {}: {e}", app_exit_path.display()))
+        Failure::new(
+            ErrorCode::ENCLAVE_BOOT_FAILURE,
+            format!("cannot listen on {}: {e}", app_exit_path.display()),
+        )
     })?;
     Ok(Claimed { record, cpus, claim, control, control_path, vsock_path, heartbeat, app_exit, cleanup })
 }
@@ -346,11 +349,11 @@ fn image_path(image: &File) -> PathBuf {
 fn open_image(request: &LaunchRequest, demo_image: &[u8]) -> Result<(File, String)> {
     if request.demo {
         let fd = rustix::fs::memfd_create("carve-demo.eif", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+            .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
         let mut file = File::from(fd);
         file.write_all(demo_image)
             .and_then(|()| file.rewind())
-            .map_err(|e| Failure::new(code::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+            .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
         return Ok((file, "the demo enclave image".into()));
     }
     let path = request.args.eif_path();
@@ -370,7 +373,7 @@ fn check_host_memory(requested_mib: u64) -> Result<()> {
         .map(|kib| kib >> 10);
     match total_mib {
         Some(total) if requested_mib > total => Err(Failure::new(
-            code::INSUFFICIENT_MEMORY_AVAILABLE,
+            ErrorCode::INSUFFICIENT_MEMORY_AVAILABLE,
             format!("Insufficient memory available: {requested_mib} MiB requested, the host has {total} MiB"),
         )),
         _ => Ok(()),
@@ -381,7 +384,7 @@ fn read_pool(run_dir: &RunDir) -> Result<Pool> {
     let path = run_dir.pool_file();
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).map_err(|e| {
-            Failure::new(code::SERDE, format!("the CPU pool file {} is not valid: {e}", path.display()))
+            Failure::new(ErrorCode::SERDE, format!("the CPU pool file {} is not valid: {e}", path.display()))
         }),
         // No pool yet: like an empty ne_cpus.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Pool::default()),
@@ -403,17 +406,17 @@ fn choose_cpus(request: &CpuRequest, pool: &Pool, others: &[Record]) -> Result<C
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = ids.iter().find(|id| !seen.insert(**id)) {
             return Err(Failure::new(
-                code::INVALID_CPU_CONFIGURATION,
+                ErrorCode::INVALID_CPU_CONFIGURATION,
                 format!("CPU {dup} was requested more than once"),
             ));
         }
     }
     let count = match request {
         CpuRequest::Count(0) => {
-            return Err(Failure::new(code::INVALID_ARGUMENT, "`cpu-count` must be at least 1"));
+            return Err(Failure::new(ErrorCode::INVALID_ARGUMENT, "`cpu-count` must be at least 1"));
         }
         CpuRequest::Ids(ids) if ids.is_empty() => {
-            return Err(Failure::new(code::MISSING_ARGUMENT, "`cpu-ids` needs at least one CPU"));
+            return Err(Failure::new(ErrorCode::MISSING_ARGUMENT, "`cpu-ids` needs at least one CPU"));
         }
         CpuRequest::Count(n) => *n,
         CpuRequest::Ids(ids) => ids.len() as u32,
@@ -429,19 +432,19 @@ fn choose_cpus(request: &CpuRequest, pool: &Pool, others: &[Record]) -> Result<C
             for id in ids {
                 if !pool.cpus.contains(id) {
                     return Err(Failure::new(
-                        code::NO_SUCH_CPU_IN_POOL,
+                        ErrorCode::NO_SUCH_CPU_IN_POOL,
                         format!("CPU {id} is not in the enclave CPU pool {:?}{pool_hint}", pool.cpus),
                     ));
                 }
                 if used.contains(id) {
                     return Err(Failure::new(
-                        code::IOCTL_FAILURE,
+                        ErrorCode::IOCTL_FAILURE,
                         format!("CPU {id} is already used by another enclave"),
                     ));
                 }
                 if let Some(sibling) = topology.core_of(*id).into_iter().find(|s| !ids.contains(s)) {
                     return Err(Failure::new(
-                        code::IOCTL_FAILURE,
+                        ErrorCode::IOCTL_FAILURE,
                         format!("Full CPU cores must be used: CPU {id}'s sibling {sibling} is not requested"),
                     ));
                 }
@@ -452,7 +455,7 @@ fn choose_cpus(request: &CpuRequest, pool: &Pool, others: &[Record]) -> Result<C
             let n = *n as usize;
             if n > pool.cpus.len() {
                 return Err(Failure::new(
-                    code::INSUFFICIENT_CPUS,
+                    ErrorCode::INSUFFICIENT_CPUS,
                     format!(
                         "Insufficient CPUs available in the pool. User provided `cpu-count` is {n}, which is more \
                          than the configured CPU pool size ({}){pool_hint}",
@@ -473,7 +476,7 @@ fn choose_cpus(request: &CpuRequest, pool: &Pool, others: &[Record]) -> Result<C
             }
             if chosen.len() < n {
                 return Err(Failure::new(
-                    code::INSUFFICIENT_CPUS,
+                    ErrorCode::INSUFFICIENT_CPUS,
                     format!(
                         "Insufficient CPUs available in the pool: {n} requested, {} of the pool's {} are free{pool_hint}",
                         free.len(),
@@ -493,7 +496,7 @@ fn choose_cid(requested: Option<u64>, others: &[Record]) -> Result<u64> {
             crate::args::check_cid(cid)?;
             match others.iter().find(|r| r.cid == cid) {
                 Some(other) => Err(Failure::new(
-                    code::INVALID_ARGUMENT,
+                    ErrorCode::INVALID_ARGUMENT,
                     format!("CID {cid} is already used by enclave {}", other.id),
                 )),
                 None => Ok(cid),
@@ -516,13 +519,12 @@ fn new_slot(others: &[Record]) -> u64 {
 }
 
 fn vm_failure(error: VmError) -> Failure {
-    let code = match &error {
-        VmError::Memory(MemoryError::InsufficientHugepages { .. }) => code::INSUFFICIENT_MEMORY_AVAILABLE,
-        VmError::Memory(_) => code::INSUFFICIENT_MEMORY_AVAILABLE,
-        VmError::Boot(BootError::EifTooLarge { .. }) => code::MEMORY_OVERFLOW,
-        VmError::Boot(_) => code::EIF_PARSING,
-        VmError::KvmUnavailable { .. } => code::INVALID_ENCLAVE_FD,
-        _ => code::IOCTL_FAILURE,
+    let code = match error.kind() {
+        VmErrorKind::Memory => ErrorCode::INSUFFICIENT_MEMORY_AVAILABLE,
+        VmErrorKind::ImageTooLarge => ErrorCode::MEMORY_OVERFLOW,
+        VmErrorKind::Image => ErrorCode::EIF_PARSING,
+        VmErrorKind::KvmUnavailable => ErrorCode::INVALID_ENCLAVE_FD,
+        VmErrorKind::Other => ErrorCode::IOCTL_FAILURE,
     };
     Failure::new(code, error)
 }
@@ -631,7 +633,7 @@ impl Session {
                         Reply::Done
                     }
                     _ => Reply::Failed(Failure::new(
-                        code::COMMAND_NOT_EXECUTED,
+                        ErrorCode::COMMAND_NOT_EXECUTED,
                         format!(
                             "only the user who launched enclave {} (uid {}) or root may terminate it",
                             self.state.run.id, self.owner
@@ -641,7 +643,7 @@ impl Session {
             }
             Request::Wait => Reply::Ended(self.ending.wait()),
             Request::Console if !self.state.debug_mode => Reply::Failed(Failure::new(
-                code::CONSOLE_CONNECTION,
+                ErrorCode::CONSOLE_CONNECTION,
                 "The enclave was not started with the debug flag set, so its console cannot be attached",
             )),
             Request::Console => {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{code, Failure, Result};
+use crate::error::{ErrorCode, Failure, Result};
 
 /// What a running enclave's process publishes about it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,8 +105,9 @@ impl RunDir {
             Err(e) => return Err(Failure::file(&path, "open the lock", e)),
         };
         let operation = if exclusive { FlockOperation::LockExclusive } else { FlockOperation::LockShared };
-        flock(&file, operation)
-            .map_err(|e| Failure::new(code::LOCK_ACQUIRE, format!("cannot lock {}: {e}", path.display())))?;
+        flock(&file, operation).map_err(|e| {
+            Failure::new(ErrorCode::LOCK_ACQUIRE, format!("cannot lock {}: {e}", path.display()))
+        })?;
         Ok(DirLock { _file: file, exclusive })
     }
 
@@ -165,8 +166,9 @@ impl RunDir {
             .mode(0o644)
             .open(&path)
             .map_err(|e| Failure::file(&path, "create the enclave record", e))?;
-        flock(&file, FlockOperation::NonBlockingLockExclusive)
-            .map_err(|e| Failure::new(code::LOCK_ACQUIRE, format!("cannot lock {}: {e}", path.display())))?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+            Failure::new(ErrorCode::LOCK_ACQUIRE, format!("cannot lock {}: {e}", path.display()))
+        })?;
         // From here a failure drops the claim, which removes the file.
         let mut claim = Claim { file: Some(file), path: path.clone() };
         let text = serde_json::to_string(record).expect("records serialize");

@@ -26,5 +26,6 @@ pub mod x86;
 pub use exit::VmExit;
 pub use memory::MemoryBacking;
 pub use vm::{
-    EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmOutcome, VmStopper, VsockConfig,
+    EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmErrorKind, VmOutcome, VmStopper,
+    VsockConfig,
 };

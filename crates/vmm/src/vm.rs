@@ -91,6 +91,34 @@ pub enum VmError {
     StateRefused { source: kvm_ioctls::Error, violations: Vec<Violation> },
 }
 
+/// What a [`VmError`] was short of, for callers that answer with codes of their own (the
+/// enclave process's nitro-cli E-codes) without reading the VMM's error variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmErrorKind {
+    /// Guest memory could not be had (hugepages, a mapping).
+    Memory,
+    /// The kernel image does not fit the guest's memory.
+    ImageTooLarge,
+    /// The kernel image could not be loaded as given.
+    Image,
+    /// KVM itself could not be opened.
+    KvmUnavailable,
+    /// Anything else: KVM refusing a call, devices, host threads.
+    Other,
+}
+
+impl VmError {
+    pub fn kind(&self) -> VmErrorKind {
+        match self {
+            VmError::Memory(_) => VmErrorKind::Memory,
+            VmError::Boot(BootError::EifTooLarge { .. }) => VmErrorKind::ImageTooLarge,
+            VmError::Boot(_) | VmError::OpenKernel { .. } | VmError::OpenInitrd { .. } => VmErrorKind::Image,
+            VmError::KvmUnavailable { .. } => VmErrorKind::KvmUnavailable,
+            _ => VmErrorKind::Other,
+        }
+    }
+}
+
 fn join(violations: &[Violation]) -> String {
     if violations.is_empty() {
         return "no broken rule".into();
