@@ -6,6 +6,7 @@ mod attestation;
 mod enclave;
 mod image;
 mod logger;
+mod nitro_cli;
 mod nitro_error;
 mod pcr_diff;
 mod vm;
@@ -94,10 +95,23 @@ fn main() -> ExitCode {
     if invoked_as() == Some(std::ffi::OsString::from(vsock_proxy::NAME)) {
         return run_as_vsock_proxy();
     }
-    let cli = parse_command_line();
+    let (cli, as_nitro_cli) = parse_command_line();
+    let nitro = match as_nitro_cli
+        .then(|| nitro_cli::NitroCli::enter(matches!(cli.command, Command::BuildEnclave(_))))
+    {
+        Some(Err(failure)) => return failure.report(),
+        Some(Ok(nitro)) => Some(nitro),
+        None => None,
+    };
     // An enclave process's log (run dir's enclaves.log) records at least its life events.
     let is_enclave_process = matches!(cli.command, Command::EnclaveProcess);
-    logger::init(if is_enclave_process { cli.log_level.max(log::LevelFilter::Info) } else { cli.log_level });
+    let level = if is_enclave_process { cli.log_level.max(log::LevelFilter::Info) } else { cli.log_level };
+    // As nitro-cli, also into its log file, at RUST_LOG's level (info by default).
+    let nitro_log = nitro.as_ref().and_then(nitro_cli::NitroCli::log_file).map(|file| {
+        let level = std::env::var("RUST_LOG").ok().and_then(|l| logger::parse_level(&l).ok());
+        (file, level.unwrap_or(log::LevelFilter::Info))
+    });
+    logger::init_with_file(level, nitro_log);
     let result = match cli.command {
         Command::EnclaveProcess => return enclave::enclave_process(),
         Command::Allocator(args) => return enclave::allocator(args),
@@ -116,18 +130,23 @@ fn main() -> ExitCode {
         Command::SignEif(args) => image::sign_eif(args),
         Command::Pcr(args) => image::pcr(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => error.report(),
+    match (result, nitro) {
+        (Ok(()), _) => ExitCode::SUCCESS,
+        (Err(error), Some(nitro)) => {
+            log::error!("{}: {}", error.code, error.message);
+            error.report_logging_to(Some((nitro.logs(), &carve_eif::metadata::rfc3339_now())))
+        }
+        (Err(error), None) => error.report(),
     }
 }
 
 /// Invoked as `nitro-cli` (a symlink or copy), carve answers as nitro-cli: its name in help
 /// and errors, `Nitro CLI 1.5.0` for `--version`.
-fn parse_command_line() -> Cli {
+fn parse_command_line() -> (Cli, bool) {
     use clap::{CommandFactory, FromArgMatches};
     let mut command = Cli::command();
-    if invoked_as().as_deref() == Some(std::ffi::OsStr::new(NITRO_CLI_NAME)) {
+    let as_nitro_cli = invoked_as().as_deref() == Some(std::ffi::OsStr::new(NITRO_CLI_NAME));
+    if as_nitro_cli {
         command = command
             .name(NITRO_CLI_NAME)
             .bin_name(NITRO_CLI_NAME)
@@ -136,7 +155,7 @@ fn parse_command_line() -> Cli {
             .arg_required_else_help(true);
     }
     let matches = command.get_matches();
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    (Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()), as_nitro_cli)
 }
 
 /// The file name carve was started as (`nitro-cli` and `vsock-proxy` are links to it).

@@ -519,6 +519,47 @@ fn invoked_as_nitro_cli_it_answers_as_nitro_cli() {
         .output()
         .unwrap();
     assert_fails(&out, 3, "size indicator");
+
+    // nitro-cli's environment: its sockets directory is the run directory, build scratch goes
+    // under its artifacts directory (E51 without one), and its log and error logs are kept.
+    let root = host.run_dir.parent().unwrap().to_path_buf();
+    let (sockets, logs, artifacts) = (root.join("sockets"), root.join("logs"), root.join("artifacts"));
+    let nitro = |args: &[&str], env: &[(&str, &Path)]| {
+        let mut command = host.command(&link, args);
+        command.env("NITRO_CLI_SOCKETS_PATH", &sockets).env("NITRO_CLI_LOGS_PATH", &logs);
+        command.env_remove("NITRO_CLI_ARTIFACTS");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    };
+    let dev = root.join("dev.yaml");
+    std::fs::write(&dev, "development: true\n").unwrap();
+    let out = nitro(&["allocator", "--config", dev.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(sockets.join("allocator.json").exists(), "NITRO_CLI_SOCKETS_PATH is the run directory");
+    let eif = root.join("nitro.eif");
+    let build = ["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()];
+    let out = nitro(&build, &[("NITRO_CLI_ARTIFACTS", &artifacts)]);
+    assert!(out.status.success() && artifacts.is_dir(), "{}", stderr(&out));
+    let mut homeless = host.command(&link, &build);
+    let out = homeless.env_remove("HOME").env_remove("NITRO_CLI_ARTIFACTS").output().unwrap();
+    assert_fails(
+        &out,
+        51,
+        "Could not find a folder for the CLI artifacts, set either HOME or NITRO_CLI_ARTIFACTS",
+    );
+    let out = nitro(&["describe-eif", "--eif-path", "/nonexistent.eif"], &[]);
+    assert_fails(&out, 19, "/nonexistent.eif");
+    let last = stderr(&out).lines().last().unwrap_or_default().to_string();
+    let error_log = last
+        .strip_prefix("If you open a support ticket, please provide the error log found at \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("names its error log: {last}"));
+    assert!(Path::new(error_log).starts_with(&logs) && error_log.contains("/err"), "{error_log}");
+    assert!(std::fs::read_to_string(error_log).unwrap().contains("/nonexistent.eif"));
+    let log = std::fs::read_to_string(logs.join("nitro_enclaves.log")).unwrap();
+    assert!(log.lines().any(|l| l.starts_with("[nitro-cli][ERROR][") && l.contains("E19")), "{log}");
 }
 
 /// Hugepage counts on node 0 as the test found them, written back however the test ends.

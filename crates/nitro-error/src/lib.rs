@@ -108,6 +108,7 @@ impl ErrorCode {
     pub const EIF_BUILDING: ErrorCode = ErrorCode(48);
     pub const DOCKER_IMAGE_BUILD: ErrorCode = ErrorCode(49);
     pub const DOCKER_IMAGE_PULL: ErrorCode = ErrorCode(50);
+    pub const ARTIFACTS_PATH_NOT_SET: ErrorCode = ErrorCode(51);
     pub const BLOBS_PATH_NOT_SET: ErrorCode = ErrorCode(52);
     pub const HASHER: ErrorCode = ErrorCode(57);
     pub const ENCLAVE_NAMING: ErrorCode = ErrorCode(58);
@@ -166,9 +167,28 @@ impl Failure {
     /// Prints `[ Exx ] message` and nitro-cli's pointer to the error's documentation, and
     /// returns the E number as the exit status.
     pub fn report(&self) -> ExitCode {
+        self.report_logging_to(None)
+    }
+
+    /// As [`Failure::report`]; with `logs`, also as nitro-cli does: the error goes to
+    /// `err<RFC 3339 time>.log` there, and the message ends by naming that file (left out
+    /// when it cannot be written).
+    pub fn report_logging_to(&self, logs: Option<(&std::path::Path, &str)>) -> ExitCode {
         eprintln!("[ {} ] {}", self.code, self.message);
         eprintln!();
-        eprintln!("For more details, please visit https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#{}", self.code);
+        eprint!("For more details, please visit https://docs.aws.amazon.com/enclaves/latest/user/cli-errors.html#{}", self.code);
+        let logged = logs.and_then(|(dir, time)| {
+            let path = dir.join(format!("err{time}.log"));
+            let text = format!("  Action: {}\n  Code: {} ({})\n", self.message, self.code, self.code.name());
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, text)).ok().map(|()| path)
+        });
+        match logged {
+            Some(path) => eprintln!(
+                "\n\nIf you open a support ticket, please provide the error log found at \"{}\"",
+                path.display()
+            ),
+            None => eprintln!(),
+        }
         ExitCode::from(self.code.0)
     }
 }
