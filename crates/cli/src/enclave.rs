@@ -267,14 +267,30 @@ struct Terminated {
 pub fn terminate_enclave(args: TerminateArgs) -> Result<(), Failure> {
     let run_dir = RunDir::open()?;
     if args.all {
+        // As nitro-cli: the enclaves terminated, then a count of the enclave processes that
+        // could not be reached or did not answer, and E39 if there were any.
         let mut results = Vec::new();
+        let mut failed = 0;
         for (record, result) in client::terminate_all(&run_dir)? {
-            if result.is_ok() {
-                eprintln!("Successfully terminated enclave {}.", record.id);
+            match result {
+                Ok(()) => {
+                    eprintln!("Successfully terminated enclave {}.", record.id);
+                    results.push(Terminated { name: record.name, id: record.id, terminated: true });
+                }
+                Err(e) => {
+                    log::info!("enclave {} was not terminated: {e}", record.id);
+                    failed += 1;
+                }
             }
-            results.push(Terminated { name: record.name, id: record.id, terminated: result.is_ok() });
+        }
+        if failed > 0 {
+            eprintln!("Failed connections: {failed}");
         }
         print_json(&results);
+        if failed > 0 {
+            let message = format!("Failed to connect to {failed} enclave processes");
+            return Err(Failure::new(ErrorCode::ENCLAVE_PROCESS_CONNECTION, message));
+        }
         return Ok(());
     }
     let record = client::find(&run_dir, selector(&args.enclave_id, &args.enclave_name))?;

@@ -1025,3 +1025,34 @@ fn an_enclave_reaches_a_tcp_server_through_vsock_proxy() {
     assert!(!listener.exists(), "the proxy's socket is gone");
     host.wait_until_empty();
 }
+
+#[test]
+fn terminate_all_counts_the_enclave_processes_that_do_not_answer() {
+    if !kvm_usable("terminate_all_counts_the_enclave_processes_that_do_not_answer") {
+        return;
+    }
+    let host = Host::new("terminate-all");
+    host.development();
+    let first = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
+    let second = host.run(&["--demo", "--cpu-count", "1", "--memory", "64"]);
+    let stopped = second["ProcessID"].to_string();
+    let signal =
+        |name: &str| assert!(Command::new("kill").args([name, &stopped]).status().unwrap().success());
+    signal("-STOP");
+    let out = host.carve(&["terminate-enclave", "--all"]);
+    signal("-CONT");
+    assert_fails(&out, 39, "Failed to connect to 1 enclave processes");
+    let id = first["EnclaveID"].as_str().unwrap();
+    assert!(
+        stderr(&out).starts_with(&format!("Successfully terminated enclave {id}.\nFailed connections: 1\n")),
+        "{}",
+        stderr(&out)
+    );
+    let terminated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(terminated, serde_json::json!([{"EnclaveName": "demo", "EnclaveID": id, "Terminated": true}]));
+    // Once it answers again, it is terminated too.
+    let out = host.carve(&["terminate-enclave", "--all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()[0]["EnclaveID"], second["EnclaveID"]);
+    host.wait_until_empty();
+}

@@ -152,7 +152,7 @@ fn describe_one(run_dir: &RunDir, record: &Record) -> std::io::Result<Option<Enc
         |e: &std::io::Error| matches!(e.kind(), ConnectionRefused | ConnectionReset | BrokenPipe | NotFound);
     let attempt = || -> std::io::Result<Option<Reply>> {
         let mut stream = UnixStream::connect(run_dir.control_socket(record.slot))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.set_read_timeout(Some(ANSWER_WITHIN))?;
         send(&mut stream, &Request::Describe)?;
         receive::<Reply>(&mut BufReader::new(stream))
     };
@@ -167,11 +167,25 @@ fn describe_one(run_dir: &RunDir, record: &Record) -> std::io::Result<Option<Enc
 
 /// Terminates an enclave; returns once its process gave everything back.
 pub fn terminate(run_dir: &RunDir, record: &Record) -> Result<()> {
-    match ask(run_dir, record, &Request::Terminate, Some(Duration::from_secs(60)))? {
-        (_, Reply::Done, _) => Ok(()),
-        (_, reply, _) => Err(expect_failure(reply)),
+    // The process accepts within nitro-cli's 3 s, then takes what its VM takes to end.
+    let (stream, reply, rest) = ask(run_dir, record, &Request::Terminate, Some(ANSWER_WITHIN))?;
+    if !matches!(reply, Reply::Terminating) {
+        return Err(expect_failure(reply));
+    }
+    let not_done = |e: &dyn std::fmt::Display| {
+        Failure::new(ErrorCode::ENCLAVE_PROCESS_CONNECTION, format!("enclave {} did not end: {e}", record.id))
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| not_done(&e))?;
+    match receive::<Reply>(&mut BufReader::new(rest.as_slice().chain(&stream))) {
+        Ok(Some(Reply::Done)) => Ok(()),
+        Ok(Some(reply)) => Err(expect_failure(reply)),
+        Ok(None) => Err(not_done(&"its process closed the connection")),
+        Err(e) => Err(not_done(&e)),
     }
 }
+
+/// How long an enclave process may take to answer a question (nitro-cli's per-operation wait).
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
 
 /// Terminates every enclave this user may terminate (all of them for root); others' enclaves
 /// are skipped, as nitro-cli tolerates EACCES for `--all`.

@@ -627,6 +627,8 @@ impl Session {
                 let peer = rustix::net::sockopt::socket_peercred(&stream).map(|c| c.uid.as_raw());
                 match peer {
                     Ok(uid) if uid == 0 || uid == self.owner => {
+                        // Said at once: a process that cannot say even this is not answering.
+                        let _ = send(&mut stream, &Reply::Terminating);
                         self.terminating.store(true, Ordering::Release);
                         self.stopper.stop();
                         self.ending.wait();

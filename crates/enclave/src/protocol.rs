@@ -62,6 +62,8 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Described(Box<EnclaveState>),
+    /// A terminate was accepted; `Done` follows once the enclave is gone.
+    Terminating,
     Done,
     Ended(String),
     Failed(Failure),
