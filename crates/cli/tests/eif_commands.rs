@@ -296,6 +296,9 @@ fn docker_archive(path: &Path) {
     add(&mut lower, "escape", EntryType::Symlink, 0o777, b"", Some("/"));
     add(&mut lower, "lib", EntryType::Symlink, 0o777, b"", Some("usr/lib"));
     add(&mut lower, "etc/localtime", EntryType::Symlink, 0o777, b"", Some("/usr/share/zoneinfo/UTC"));
+    // A file under a directory no entry made, then a link in that directory's place.
+    add(&mut lower, "implied/init", EntryType::Regular, 0o755, b"not the enclave's init either", None);
+    add(&mut lower, "implied", EntryType::Symlink, 0o777, b"", Some("/"));
     let lower = lower.into_inner().unwrap();
     let mut upper = Builder::new(Vec::new());
     add(&mut upper, "etc/.wh.removed", EntryType::Regular, 0o644, b"", None);
@@ -553,6 +556,7 @@ fn container_archives_become_nitro_cli_ramdisks() {
     let customer = list_cpio(&section(&eif, 4));
     // (checked before GNU cpio unpacks it here, as the kernel would, following links)
     assert!(!customer.contains("escape/") && !customer.contains("rootfs/lib/"), "{customer}");
+    assert!(!customer.contains("implied/"), "nothing stays under a link: {customer}");
     extract_cpio(&section(&eif, 4), &dir.join("customer"));
     let root = dir.join("customer");
     assert_eq!(std::fs::read(root.join("rootfs/init")).unwrap(), b"not the enclave's init");
@@ -663,6 +667,8 @@ fn pcr_diff_names_the_sections_and_files_that_differ() {
         std::fs::create_dir_all(root.join("etc")).unwrap();
         for (path, content, mtime) in files {
             std::fs::write(root.join(path), content).unwrap();
+            std::fs::set_permissions(root.join(path), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
             let touched = Command::new("touch").args(["-d", mtime]).arg(root.join(path)).status().unwrap();
             assert!(touched.success());
         }

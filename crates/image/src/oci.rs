@@ -223,11 +223,23 @@ impl Image {
         }
         // Layers may leave out the directories their files are in; the kernel, unpacking the
         // ramdisk, makes none, so such files would silently not be there.
-        let missing: BTreeSet<String> = tree
-            .keys()
-            .flat_map(|path| path.match_indices('/').map(|(end, _)| path[..end].to_string()))
-            .filter(|dir| !tree.contains_key(dir))
-            .collect();
+        let mut missing = BTreeSet::new();
+        for path in tree.keys() {
+            for (end, _) in path.match_indices('/') {
+                match tree.get(&path[..end]).map(|node| &node.entry.kind) {
+                    None => drop(missing.insert(path[..end].to_string())),
+                    Some(Kind::Directory) => {}
+                    // (layers are applied so this cannot happen; a ramdisk must never hold it)
+                    Some(_) => {
+                        return Err(ImageError::Pull(format!(
+                            "{}: {path} is under {}, which is not a directory",
+                            self.source,
+                            &path[..end]
+                        )))
+                    }
+                }
+            }
+        }
         for dir in missing {
             let entry = CpioEntry::directory(&dir, 0o755);
             tree.insert(dir, Node { layer: self.layers.len(), entry });
@@ -297,6 +309,10 @@ impl Image {
         for entry in tar.entries().map_err(unreadable)? {
             let entry = entry.map_err(unreadable)?;
             let raw = entry.path().map_err(unreadable)?.to_string_lossy().into_owned();
+            // (the kernel's unpacker skips longer names; they would only cost time here)
+            if raw.len() > MAX_PATH || link_name(&entry).len() > MAX_PATH {
+                return Err(layer_error(format!("has a path or link longer than {MAX_PATH} bytes")));
+            }
             let escapes = |what: &str| layer_error(format!("has {what}, which escapes the image's root"));
             let path = normalize(&raw).ok_or_else(|| escapes(&format!("the path {raw:?}")))?;
             let path = resolve_parents(tree, &path).ok_or_else(|| {
@@ -307,15 +323,20 @@ impl Image {
             }
             let (parent, file) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
             if file == ".wh..wh..opq" {
-                let prefix = if parent.is_empty() { String::new() } else { format!("{parent}/") };
-                tree.retain(|p, node| !(p.starts_with(&prefix) && node.layer < index));
+                let lower: Vec<String> = under(tree, parent)
+                    .filter(|(_, node)| node.layer < index)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for path in lower {
+                    tree.remove(&path);
+                }
                 continue;
             }
             if let Some(hidden) = file.strip_prefix(".wh.") {
                 let target =
                     if parent.is_empty() { hidden.to_string() } else { format!("{parent}/{hidden}") };
-                let prefix = format!("{target}/");
-                tree.retain(|p, _| p != &target && !p.starts_with(&prefix));
+                remove_under(tree, &target);
+                tree.remove(&target);
                 continue;
             }
             let header = entry.header();
@@ -362,17 +383,16 @@ impl Image {
                 _ => continue,
             };
             // As Docker unpacks a layer: a directory over a directory only takes its mode;
-            // anything else replaces what was there, a directory with everything under it.
+            // anything else replaces what was there. Nothing stays under a non-directory — not
+            // even files of a parent no entry had made: `a/init` then `a -> /` would otherwise
+            // have the kernel write through the link over the enclave's /init.
             match (tree.get_mut(&path), &kind) {
                 (Some(existing), Kind::Directory) if matches!(existing.entry.kind, Kind::Directory) => {
                     existing.entry.mode = mode;
                     continue;
                 }
-                (Some(existing), _) if matches!(existing.entry.kind, Kind::Directory) => {
-                    let prefix = format!("{path}/");
-                    tree.retain(|p, _| !p.starts_with(&prefix));
-                }
-                _ => {}
+                (_, Kind::Directory) => {}
+                _ => remove_under(tree, &path),
             }
             let entry = CpioEntry {
                 name: path.clone(),
@@ -422,38 +442,73 @@ fn normalize(path: &str) -> Option<String> {
 /// `x/init` would have the kernel, unpacking the ramdisk, write through the link over the
 /// enclave's own `/init`. `None` for a loop of links.
 fn resolve_parents(tree: &BTreeMap<String, Node>, path: &str) -> Option<String> {
-    let mut resolved: Vec<&str> = Vec::new();
+    let mut resolved = String::new();
+    // Where each component of `resolved` starts, to go back one for `..`.
+    let mut starts: Vec<usize> = Vec::new();
     let mut pending: VecDeque<&str> = path.split('/').collect();
     let mut links = 0;
     while let Some(component) = pending.pop_front() {
         match component {
             "" | "." => continue,
             ".." => {
-                resolved.pop();
+                if let Some(start) = starts.pop() {
+                    resolved.truncate(start.saturating_sub(1));
+                }
                 continue;
             }
-            name => resolved.push(name),
+            name => {
+                starts.push(if resolved.is_empty() { 0 } else { resolved.len() + 1 });
+                if !resolved.is_empty() {
+                    resolved.push('/');
+                }
+                resolved.push_str(name);
+            }
         }
         // The last component is the entry itself, never followed.
         if pending.iter().all(|c| c.is_empty() || *c == ".") {
             break;
         }
-        if let Some(Kind::Symlink(target)) = tree.get(&resolved.join("/")).map(|n| &n.entry.kind) {
+        if let Some(Kind::Symlink(target)) = tree.get(&resolved).map(|n| &n.entry.kind) {
             links += 1;
             if links > MAX_LINKS {
                 return None;
             }
-            resolved.pop();
+            let start = starts.pop().unwrap_or(0);
+            resolved.truncate(start.saturating_sub(1));
             if target.starts_with('/') {
                 resolved.clear();
+                starts.clear();
             }
             for part in target.split('/').rev() {
                 pending.push_front(part);
             }
         }
     }
-    Some(resolved.join("/"))
+    Some(resolved)
 }
+
+/// The entries under directory `dir` ("" for the root), in order.
+fn under<'a>(tree: &'a BTreeMap<String, Node>, dir: &str) -> impl Iterator<Item = (&'a String, &'a Node)> {
+    // Paths under `dir/` sort between `dir/` and `dir0` ('0' follows '/').
+    let (from, to) =
+        if dir.is_empty() { (String::new(), None) } else { (format!("{dir}/"), Some(format!("{dir}0"))) };
+    let range = match to {
+        Some(to) => tree.range(from..to),
+        None => tree.range(from..),
+    };
+    range
+}
+
+/// Removes everything under `path`, not `path` itself.
+fn remove_under(tree: &mut BTreeMap<String, Node>, path: &str) {
+    let below: Vec<String> = under(tree, path).map(|(p, _)| p.clone()).collect();
+    for p in below {
+        tree.remove(&p);
+    }
+}
+
+/// Linux's PATH_MAX: longer names and link targets are refused.
+const MAX_PATH: usize = 4096;
 
 /// Links followed for one path before it counts as a loop (Linux's own limit).
 const MAX_LINKS: usize = 40;
