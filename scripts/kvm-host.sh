@@ -125,7 +125,7 @@ trap '[[ -n ${CARVE_KVM_HOST_KEEP:-} ]] || rm -rf "$results"' EXIT
     printf 'cd %q || exit 125\n' "$PWD"
     # A living host says so every 10 s, through QEMU's 9p server, whatever CMD prints: --stall
     # tells a frozen host from a command that is quiet for a while.
-    ((stall == 0)) || printf '(while touch "$KVM_HOST_RESULTS/alive"; do sleep 10; done) </dev/null >/dev/null 2>&1 &\n'
+    ((stall == 0)) || printf '(while :; do touch "$KVM_HOST_RESULTS/alive"; sleep 10; done) </dev/null >/dev/null 2>&1 &\n'
     printf 'exec'
     printf ' %q' "$@"
     echo
