@@ -133,7 +133,7 @@ fn main() -> ExitCode {
     match (result, nitro) {
         (Ok(()), _) => ExitCode::SUCCESS,
         (Err(error), Some(nitro)) => {
-            log::error!("{}: {}", error.code, error.message);
+            nitro.log_failure(&error);
             error.report_logging_to(Some((nitro.logs(), &carve_eif::metadata::rfc3339_now())))
         }
         (Err(error), None) => error.report(),
@@ -176,6 +176,10 @@ fn run_as_vsock_proxy() -> ExitCode {
         .version(vsock_proxy::VERSION);
     let matches = command.get_matches();
     let cli = vsock_proxy::VsockProxyCli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Where nitro-cli's enclaves are, when carve runs them as nitro-cli with that override.
+    if let Some(sockets) = std::env::var_os("NITRO_CLI_SOCKETS_PATH").filter(|s| !s.is_empty()) {
+        std::env::set_var("CARVE_RUN_DIR", sockets);
+    }
     let level = std::env::var("RUST_LOG").ok().and_then(|l| logger::parse_level(&l).ok());
     logger::init(level.unwrap_or(log::LevelFilter::Error));
     vsock_proxy::run(cli.args)

@@ -49,4 +49,19 @@ impl NitroCli {
         std::fs::create_dir_all(&self.logs).ok()?;
         std::fs::File::options().create(true).append(true).open(self.logs.join(LOG_FILE)).ok()
     }
+
+    /// A failure, into nitro-cli's log only (standard error gets nitro-cli's `[ Exx ]` lines).
+    pub fn log_failure(&self, failure: &Failure) {
+        if let Some(mut file) = self.log_file() {
+            let line = format!(
+                "[nitro-cli][ERROR][{}][{}:{}] {}: {}\n",
+                carve_eif::metadata::rfc3339_now(),
+                file!(),
+                line!(),
+                failure.code,
+                failure.message
+            );
+            let _ = std::io::Write::write_all(&mut file, line.as_bytes());
+        }
+    }
 }

@@ -80,17 +80,19 @@ fn start(args: ProxyArgs) -> Result<Never, String> {
     let run_dir = RunDir::open().map_err(|e| format!("Could not listen for connections: {e}"))?;
     let listener = vsock_proxy::listen(&run_dir, config.local_port)
         .map_err(|e| format!("Could not listen for connections: {e}"))?;
-    remove_socket_on_signals(listener.path().to_path_buf());
+    remove_on_signals(listener.files());
     Err(vsock_proxy::serve(&listener, &config))
 }
 
-/// A proxy stopped by SIGINT, SIGTERM or SIGHUP takes its socket file with it.
-fn remove_socket_on_signals(path: PathBuf) {
+/// A proxy stopped by SIGINT, SIGTERM or SIGHUP takes its files with it.
+fn remove_on_signals(files: [PathBuf; 2]) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else { return };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            let _ = std::fs::remove_file(&path);
+            for file in &files {
+                let _ = std::fs::remove_file(file);
+            }
             std::process::exit(128 + signal);
         }
     });

@@ -28,6 +28,10 @@ impl Host {
     fn command(&self, program: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(program);
         command.args(args).env("CARVE_RUN_DIR", &self.run_dir).env("CARVE_STATE_DIR", &self.state_dir);
+        // As nitro-cli, carve would log under /var/log and look for sockets where these say.
+        command
+            .env("NITRO_CLI_LOGS_PATH", self.run_dir.with_file_name("nitro-logs"))
+            .env_remove("NITRO_CLI_SOCKETS_PATH");
         command
     }
 

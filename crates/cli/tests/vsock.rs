@@ -47,8 +47,14 @@ fn guest_and_host_exchange_data_both_ways_over_hybrid_vsock() {
     let (conn, from) = parent.accept().unwrap();
     let from = std::os::linux::net::SocketAddrExt::as_abstract_name(&from).map(String::from_utf8_lossy);
     let from = from.expect("the connection is named").into_owned();
-    let guest_port = from.strip_prefix("carve/vsock/7/").and_then(|rest| rest.strip_suffix("/9000"));
-    assert!(guest_port.is_some_and(|p| p.parse::<u32>().is_ok()), "named {from}");
+    let fields: Vec<&str> = from.strip_prefix("carve/vsock/").unwrap_or_default().split('/').collect();
+    assert_eq!(fields.len(), 4, "named {from}");
+    assert_eq!(
+        (fields[0], fields[2], fields[3]),
+        ("7", "9000", vm.pid().to_string().as_str()),
+        "named {from}"
+    );
+    assert!(fields[1].parse::<u32>().is_ok(), "named {from}");
     conn.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut hello = String::new();

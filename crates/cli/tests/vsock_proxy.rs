@@ -28,6 +28,7 @@ impl Setup {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(self.dir.join("vsock-proxy"));
         command.args(args).env("CARVE_RUN_DIR", self.dir.join("run")).env("RUST_LOG", "info");
+        command.env_remove("NITRO_CLI_SOCKETS_PATH");
         command
     }
 
@@ -76,6 +77,7 @@ impl Proxy {
         self.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
         assert_eq!(status.code(), Some(128 + 15), "{log}");
         assert!(!self.socket.exists(), "the proxy takes its socket with it");
+        assert!(!self.socket.with_extension("lock").exists(), "and its lock");
         log
     }
 }

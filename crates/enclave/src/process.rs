@@ -148,7 +148,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let ca = carve_nsm::pki::state_dir()
         .and_then(|dir| carve_nsm::pki::CertificateAuthority::open(&dir))
         .map_err(|e| {
-            Failure::new(ErrorCode::UNSPECIFIED, format!("cannot open carve's attestation CA: {e}"))
+            Failure::new(ErrorCode::FILE_OPERATION, format!("cannot open carve's attestation CA: {e}"))
         })?;
     let config = VmConfig {
         cmdline: String::new(),
@@ -181,7 +181,7 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
     let vm = thread::Builder::new()
         .name("carve-vm".into())
         .spawn(move || vm.run())
-        .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot start the VM thread: {e}")))?;
+        .map_err(|e| Failure::new(ErrorCode::PROCESS_SPAWN, format!("cannot start the VM thread: {e}")))?;
     // The VM has its copy; the CLI may replace or remove the file now.
     drop(image.file);
 
@@ -348,12 +348,14 @@ fn image_path(image: &File) -> PathBuf {
 /// clean up, whatever happens).
 fn open_image(request: &LaunchRequest, demo_image: &[u8]) -> Result<(File, String)> {
     if request.demo {
-        let fd = rustix::fs::memfd_create("carve-demo.eif", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+        let fd =
+            rustix::fs::memfd_create("carve-demo.eif", rustix::fs::MemfdFlags::CLOEXEC).map_err(|e| {
+                Failure::new(ErrorCode::FILE_OPERATION, format!("cannot hold the demo image: {e}"))
+            })?;
         let mut file = File::from(fd);
-        file.write_all(demo_image)
-            .and_then(|()| file.rewind())
-            .map_err(|e| Failure::new(ErrorCode::UNSPECIFIED, format!("cannot hold the demo image: {e}")))?;
+        file.write_all(demo_image).and_then(|()| file.rewind()).map_err(|e| {
+            Failure::new(ErrorCode::FILE_OPERATION, format!("cannot hold the demo image: {e}"))
+        })?;
         return Ok((file, "the demo enclave image".into()));
     }
     let path = request.args.eif_path();
@@ -628,7 +630,11 @@ impl Session {
                 match peer {
                     Ok(uid) if uid == 0 || uid == self.owner => {
                         // Said at once: a process that cannot say even this is not answering.
-                        let _ = send(&mut stream, &Reply::Terminating);
+                        // A client that gave up waiting (this process was stopped) is gone, and
+                        // so is its request: nobody hears the enclave was terminated.
+                        if send(&mut stream, &Reply::Terminating).is_err() {
+                            return;
+                        }
                         self.terminating.store(true, Ordering::Release);
                         self.stopper.stop();
                         self.ending.wait();

@@ -113,38 +113,67 @@ fn first_address(host: &str, family: IpFamily) -> Result<IpAddr, String> {
 }
 
 /// The listener for every enclave's connections to parent port `port`, in `run_dir`, open to
-/// every enclave process (nitro-cli's sockets are 0766 too). A socket file nobody listens on is
-/// taken over.
+/// every enclave process (nitro-cli's sockets are 0766 too). A lock file held for the
+/// listener's life tells a live proxy from a socket file a killed one left (taken over); the
+/// socket is bound under a name of its own and moved into place once it listens, so nothing
+/// connecting sees it before.
 pub fn listen(run_dir: &RunDir, port: u32) -> Result<Listener, String> {
     let path = run_dir::port_socket(&run_dir.shared_vsock_prefix(), port);
-    let bound = carve_virtio::vsock::bind_reclaiming_stale(&path).and_then(|listener| {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o766))?;
+    let lock_path = path.with_extension("lock");
+    let failed = |e: &dyn std::fmt::Display| {
+        format!("Could not bind to cid: 3 port: {port} ({}: {e})", path.display())
+    };
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| failed(&e))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(failed(&"another vsock-proxy serves this port"));
+    }
+    let binding = path.with_extension(format!("binding.{}", std::process::id()));
+    let _ = std::fs::remove_file(&binding);
+    let bound = UnixListener::bind(&binding).and_then(|listener| {
+        std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(0o766))?;
+        std::fs::rename(&binding, &path)?;
         Ok(listener)
     });
     match bound {
         Ok(listener) => {
-            log::info!("Bound to cid: 3 port: {port}");
-            Ok(Listener { listener, path })
+            log::info!("Bound to cid: 3 port: {port} ({})", path.display());
+            Ok(Listener { listener, path, lock_path, _lock: lock })
         }
-        Err(e) => Err(format!("Could not bind to cid: 3 port: {port} ({}: {e})", path.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&binding);
+            Err(failed(&e))
+        }
     }
 }
 
-/// A bound proxy listener; its socket file goes when it does.
+/// A bound proxy listener; its socket and lock files go when it does.
 pub struct Listener {
     listener: UnixListener,
     path: PathBuf,
+    lock_path: PathBuf,
+    _lock: std::fs::File,
 }
 
 impl Listener {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The files it made: its socket and its lock.
+    pub fn files(&self) -> [PathBuf; 2] {
+        [self.path.clone(), self.lock_path.clone()]
+    }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
     }
 }
 
@@ -160,18 +189,19 @@ fn enclave_end(stream: &UnixStream) -> String {
     }
 }
 
-/// Serves forever: each accepted connection, to a worker once one is free (the rest queue),
-/// relayed to the remote resolved again for it. Returns only when accepting fails.
+/// Serves forever: each accepted connection goes to a worker once one is free (a bounded
+/// number wait; past that, accepting waits too and the kernel's backlog holds the rest), and is
+/// relayed to the remote, resolved again for it. Returns only when accepting fails for good.
 pub fn serve(listener: &Listener, config: &ProxyConfig) -> String {
     log::info!("Proxy is now in listening state");
-    let (queue, jobs) = mpsc::channel::<(UnixStream, String, SocketAddr)>();
+    let (queue, jobs) = mpsc::sync_channel::<(UnixStream, String)>(config.workers.saturating_mul(16));
     let jobs = Arc::new(Mutex::new(jobs));
     for n in 0..config.workers {
-        let jobs = jobs.clone();
+        let (jobs, config) = (jobs.clone(), config.clone());
         let spawned = std::thread::Builder::new().name(format!("vsock-proxy-{n}")).spawn(move || loop {
             let job = jobs.lock().map(|jobs| jobs.recv());
             match job {
-                Ok(Ok((client, from, remote))) => relay_one(client, &from, remote),
+                Ok(Ok((client, from))) => relay_one(client, &from, &config),
                 _ => return,
             }
         });
@@ -183,19 +213,19 @@ pub fn serve(listener: &Listener, config: &ProxyConfig) -> String {
         let client = match listener.listener.accept() {
             Ok((client, _)) => client,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // Out of descriptors or a connection gone before it was taken: this one is lost,
+            // the proxy is not.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ECONNABORTED)) => {
+                log::warn!("Could not accept a connection: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
             Err(e) => return format!("Could not accept connection: {e}"),
         };
         let from = enclave_end(&client);
         log::info!("Accepted connection on {from}");
-        // Resolved for each connection (a name's addresses may change); vsock-proxy caches
-        // them for the record's TTL and exits when a lookup fails, carve refuses that one.
-        match first_address(&config.remote_addr, config.family) {
-            Ok(ip) => {
-                let _ = queue.send((client, from, SocketAddr::new(ip, config.remote_port)));
-            }
-            Err(e) => {
-                log::error!("Could not resolve {}: {e}; connection from {from} closed", config.remote_addr)
-            }
+        if queue.send((client, from)).is_err() {
+            return "Could not accept connection: no worker is left".into();
         }
     }
 }
@@ -203,7 +233,16 @@ pub fn serve(listener: &Listener, config: &ProxyConfig) -> String {
 /// How long a connect to the remote may take before the enclave's connection is given up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn relay_one(client: UnixStream, from: &str, remote: SocketAddr) {
+fn relay_one(client: UnixStream, from: &str, config: &ProxyConfig) {
+    // Resolved for each connection (a name's addresses may change); vsock-proxy caches them for
+    // the record's TTL and exits when a lookup fails, carve closes that one connection.
+    let remote = match first_address(&config.remote_addr, config.family) {
+        Ok(ip) => SocketAddr::new(ip, config.remote_port),
+        Err(e) => {
+            log::error!("Could not resolve {}: {e}; connection from {from} closed", config.remote_addr);
+            return;
+        }
+    };
     let server = match TcpStream::connect_timeout(&remote, CONNECT_TIMEOUT) {
         Ok(server) => server,
         Err(e) => {

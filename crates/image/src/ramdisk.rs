@@ -16,6 +16,8 @@ const HEADER_LEN: usize = 110;
 const TRAILER: &str = "TRAILER!!!";
 /// Longer names or link targets than Linux's PATH_MAX are refused.
 const MAX_NAME: usize = 4096;
+/// Entries read from one ramdisk at most (a listing is kept in memory).
+const MAX_ENTRIES: usize = 1 << 20;
 
 /// One file of a ramdisk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub enum RamdiskError {
     BadName { index: usize, len: usize },
     #[error("the ramdisk ends inside entry {index}")]
     Truncated { index: usize },
+    #[error("the ramdisk has more than {MAX_ENTRIES} entries")]
+    TooManyEntries,
 }
 
 /// The files of the cpio archive(s) in `input`, in archive order (a later entry of the same path
@@ -81,6 +85,9 @@ pub fn list(input: impl Read) -> Result<Vec<RamdiskFile>, RamdiskError> {
         };
         if !next {
             return Ok(files);
+        }
+        if index == MAX_ENTRIES {
+            return Err(RamdiskError::TooManyEntries);
         }
         let file = read_entry(&mut input, &mut offset, index)?;
         index += 1;

@@ -72,10 +72,17 @@ const CODES: &[(u8, &str, &str)] = &[
     (60, "EIFSigningError", "The image could not be signed: an unreadable or unsupported key or certificate, or a key that does not match the certificate."),
 ];
 
-/// A nitro-cli E-code (`E00`–`E60`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A nitro-cli E-code (`E00`–`E60`); as data, its number (numbers nitro-cli does not define
+/// read as E00).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ErrorCode(u8);
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<ErrorCode, D::Error> {
+        u8::deserialize(deserializer).map(ErrorCode::from_number)
+    }
+}
 
 impl ErrorCode {
     pub const UNSPECIFIED: ErrorCode = ErrorCode(0);
@@ -189,7 +196,8 @@ impl Failure {
             ),
             None => eprintln!(),
         }
-        ExitCode::from(self.code.0)
+        // (nitro-cli exits 0 for E00, its catch-all; a failure never does here)
+        ExitCode::from(self.code.0.max(1))
     }
 }
 

@@ -38,7 +38,12 @@ pub fn qemu_tcg_host() -> bool {
 }
 
 pub fn carve(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_carve")).args(args).output().expect("carve runs")
+    // (the reproducible-builds convention would pin the build time tests compare)
+    Command::new(env!("CARGO_BIN_EXE_carve"))
+        .args(args)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .expect("carve runs")
 }
 
 /// `carve ARGS`, killed after `limit` (status 124, as coreutils' timeout reports it): for guests
@@ -139,6 +144,11 @@ impl Vm {
             .spawn()
             .expect("carve starts");
         Vm(Some(child))
+    }
+
+    /// The carve process's ID.
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
     }
 
     pub fn wait(mut self) -> std::process::Output {

@@ -419,7 +419,9 @@ impl VsockBackend {
         // Connecting to a listening Unix socket completes at once or fails (then RST), and never
         // waits: a listener whose backlog the guest filled must not stall the event loop. This
         // VM's own listener for the port comes first, then the one shared by every VM.
-        let from = format!("carve/vsock/{}/{}/{}", self.cid, key.guest_port, key.host_port);
+        // (the process ID keeps two VMs given the same CID apart)
+        let from =
+            format!("carve/vsock/{}/{}/{}/{}", self.cid, key.guest_port, key.host_port, std::process::id());
         let connected = connect_nonblocking(&port_path(&self.uds, key.host_port), &from).or_else(|e| {
             match &self.shared_listeners {
                 Some(shared) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
@@ -780,7 +782,7 @@ fn read_host_data<B: BitmapSlice>(
 
 /// A non-blocking connection to the Unix listener at `path` (EAGAIN when its backlog is full),
 /// made from the abstract address `from` when that is free, so that the listener's accept(2)
-/// learns which guest end the connection is (two VMs given the same CID leave it unnamed).
+/// learns which guest end the connection is (a name taken leaves it unnamed).
 fn connect_nonblocking(path: &Path, from: &str) -> std::io::Result<UnixStream> {
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
@@ -836,7 +838,7 @@ fn header_of<B: BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
 
 /// Binds a Unix listener at `path`, taking the place of a socket file nobody listens on (left by
 /// a killed process); a live listener there is `AddrInUse`.
-pub fn bind_reclaiming_stale(path: &std::path::Path) -> std::io::Result<UnixListener> {
+fn bind_reclaiming_stale(path: &std::path::Path) -> std::io::Result<UnixListener> {
     match UnixListener::bind(path) {
         Err(e) if e.kind() == ErrorKind::AddrInUse => match UnixStream::connect(path) {
             Err(refused) if refused.kind() == ErrorKind::ConnectionRefused => {

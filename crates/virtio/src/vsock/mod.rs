@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::link::{command_channel, Command, CommandSender};
 use crate::{ActivateError, DeviceSignals, VirtioDevice, VIRTIO_F_VERSION_1};
-pub use backend::{bind_reclaiming_stale, VsockBackend, VsockStats};
+pub use backend::{VsockBackend, VsockStats};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// The parent's CID, as on Nitro: guests reach host sockets here.
