@@ -188,6 +188,56 @@ fn a_loopback_registry_that_speaks_tls_is_pulled_over_https() {
     pcrs(&build(&dir, &format!("{}/app:1", registry.address), &dir.join("app.eif"), &[]));
 }
 
+#[test]
+fn a_registry_on_the_insecure_list_is_reached_over_http_and_no_other() {
+    // A registry under a name, not a loopback address: build-enclave runs in a private mount
+    // namespace whose /etc/hosts maps the name to 127.0.0.1 and whose /etc/docker is the test's
+    // (root, as the suite runs; docker-registry's package makes /etc/docker).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED a_registry_on_the_insecure_list_is_reached_over_http: needs root");
+        return;
+    }
+    let dir = fresh_dir("registry-insecure");
+    let registry = Registry::start(&dir.join("registry"), None);
+    let mut layout = OciLayout::new(&dir.join("layout"));
+    push_app(&mut layout, &registry, "team/app:1");
+    let port = registry.address.rsplit(':').next().unwrap();
+    let named = format!("registry.carve-test:{port}");
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost registry.carve-test\n").unwrap();
+    let eif = dir.join("app.eif");
+    // `daemon_json`: Docker's own list, as /etc/docker/daemon.json in that namespace.
+    let build_named = |insecure: &str, daemon_json: &str| {
+        let daemon = dir.join("daemon.json");
+        std::fs::write(&daemon, daemon_json).unwrap();
+        let script = format!(
+            "mount --bind {} /etc/hosts && mount -t tmpfs none /etc/docker && cp {} /etc/docker/daemon.json && exec \"$0\" \"$@\"",
+            hosts.display(),
+            daemon.display()
+        );
+        Command::new("unshare")
+            .args(["--mount", "sh", "-c", &script, env!("CARGO_BIN_EXE_carve")])
+            .args(["build-enclave", "--docker-uri", &format!("{named}/team/app:1")])
+            .args(["--output-file", eif.to_str().unwrap(), "--blobs-dir", blobs(&dir).to_str().unwrap()])
+            .env("DOCKER_CONFIG", dir.join("docker"))
+            .env("DOCKER_HOST", format!("unix://{}", dir.join("no-daemon.sock").display()))
+            .env("CARVE_INSECURE_REGISTRIES", insecure)
+            .output()
+            .unwrap()
+    };
+    // Not listed: https only, which this registry does not speak.
+    assert_refused(&build_named("other.example:5000", "{}"), 50, &eif, "cannot pull");
+    // Listed, by carve's variable or by Docker's daemon.json: plain http after https fails, as
+    // Docker does.
+    let out = build_named(&format!("other.example:5000, {named}"), "{}");
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(&eif).unwrap();
+    let out = build_named("", &format!("{{\"insecure-registries\": [\"{named}\"]}}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(eif.exists());
+}
+
 /// A GET on the registry's HTTP API (the test's own view of what skopeo pushed).
 fn http_get(address: &str, path: &str, accept: &str) -> String {
     use std::io::{Read, Write};
