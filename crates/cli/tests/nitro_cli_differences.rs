@@ -71,6 +71,11 @@ impl Carve {
         self.ok(&["allocator", "--config", config.to_str().unwrap()]);
     }
 
+    /// run-enclave of `eif` on one CPU with 64 MiB.
+    fn run_enclave(&self, eif: &Path) -> Output {
+        self.run(&["run-enclave", "--eif-path", eif.to_str().unwrap(), "--cpu-count", "1", "--memory", "64"])
+    }
+
     fn demo_eif(&self) -> PathBuf {
         let eif = self.root.join("demo.eif");
         self.ok(&["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()]);
@@ -103,15 +108,7 @@ fn difference_crc_mismatch_is_refused() {
     let at = bytes.windows(13).position(|w| w == b"console=ttyS0").unwrap();
     bytes[at + 12] = b'1';
     std::fs::write(&eif, bytes).unwrap();
-    let out = carve.run(&[
-        "run-enclave",
-        "--eif-path",
-        eif.to_str().unwrap(),
-        "--cpu-count",
-        "1",
-        "--memory",
-        "64",
-    ]);
+    let out = carve.run_enclave(&eif);
     assert_code(&out, 35, "the image's CRC does not match");
 }
 
@@ -130,15 +127,7 @@ fn difference_expired_certificate_is_e59() {
         "--private-key",
         &key,
     ]);
-    let out = carve.run(&[
-        "run-enclave",
-        "--eif-path",
-        eif.to_str().unwrap(),
-        "--cpu-count",
-        "1",
-        "--memory",
-        "64",
-    ]);
+    let out = carve.run_enclave(&eif);
     assert_code(&out, 59, "the signing certificate is expired or not yet valid (valid from");
 }
 

@@ -277,8 +277,9 @@ fn time(seconds: u32) -> String {
     carve_eif::metadata::rfc3339(u64::from(seconds))
 }
 
+/// The first bytes of a digest, enough to tell two apart.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() + "…"
+    carve_eif::measure::hex(bytes) + "…"
 }
 
 #[cfg(test)]
