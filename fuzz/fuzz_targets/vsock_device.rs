@@ -3,6 +3,7 @@
 //! loop run between them. Never a panic, never a hang.
 #![no_main]
 
+use carve_virtio::GuestRam;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use carve_virtio::vsock::Vsock;
 use carve_virtio::InterruptLine;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: usize = 1 << 20;
 /// Queue i: descriptors at 0x1000*(1+3i), avail +0x1000, used +0x2000.
@@ -37,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::remove_file(&peer_path);
     let _peer = UnixListener::bind(&peer_path).unwrap();
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let (device, backend) = Vsock::new(5, uds.clone(), None, mem.clone()).unwrap();
     let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
     events.add_subscriber(Box::new(backend));

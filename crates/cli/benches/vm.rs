@@ -11,6 +11,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use carve_virtio::GuestRam;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -19,7 +20,7 @@ use carve_guest_images::{path as guest, Format};
 use common::{interleaved, median};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const PIO_EXITS: u64 = 100_000;
 const RUNS: usize = 11;
@@ -223,7 +224,7 @@ fn time(f: impl FnOnce()) -> f64 {
 fn raw_pio_loop(count: u64) -> f64 {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     register(&vm, &mem);
     // mov ecx, count; l: out 0x80, al; dec ecx; jnz l; hlt
     let mut code = vec![0x66, 0xb9];
@@ -255,7 +256,7 @@ fn raw_pio_loop(count: u64) -> f64 {
 fn raw_guest_loop(elf: &Path, count: u64, irqchip: bool) -> f64 {
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
     register(&vm, &mem);
     if irqchip {
         vm.set_tss_address(0xfffb_d000).unwrap();
@@ -294,7 +295,7 @@ fn run_to_debug_exit(vcpu: &mut kvm_ioctls::VcpuFd) {
     }
 }
 
-fn register(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) {
+fn register(vm: &kvm_ioctls::VmFd, mem: &GuestRam) {
     for (slot, region) in mem.iter().enumerate() {
         use vm_memory::GuestMemoryRegion;
         let host = mem.get_host_address(region.start_addr()).unwrap();
@@ -319,7 +320,7 @@ fn raw_boot(elf: &Path, irqchip: bool) {
     use linux_loader::loader::{elf::Elf, KernelLoader};
     let kvm = Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
     register(&vm, &mem);
     if irqchip {
         vm.create_irq_chip().unwrap();

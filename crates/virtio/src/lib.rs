@@ -16,6 +16,11 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+/// Guest RAM as every part of carve sees it: vm-memory's mmap backend with a dirty bitmap per
+/// region, so the pages carve's own devices write are known alongside KVM's dirty log (which
+/// sees only the guest's writes).
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x (little-endian, modern layout).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 

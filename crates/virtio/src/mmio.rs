@@ -5,10 +5,10 @@
 //! does out of order is ignored (or fails FEATURES_OK / sets DEVICE_NEEDS_RESET) and reported
 //! once; nothing the driver writes stops the VMM.
 
+use crate::GuestRam;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::fault::FaultLog;
 use crate::{DeviceSignals, InterruptLine, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -59,7 +59,7 @@ pub mod status {
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     signals: Arc<DeviceSignals>,
     status: u32,
     device_features_sel: u32,
@@ -72,7 +72,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, line: Arc<dyn InterruptLine>) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestRam, line: Arc<dyn InterruptLine>) -> Self {
         let queues = device
             .queue_max_sizes()
             .iter()

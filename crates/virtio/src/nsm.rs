@@ -9,6 +9,7 @@
 //! [`NsmDevice`] is what the transport holds; [`NsmBackend`] runs on the VMM's event loop, owns
 //! the queue once the driver is ready and answers through [`carve_nsm::Nsm`].
 
+use crate::GuestRam;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use carve_nsm::protocol::{ErrorCode, Response, MAX_REQUEST, RESPONSE_BUFFER};
 use carve_nsm::Nsm;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,7 +47,7 @@ pub struct NsmDevice {
 
 impl NsmDevice {
     /// Creates the device and its backend answering with `nsm`.
-    pub fn new(nsm: Nsm, mem: GuestMemoryMmap) -> std::io::Result<(NsmDevice, NsmBackend)> {
+    pub fn new(nsm: Nsm, mem: GuestRam) -> std::io::Result<(NsmDevice, NsmBackend)> {
         let notifier = EventFd::new(libc::EFD_NONBLOCK)?;
         let (commands, receiver) = command_channel()?;
         let backend = NsmBackend {
@@ -110,7 +111,7 @@ struct Active {
 /// The NSM device's event-loop half.
 pub struct NsmBackend {
     nsm: Nsm,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     notifier: EventFd,
     commands: CommandReceiver,
     active: Option<Active>,
@@ -189,7 +190,7 @@ impl NsmBackend {
 
     /// Takes one chain; returns the chains to give back, in order, with the bytes written to each
     /// (none while a lone request waits for its response buffer).
-    fn answer(&mut self, head: u16, chain: DescriptorChain<&GuestMemoryMmap>) -> Vec<(u16, usize)> {
+    fn answer(&mut self, head: u16, chain: DescriptorChain<&GuestRam>) -> Vec<(u16, usize)> {
         let layout = match self.layout(chain) {
             Ok(layout) => layout,
             Err(what) => {
@@ -262,7 +263,7 @@ impl NsmBackend {
         self.write_response(layout, &response)
     }
 
-    fn layout(&self, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Layout, String> {
+    fn layout(&self, chain: DescriptorChain<&GuestRam>) -> Result<Layout, String> {
         let mut layout = Layout::default();
         for descriptor in chain {
             let (addr, len) = (descriptor.addr(), descriptor.len() as usize);

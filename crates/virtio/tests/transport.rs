@@ -1,12 +1,13 @@
 //! The virtio-mmio transport against driver mistakes, with the real vsock device behind it.
 
+use carve_virtio::GuestRam;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use carve_virtio::mmio::{reg, status, MmioTransport};
 use carve_virtio::vsock::{Vsock, VsockBackend};
 use carve_virtio::InterruptLine;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 #[derive(Default)]
 struct CountingLine(AtomicU32);
@@ -21,7 +22,7 @@ fn transport(name: &str) -> (MmioTransport, VsockBackend, Arc<CountingLine>) {
     std::fs::create_dir_all(&dir).unwrap();
     let uds = dir.join(name);
     let _ = std::fs::remove_file(&uds);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let (device, backend) = Vsock::new(9, uds, None, mem.clone()).unwrap();
     let line = Arc::new(CountingLine::default());
     (MmioTransport::new(Box::new(device), mem, line.clone()), backend, line)
@@ -188,7 +189,7 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     use std::os::unix::net::UnixListener;
     let dir = std::env::temp_dir().join(format!("carve-transport-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 
     let stale = dir.join("stale.sock");
     let _ = std::fs::remove_file(&stale);

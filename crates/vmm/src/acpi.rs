@@ -2,6 +2,7 @@
 //! virtio-mmio device as `LNRO0005` with its window and interrupt, so kernels find them without
 //! `virtio_mmio.device=` on the command line (which needs VIRTIO_MMIO_CMDLINE_DEVICES).
 
+use crate::memory::GuestRam;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -9,7 +10,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::i8042::{I8042_BASE, RESET_COMMAND};
 use crate::devices::virtio::VirtioSlot;
@@ -30,7 +31,7 @@ pub enum AcpiError {
 }
 
 /// Writes every table and returns the RSDP's address (also found by the BIOS-area scan).
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8, virtio: &[VirtioSlot]) -> Result<GuestAddress, AcpiError> {
+pub fn write(mem: &GuestRam, vcpus: u8, virtio: &[VirtioSlot]) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter { mem, next: ACPI_START + Rsdp::len() as u64 };
 
     let dsdt = writer.put(dsdt(virtio).as_slice())?;
@@ -94,7 +95,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 
 /// Places tables one after another after the RSDP, 8-byte aligned.
 struct TableWriter<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
     next: u64,
 }
 
@@ -116,7 +117,7 @@ mod tests {
     use super::*;
     use vm_memory::GuestMemoryBackend;
 
-    fn table_at(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+    fn table_at(mem: &GuestRam, addr: u64) -> Vec<u8> {
         let mut header = [0u8; 8];
         mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;

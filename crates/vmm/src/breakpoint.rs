@@ -11,9 +11,10 @@
 //! gate into the current code segment at the current privilege level, on the current stack or
 //! an IST stack. Anything else is left to the crash report.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::x86::{EFER_LMA, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF};
 
@@ -41,7 +42,7 @@ pub enum BreakpointError {
 /// Linear-to-physical translation plus guest memory: what delivery touches.
 pub trait GuestView {
     fn translate(&self, linear: u64) -> Option<u64>;
-    fn memory(&self) -> &GuestMemoryMmap;
+    fn memory(&self) -> &GuestRam;
 
     fn read_u64(&self, linear: u64) -> Result<u64, BreakpointError> {
         let mut bytes = [0u8; 8];
@@ -74,7 +75,7 @@ pub trait GuestView {
 
 struct Vcpu<'a> {
     fd: &'a VcpuFd,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestRam,
 }
 
 impl GuestView for Vcpu<'_> {
@@ -83,13 +84,13 @@ impl GuestView for Vcpu<'_> {
         (t.valid != 0).then_some(t.physical_address)
     }
 
-    fn memory(&self) -> &GuestMemoryMmap {
+    fn memory(&self) -> &GuestRam {
         self.mem
     }
 }
 
 /// Delivers #BP for the `int3` at the vCPU's RIP.
-pub fn deliver(fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), BreakpointError> {
+pub fn deliver(fd: &VcpuFd, mem: &GuestRam) -> Result<(), BreakpointError> {
     let mut regs = fd.get_regs().map_err(BreakpointError::Registers)?;
     let sregs = fd.get_sregs().map_err(BreakpointError::Registers)?;
     deliver_on(&Vcpu { fd, mem }, &mut regs, &sregs)?;
@@ -163,19 +164,19 @@ mod tests {
     use super::*;
 
     /// Identity-mapped memory below 1 MiB.
-    struct Flat(GuestMemoryMmap);
+    struct Flat(GuestRam);
 
     impl GuestView for Flat {
         fn translate(&self, linear: u64) -> Option<u64> {
             (linear < 1 << 20).then_some(linear)
         }
-        fn memory(&self) -> &GuestMemoryMmap {
+        fn memory(&self) -> &GuestRam {
             &self.0
         }
     }
 
     fn setup(gate_type: u8, ist: u8) -> (Flat, kvm_regs, kvm_sregs) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_obj(INT3, GuestAddress(0x5000)).unwrap();
         let handler = 0x6000u64;
         let mut gate = [0u8; 16];

@@ -1,12 +1,13 @@
 //! Guest RAM: anonymous or hugetlb mappings split around the MMIO gap below 4 GiB, registered
 //! with KVM.
 
+pub use carve_virtio::GuestRam;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -82,7 +83,7 @@ pub fn e820_map(size: u64) -> Vec<RamRange> {
 }
 
 /// The end of RAM below the MMIO gap: where 32-bit boot structures and initrds may go.
-pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+pub fn low_ram_end(mem: &GuestRam) -> u64 {
     mem.iter()
         .map(|r| r.start_addr().raw_value() + r.len())
         .filter(|&end| end <= MMIO_GAP_START)
@@ -90,7 +91,7 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestRam, MemoryError> {
     if mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(mib));
     }
@@ -99,13 +100,13 @@ pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestMemoryMmap, Memor
     }
     let ranges: Vec<_> =
         ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+    GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 
 /// Guest RAM from hugetlb pages: one mapping per 1 GiB page where a 1 GiB-aligned gigabyte is
 /// left and such a page is free, then 2 MiB pages for the rest of each range. The kernel
 /// reserves hugetlb pages at mmap time, so a shortfall is an error here, never a SIGBUS later.
-fn create_hugepages(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+fn create_hugepages(mib: u64) -> Result<GuestRam, MemoryError> {
     let size = (mib << 20).next_multiple_of(HUGEPAGE_GRANULE);
     let mut regions = Vec::new();
     let mut allocated = 0;
@@ -141,15 +142,15 @@ fn create_hugepages(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
             at += len;
         }
     }
-    GuestMemoryMmap::from_regions(regions)
+    GuestRam::from_regions(regions)
         .map_err(|e| MemoryError::Map { mib, source: vm_memory::mmap::FromRangesError::Collection(e) })
 }
 
 fn map_hugepages(
     len: u64,
     size_flag: i32,
-) -> Result<vm_memory::mmap::MmapRegion, vm_memory::mmap::MmapRegionError> {
-    MmapRegionBuilder::new(len as usize)
+) -> Result<vm_memory::mmap::MmapRegion<AtomicBitmap>, vm_memory::mmap::MmapRegionError> {
+    MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | size_flag | libc::MAP_POPULATE,
@@ -159,11 +160,11 @@ fn map_hugepages(
 }
 
 /// Bytes of guest RAM `mem` holds.
-pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
+pub fn total_size(mem: &GuestRam) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+pub fn register(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let host = mem

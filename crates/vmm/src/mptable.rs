@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor Specification 1.4 table, so guests without ACPI find every vCPU,
 //! the IOAPIC and the ISA interrupt routing.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{EBDA_START, IOAPIC_START, LAPIC_START};
 
@@ -79,7 +80,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     Ok(table)
 }
 
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
+pub fn write(mem: &GuestRam, cpus: u8) -> Result<(), MpTableError> {
     let table = build(cpus, EBDA_START)?;
     mem.write_slice(&table, GuestAddress(EBDA_START))?;
     Ok(())

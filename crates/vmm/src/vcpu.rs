@@ -1,5 +1,6 @@
 //! vCPU configuration (CPUID, MSRs, LAPIC) and the KVM_RUN loop each vCPU thread runs.
 
+use crate::memory::GuestRam;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
@@ -85,7 +86,7 @@ pub struct VcpuContext {
     pub mmio: Bus,
     pub exit: Arc<ExitSignal>,
     pub stats: IoStats,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// What the VM-entry checks assume, for explaining a failed entry.
     pub platform: Platform,
     /// Bumped to ask every vCPU to print its registers (SIGUSR1); each prints once per bump.
@@ -390,7 +391,7 @@ mod tests {
 
     #[test]
     fn a_failed_entry_is_explained_by_the_rules_the_state_breaks() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let entry = crate::boot::cpu_state::EntryState::Long64 { rip: 0x100200, rsi: 0x7000 };
         let mut sregs = crate::boot::cpu_state::boot_sregs(&mem, entry, Default::default()).unwrap();
         let platform = Platform::intel(true);

@@ -1,5 +1,6 @@
 //! Wiring a VM in one readable place (`Vm::build`) and running it to its end (`Vm::run`).
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::{Cursor, Read};
 use std::os::fd::AsRawFd;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -573,11 +574,7 @@ struct VirtioDevices<'a> {
 }
 
 impl VirtioDevices<'_> {
-    fn attach(
-        &mut self,
-        device: Box<dyn carve_virtio::VirtioDevice>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), VmError> {
+    fn attach(&mut self, device: Box<dyn carve_virtio::VirtioDevice>, mem: &GuestRam) -> Result<(), VmError> {
         let index = self.slots.len() as u64;
         if index >= VIRTIO_MMIO_SLOTS {
             return Err(VmError::TooManyVirtioDevices);
@@ -851,7 +848,7 @@ impl MutEventSubscriber for ConsoleInput {
 /// pc-testdev's effects on the VM: ISA IRQ lines and page flushes.
 struct VmTestdevHost {
     vm: Arc<VmFd>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
 }
 
 impl TestdevHost for VmTestdevHost {

@@ -4,6 +4,7 @@
 //! remembered per connection (`host_readable`), so a connection that cannot be served now (no
 //! guest credit, no receive buffers) costs nothing until the guest gives credit or buffers.
 
+use crate::GuestRam;
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
@@ -19,7 +20,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError};
+use vm_memory::{ReadVolatile, VolatileMemoryError};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -125,7 +126,7 @@ pub struct VsockBackend {
     uds: PathBuf,
     /// Where listeners shared by every VM are (`PREFIX_PORT`), tried after this VM's own.
     shared_listeners: Option<PathBuf>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     queue_events: [EventFd; 3],
     commands: CommandReceiver,
     listener: UnixListener,
@@ -150,7 +151,7 @@ impl VsockBackend {
         cid: u64,
         uds: PathBuf,
         shared_listeners: Option<PathBuf>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         queue_events: [EventFd; 3],
         commands: CommandReceiver,
     ) -> Result<VsockBackend, VsockError> {

@@ -9,6 +9,7 @@
 mod backend;
 mod connection;
 
+use crate::GuestRam;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -78,7 +79,7 @@ impl Vsock {
         cid: u64,
         uds: PathBuf,
         shared_listeners: Option<PathBuf>,
-        mem: vm_memory::GuestMemoryMmap,
+        mem: GuestRam,
     ) -> Result<(Vsock, VsockBackend), VsockError> {
         validate_cid(cid)?;
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);

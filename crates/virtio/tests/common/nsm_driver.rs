@@ -2,6 +2,7 @@
 //! the queue as raw descriptor chains, answered by the backend on a real event loop.
 #![allow(dead_code)]
 
+use carve_virtio::GuestRam;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use carve_virtio::mmio::{reg, status, MmioTransport};
 use carve_virtio::nsm::{NsmDevice, NsmStats};
 use carve_virtio::InterruptLine;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 pub const DESC: u64 = 0x1000;
 pub const AVAIL: u64 = 0x2000;
@@ -34,7 +35,7 @@ impl InterruptLine for CountingLine {
 
 pub struct Driver {
     pub transport: MmioTransport,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub events: EventManager<Box<dyn MutEventSubscriber>>,
     pub line: Arc<CountingLine>,
     pub stats: Arc<NsmStats>,
@@ -52,7 +53,7 @@ impl Driver {
             CertificateAuthority::open(state.path()).unwrap(),
         )
         .unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (device, backend) = NsmDevice::new(nsm, mem.clone()).unwrap();
         let stats = backend.stats();
         let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();

@@ -1,9 +1,10 @@
 //! The register state each boot protocol starts the boot vCPU in, and the GDT and identity
 //! page tables that state refers to.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START};
 
@@ -70,7 +71,7 @@ fn boot_gdt(long_mode: bool) -> [u64; 5] {
 }
 
 /// Identity-maps the low 4 GiB with 2 MiB pages.
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), CpuStateError> {
+fn write_page_tables(mem: &GuestRam) -> Result<(), CpuStateError> {
     mem.write_obj(PDPT_START | 0x3, GuestAddress(PML4_START))?;
     for i in 0..4u64 {
         mem.write_obj((PD_START + i * 0x1000) | 0x3, GuestAddress(PDPT_START + i * 8))?;
@@ -83,7 +84,7 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), CpuStateError> {
 
 /// The special registers for `entry`, with its GDT (and page tables) written to guest memory.
 pub fn boot_sregs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     entry: EntryState,
     mut sregs: kvm_sregs,
 ) -> Result<kvm_sregs, CpuStateError> {
@@ -142,7 +143,7 @@ pub fn boot_regs(entry: EntryState) -> kvm_regs {
 }
 
 /// Puts the boot vCPU at `entry`.
-pub fn apply(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryState) -> Result<(), CpuStateError> {
+pub fn apply(vcpu: &VcpuFd, mem: &GuestRam, entry: EntryState) -> Result<(), CpuStateError> {
     let kvm = |what| move |source| CpuStateError::Kvm { what, source };
     let sregs = vcpu.get_sregs().map_err(kvm("special registers"))?;
     vcpu.set_sregs(&boot_sregs(mem, entry, sregs)?).map_err(kvm("special registers"))?;
@@ -169,7 +170,7 @@ mod tests {
 
     #[test]
     fn long_mode_state_enables_paging_on_the_identity_map() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let sregs =
             boot_sregs(&mem, EntryState::Long64 { rip: 0x100200, rsi: 0x7000 }, Default::default()).unwrap();
         assert_eq!(sregs.cr3, PML4_START);

@@ -3,13 +3,14 @@
 //! from that copy by the Linux boot protocol (the job of the Nitro hypervisor, which carve stands
 //! in for). The image's measurements come from the same checked pass that locates the sections.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use carve_eif::{EifSummary, Measurements, SectionType};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use super::BootError;
 use crate::memory::low_ram_end;
@@ -31,7 +32,7 @@ pub struct LoadedEif {
 
 /// Copies the EIF at `path` into `mem` at [`EIF_LOAD_ADDRESS`], then checks the copy (format,
 /// CRC) and measures it in one pass: the file is read once, and what is measured is what boots.
-pub fn copy_into(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedEif, BootError> {
+pub fn copy_into(mem: &GuestRam, path: &Path) -> Result<LoadedEif, BootError> {
     let not_bootable = |e: &dyn std::fmt::Display| BootError::Eif(e.to_string());
     let mut file = File::open(path).map_err(|e| not_bootable(&format_args!("cannot read the image: {e}")))?;
     let size = file.seek(SeekFrom::End(0)).map_err(BootError::ReadKernel)?;
@@ -55,7 +56,7 @@ pub fn copy_into(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedEif, BootEr
     locate(mem, &summary, size)
 }
 
-fn locate(mem: &GuestMemoryMmap, summary: &EifSummary, size: u64) -> Result<LoadedEif, BootError> {
+fn locate(mem: &GuestRam, summary: &EifSummary, size: u64) -> Result<LoadedEif, BootError> {
     let pieces = |kind: SectionType| -> Vec<(u64, u64)> {
         summary
             .sections
@@ -85,14 +86,14 @@ fn locate(mem: &GuestMemoryMmap, summary: &EifSummary, size: u64) -> Result<Load
 
 /// Pieces of guest memory read as one seekable byte stream.
 pub struct GuestBytes {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     pieces: Vec<(u64, u64)>,
     len: u64,
     pos: u64,
 }
 
 impl GuestBytes {
-    pub fn new(mem: GuestMemoryMmap, pieces: Vec<(u64, u64)>) -> GuestBytes {
+    pub fn new(mem: GuestRam, pieces: Vec<(u64, u64)>) -> GuestBytes {
         let len = pieces.iter().map(|p| p.1).sum();
         GuestBytes { mem, pieces, len, pos: 0 }
     }
@@ -160,7 +161,7 @@ mod tests {
 
     #[test]
     fn pieces_read_as_one_stream_and_seek() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         mem.write_slice(b"hello", GuestAddress(0x100)).unwrap();
         mem.write_slice(b", world", GuestAddress(0x900)).unwrap();
         let mut bytes = GuestBytes::new(mem, vec![(0x100, 5), (0x900, 7)]);
@@ -176,7 +177,7 @@ mod tests {
     fn a_kernel_larger_than_one_chunk_loads_whole() {
         // A 6.12 enclave kernel is 1.4 MiB: more than one read chunk, in one region.
         let len = (1 << 20) + 4096 + 3;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         mem.write_slice(&data[..1000], GuestAddress(0x40_0000)).unwrap();
         mem.write_slice(&data[1000..], GuestAddress(0x50_0000)).unwrap();

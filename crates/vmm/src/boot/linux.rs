@@ -1,12 +1,13 @@
 //! The Linux x86 64-bit boot protocol: a zero page (`boot_params`) with the image's setup
 //! header, e820 map, command line and initrd, entered in long mode at the 64-bit entry.
 
+use crate::memory::GuestRam;
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
 use crate::layout::{CMDLINE_START, HIMEM_START, ZERO_PAGE_START};
@@ -24,7 +25,7 @@ const STARTUP_64_OFFSET: u64 = 0x200;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
 pub(super) fn load_bzimage<K: Image, I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &mut K,
     cmdline: &str,
     initrd: Option<&mut I>,
@@ -41,7 +42,7 @@ pub(super) fn load_bzimage<K: Image, I: Image>(
 }
 
 pub(super) fn configure_elf<I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     result: &KernelLoaderResult,
     cmdline: &str,
     initrd: Option<&mut I>,
@@ -50,7 +51,7 @@ pub(super) fn configure_elf<I: Image>(
 }
 
 fn finish<I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     result: &KernelLoaderResult,
     image_header: Option<setup_header>,
     entry: u64,
@@ -94,7 +95,7 @@ fn finish<I: Image>(
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
 
     let zero_page = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&zero_page, mem)?;
+    LinuxBootConfigurator::write_bootparams::<GuestRam>(&zero_page, mem)?;
     Ok(BootSetup {
         format,
         entry: EntryState::Long64 { rip: entry, rsi: ZERO_PAGE_START },
@@ -104,7 +105,7 @@ fn finish<I: Image>(
 }
 
 /// Writes a NUL-terminated command line at [`CMDLINE_START`].
-pub(super) fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+pub(super) fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), BootError> {
     mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE_START))?;
     mem.write_obj(0u8, GuestAddress(CMDLINE_START + cmdline.len() as u64))?;
     Ok(())

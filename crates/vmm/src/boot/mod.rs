@@ -14,11 +14,12 @@ mod linux;
 mod multiboot;
 mod pvh;
 
+use crate::memory::GuestRam;
 use std::io::{Read, Seek, SeekFrom};
 
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{GuestAddress, ReadVolatile};
 
 pub use cpu_state::EntryState;
 
@@ -174,7 +175,7 @@ pub fn sniff(header: &[u8]) -> Option<&'static str> {
 
 /// Loads kernel, command line and initrd into `mem` and returns where to start.
 pub fn load<K: Image, I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     source: BootSource<'_, K, I>,
 ) -> Result<BootSetup, BootError> {
     if source.cmdline.contains('\0') {
@@ -222,7 +223,7 @@ pub fn load<K: Image, I: Image>(
     }
 }
 
-fn mem_size(mem: &GuestMemoryMmap) -> u64 {
+fn mem_size(mem: &GuestRam) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     mem.iter().map(|r| r.len()).sum()
 }
@@ -238,7 +239,7 @@ fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
 /// Copies the initrd to the highest page-aligned place in low RAM below `limit` that stays
 /// above the kernel. Returns its address and size.
 fn load_initrd<I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     initrd: Option<&mut I>,
     kernel_end: u64,
     limit: u64,

@@ -6,8 +6,9 @@
 //! command line go on the page after the kernel, as QEMU places them, and a segment that would
 //! overlap what carve writes below 1 MiB (boot GDT/IDT, MP and ACPI tables) is refused.
 
+use crate::memory::GuestRam;
 use object::read::elf::{FileHeader, ProgramHeader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat, PAGE_SIZE};
 use crate::layout::{BOOT_TABLES_END, CMDLINE_MAX_SIZE, EBDA_START, GDT_START, HIMEM_START, MMIO_GAP_START};
@@ -61,7 +62,7 @@ struct Loaded {
     end: u64,
 }
 
-fn load_segments<H: FileHeader>(mem: &GuestMemoryMmap, data: &[u8]) -> Result<Loaded, BootError> {
+fn load_segments<H: FileHeader>(mem: &GuestRam, data: &[u8]) -> Result<Loaded, BootError> {
     let elf_error = |e: object::Error| BootError::MultibootElf(e.to_string());
     let header = H::parse(data).map_err(elf_error)?;
     let endian = header.endian().map_err(elf_error)?;
@@ -96,7 +97,7 @@ fn load_segments<H: FileHeader>(mem: &GuestMemoryMmap, data: &[u8]) -> Result<Lo
 }
 
 pub(super) fn load<K: Image, I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &mut K,
     size: u64,
     header: MultibootHeader,
@@ -144,7 +145,7 @@ pub(super) fn load<K: Image, I: Image>(
 }
 
 /// Writes the information block at `info` (below the MMIO gap, so its 32-bit pointers hold).
-fn write_info(mem: &GuestMemoryMmap, info: u64, module: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_info(mem: &GuestRam, info: u64, module: Option<(u64, u64)>) -> Result<(), BootError> {
     let put32 = |offset: u64, value: u32| mem.write_obj(value, GuestAddress(info + offset));
     let map = e820_map(super::mem_size(mem));
     for (i, range) in map.iter().enumerate() {
@@ -204,8 +205,8 @@ mod tests {
         Cursor::new(Vec::leak(elf))
     }
 
-    fn boot(paddr: u32, data: &[u8], memsz: u32) -> (GuestMemoryMmap, Result<BootSetup, BootError>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    fn boot(paddr: u32, data: &[u8], memsz: u32) -> (GuestRam, Result<BootSetup, BootError>) {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let mut kernel = elf32(paddr, data, memsz);
         let size = kernel.get_ref().len() as u64;
         let result =

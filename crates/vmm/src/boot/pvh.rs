@@ -1,11 +1,12 @@
 //! The Xen PVH boot protocol: `hvm_start_info` with command line, e820-style memory map and
 //! the initrd as module 0, entered in flat 32-bit mode with EBX pointing at the start info.
 
+use crate::memory::GuestRam;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::KernelLoaderResult;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::linux::write_cmdline;
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
@@ -18,7 +19,7 @@ const MEMMAP_START: u64 = BOOT_INFO_START + 0x100;
 const E820_RAM: u32 = 1;
 
 pub(super) fn configure<I: Image>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     result: &KernelLoaderResult,
     entry: GuestAddress,
     cmdline: &str,
@@ -48,7 +49,7 @@ pub(super) fn configure<I: Image>(
         let module = hvm_modlist_entry { paddr, size, ..Default::default() };
         params.set_modules(&[module], GuestAddress(MODLIST_START));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)?;
+    PvhBootConfigurator::write_bootparams::<GuestRam>(&params, mem)?;
     Ok(BootSetup {
         format: KernelFormat::PvhElf,
         entry: EntryState::Protected32 { eip: entry.0, eax: 0, ebx: BOOT_INFO_START as u32 },
