@@ -2,6 +2,9 @@
 
 use std::collections::BTreeMap;
 
+use carve_snapshot::Persist;
+use serde::{Deserialize, Serialize};
+
 use super::BusDevice;
 
 pub const FW_CFG_BASE: u64 = 0x510;
@@ -35,9 +38,18 @@ impl FwCfg {
         FwCfg { items, selected: KEY_SIGNATURE, offset: 0 }
     }
 
+    /// Item `key`'s bytes (none for a key fw_cfg does not have).
+    fn item(&self, key: u16) -> &[u8] {
+        self.items.get(&key).map_or(&[], Vec::as_slice)
+    }
+
+    /// Reads past the item's end are zeros and leave the offset at its end, so the offset is
+    /// always within the item.
     fn next_byte(&mut self) -> u8 {
-        let byte = self.items.get(&self.selected).and_then(|item| item.get(self.offset)).copied();
-        self.offset = self.offset.saturating_add(1);
+        let byte = self.item(self.selected).get(self.offset).copied();
+        if byte.is_some() {
+            self.offset += 1;
+        }
         byte.unwrap_or(0)
     }
 }
@@ -58,9 +70,61 @@ impl BusDevice for FwCfg {
     }
 }
 
+/// What fw_cfg's items are built from: the VM's configuration, not its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwCfgConfig {
+    pub cpus: u16,
+    pub max_cpus: u16,
+    pub ram_bytes: u64,
+}
+
+/// Where the guest is reading: the selected item and the next byte of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FwCfgState {
+    pub selected: u16,
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FwCfgStateError {
+    #[error("the fw_cfg state reads item {key:#x} at byte {offset}, but that item holds {len} bytes")]
+    OffsetPastItem { key: u16, offset: u64, len: usize },
+}
+
+impl Persist for FwCfg {
+    type State = FwCfgState;
+    /// The items are rebuilt from the same configuration the VM was built with.
+    type ConstructorArgs = FwCfgConfig;
+    type Error = FwCfgStateError;
+
+    fn save(&self) -> FwCfgState {
+        FwCfgState { selected: self.selected, offset: self.offset as u64 }
+    }
+
+    fn restore(config: FwCfgConfig, state: &FwCfgState) -> Result<FwCfg, FwCfgStateError> {
+        let mut fw_cfg = FwCfg::new(config.cpus, config.max_cpus, config.ram_bytes);
+        let len = fw_cfg.item(state.selected).len();
+        let offset = usize::try_from(state.offset)
+            .ok()
+            .filter(|&offset| offset <= len)
+            .ok_or(FwCfgStateError::OffsetPastItem { key: state.selected, offset: state.offset, len })?;
+        fw_cfg.selected = state.selected;
+        fw_cfg.offset = offset;
+        Ok(fw_cfg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CONFIG: FwCfgConfig = FwCfgConfig { cpus: 2, max_cpus: 4, ram_bytes: 64 << 20 };
+
+    fn read_byte(dev: &mut FwCfg) -> u8 {
+        let mut b = [0];
+        dev.read(FW_CFG_BASE, 1, &mut b);
+        b[0]
+    }
 
     fn read_item(dev: &mut FwCfg, key: u16, len: usize) -> Vec<u8> {
         dev.write(FW_CFG_BASE, 0, &key.to_le_bytes());
@@ -91,5 +155,40 @@ mod tests {
         let mut b = [0xaa];
         dev.read(FW_CFG_BASE, 0, &mut b);
         assert_eq!(b, [0]);
+    }
+
+    #[test]
+    fn a_read_resumes_where_it_was_saved() {
+        let mut dev = FwCfg::new(CONFIG.cpus, CONFIG.max_cpus, CONFIG.ram_bytes);
+        dev.write(FW_CFG_BASE, 0, &KEY_SIGNATURE.to_le_bytes());
+        assert_eq!(read_byte(&mut dev), b'Q');
+        let state = dev.save();
+        assert_eq!(state, FwCfgState { selected: KEY_SIGNATURE, offset: 1 });
+        let mut restored = FwCfg::restore(CONFIG, &state).unwrap();
+        assert_eq!(restored.save(), state, "save, restore, save: the same state");
+        assert_eq!([read_byte(&mut restored), read_byte(&mut restored), read_byte(&mut restored)], *b"EMU");
+        assert_eq!(read_byte(&mut restored), 0, "past the end");
+        assert_eq!(restored.save(), FwCfgState { selected: KEY_SIGNATURE, offset: 4 }, "stays at the end");
+        assert_eq!(read_item(&mut restored, KEY_NB_CPUS, 2), [2, 0], "items come from the configuration");
+    }
+
+    #[test]
+    fn positions_outside_the_rebuilt_items_are_refused() {
+        let at_end = FwCfgState { selected: KEY_RAM_SIZE, offset: 8 };
+        assert_eq!(FwCfg::restore(CONFIG, &at_end).unwrap().save(), at_end);
+        let unknown = FwCfgState { selected: 0x4242, offset: 0 };
+        assert_eq!(FwCfg::restore(CONFIG, &unknown).unwrap().save(), unknown, "any key can be selected");
+
+        let error = FwCfg::restore(CONFIG, &FwCfgState { selected: KEY_RAM_SIZE, offset: 9 }).err().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "the fw_cfg state reads item 0x3 at byte 9, but that item holds 8 bytes"
+        );
+        for state in
+            [FwCfgState { selected: 0x4242, offset: 1 }, FwCfgState { selected: 0, offset: u64::MAX }]
+        {
+            let error = FwCfg::restore(CONFIG, &state).err().unwrap();
+            assert!(matches!(error, FwCfgStateError::OffsetPastItem { .. }), "{error}");
+        }
     }
 }

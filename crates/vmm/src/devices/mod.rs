@@ -1,5 +1,7 @@
 //! Platform devices as state machines behind one narrow trait; the VMM maps them on the PIO
-//! and MMIO buses and wires their interrupts and exit requests.
+//! and MMIO buses and wires their interrupts and exit requests. Each platform device also
+//! implements `carve_snapshot::Persist`: its registers as plain data, restoring as a constructor
+//! that takes the new VM's handles (lines, sinks, the restored interrupt manager).
 
 pub mod bus;
 pub mod debug_exit;

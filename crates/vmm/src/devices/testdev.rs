@@ -2,6 +2,9 @@
 //! a 32-bit I/O latch (0xe0, and byte-wide at 0xe8), flush-page (0xe4), ISA IRQ line control
 //! (0x2000 + line), and a 64 KiB RAM-like MMIO buffer at 0xff000000.
 
+use carve_snapshot::Persist;
+use serde::{Deserialize, Serialize};
+
 use super::BusDevice;
 
 pub const LATCH_PORT: u64 = 0xe0;
@@ -90,6 +93,38 @@ impl BusDevice for Testdev {
     }
 }
 
+/// The latch and the MMIO buffer; IRQ line levels are the irqchip's (KVM's state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestdevState {
+    pub latch: u32,
+    /// All [`IOMEM_LEN`] bytes.
+    pub iomem: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestdevStateError {
+    #[error("the testdev state's MMIO buffer holds {0} bytes; the device's holds {IOMEM_LEN}")]
+    IomemSize(usize),
+}
+
+impl Persist for Testdev {
+    type State = TestdevState;
+    /// The new VM's side of the device (its IRQ lines and memory).
+    type ConstructorArgs = Box<dyn TestdevHost>;
+    type Error = TestdevStateError;
+
+    fn save(&self) -> TestdevState {
+        TestdevState { latch: self.latch, iomem: self.iomem.clone() }
+    }
+
+    fn restore(host: Box<dyn TestdevHost>, state: &TestdevState) -> Result<Testdev, TestdevStateError> {
+        if state.iomem.len() as u64 != IOMEM_LEN {
+            return Err(TestdevStateError::IomemSize(state.iomem.len()));
+        }
+        Ok(Testdev { latch: state.latch, iomem: state.iomem.clone(), host })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +177,38 @@ mod tests {
         dev.write(IRQ_PORT_BASE, 10, &[0]);
         dev.write(FLUSH_PAGE_PORT, 0, &0x0020_0123u32.to_le_bytes());
         assert_eq!(*recorder.0.lock().unwrap(), ["irq 10 true", "irq 10 false", "flush 0x200000"]);
+    }
+
+    #[test]
+    fn latch_and_buffer_survive_a_restore() {
+        let mut dev = Testdev::new(Box::new(Recorder::default()));
+        dev.write(LATCH_PORT, 0, &0x1234_5678u32.to_le_bytes());
+        dev.write(IOMEM_BASE, 0x100, &[9, 8, 7]);
+        let state = dev.save();
+        let recorder = Recorder::default();
+        let mut dev = Testdev::restore(Box::new(recorder.clone()), &state).unwrap();
+        assert_eq!(dev.save(), state, "save, restore, save: the same state");
+        let mut word = [0u8; 4];
+        dev.read(LATCH_PORT, 0, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0x1234_5678);
+        let mut data = [0u8; 3];
+        dev.read(IOMEM_BASE, 0x100, &mut data);
+        assert_eq!(data, [9, 8, 7]);
+        dev.write(IRQ_PORT_BASE, 5, &[1]);
+        assert_eq!(*recorder.0.lock().unwrap(), ["irq 5 true"], "the new host gets the effects");
+    }
+
+    #[test]
+    fn a_buffer_of_another_size_is_refused() {
+        for len in [0, IOMEM_LEN as usize - 1, IOMEM_LEN as usize + 1] {
+            let state = TestdevState { latch: 0, iomem: vec![0; len] };
+            let error = Testdev::restore(Box::new(Recorder::default()), &state).err().unwrap();
+            assert!(matches!(error, TestdevStateError::IomemSize(n) if n == len), "{error}");
+        }
+        let error = TestdevStateError::IomemSize(3);
+        assert_eq!(
+            error.to_string(),
+            "the testdev state's MMIO buffer holds 3 bytes; the device's holds 65536"
+        );
     }
 }
