@@ -11,6 +11,7 @@ pub mod fw_cfg;
 pub mod interrupts;
 pub mod io;
 pub mod nsm;
+pub mod pvclock;
 pub mod serial;
 pub mod smp;
 pub mod virtio;
@@ -58,6 +59,18 @@ macro_rules! check {
         if $cond {
             $crate::println!("PASS: {}", format_args!($($msg)+));
         } else {
+            $crate::println!("FAIL: {}", format_args!($($msg)+));
+            $crate::exit(1);
+        }
+    };
+}
+
+/// Fails the test like [`check`] when `cond` is false, but stays silent when it holds (for
+/// checks made in a loop).
+#[macro_export]
+macro_rules! require {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
             $crate::println!("FAIL: {}", format_args!($($msg)+));
             $crate::exit(1);
         }

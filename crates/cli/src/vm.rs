@@ -1,14 +1,17 @@
 //! `carve vm run`, `carve vm check-state` and `carve vm cpu-templates`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use carve_enclave::nsm::EnclaveNsm;
 use carve_nsm::pcr::ParentIdentity;
+use carve_vmm::control::{ControlError, ControlRequest};
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
-use carve_vmm::{EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
+use carve_vmm::{EntryCheck, ExtraDevice, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
 
 #[derive(Subcommand)]
@@ -17,6 +20,12 @@ pub enum VmCommand {
     Run(Box<RunArgs>),
     /// Check a vCPU state file against the VM-entry guest-state rules (status 1 if any break).
     CheckState(CheckStateArgs),
+    /// Pause a running VM: every vCPU and device backend stops at a consistent point.
+    Pause(ControlArgs),
+    /// Resume a paused VM exactly where it stopped.
+    Resume(ControlArgs),
+    /// Describe a running VM: state, uptime, time paused, exits.
+    Describe(ControlArgs),
     /// List the CPU templates `--cpu-template` accepts.
     CpuTemplates {
         /// Print the templates as JSON (the data carve applies).
@@ -86,6 +95,16 @@ pub struct RunArgs {
     /// Start vCPU 0 with the segment, control registers and RFLAGS of a state file.
     #[arg(long, value_name = "FILE")]
     load_state: Option<PathBuf>,
+    /// Answer `carve vm pause|resume|describe|snapshot --control PATH` on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// The VM's control socket (`carve vm run --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
 }
 
 #[derive(Args)]
@@ -145,6 +164,9 @@ pub fn run(command: VmCommand) -> ExitCode {
     match command {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::CheckState(args) => check_state(args),
+        VmCommand::Pause(args) => control(&args, ControlRequest::Pause),
+        VmCommand::Resume(args) => control(&args, ControlRequest::Resume),
+        VmCommand::Describe(args) => control(&args, ControlRequest::Describe),
         VmCommand::CpuTemplates { json } => {
             for template in CpuTemplate::all() {
                 if json {
@@ -203,7 +225,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
     // An enclave image always comes with its NSM; a plain VM's has zero image PCRs.
     let nsm = if args.nsm || args.eif.is_some() {
         match crate::attestation::open_ca() {
-            Ok(ca) => Some(NsmConfig {
+            Ok(ca) => Some(EnclaveNsm {
                 module_id: format!("i-0000000000000000-vm{:x}", std::process::id()),
                 parent: ParentIdentity { role: args.parent_role, instance_id: args.parent_id },
                 debug_mode: args.debug_mode,
@@ -216,7 +238,6 @@ fn run_vm(args: RunArgs) -> ExitCode {
     };
     let serial_to_stdout = matches!(serial, SerialArg::Stdout);
     let config = VmConfig {
-        kernel,
         cmdline: args.cmdline,
         initrd: args.initrd,
         memory_mib: args.memory,
@@ -232,10 +253,11 @@ fn run_vm(args: RunArgs) -> ExitCode {
         load_state,
         entry_check: EntryCheck::default(),
         vsock: args.vsock,
-        nsm,
-        ..VmConfig::new(KernelSpec::Path(PathBuf::new()))
+        ..VmConfig::new(kernel)
     };
-    let vm = match Vm::build(config) {
+    let extra: Vec<Box<dyn ExtraDevice>> =
+        nsm.into_iter().map(|nsm| Box::new(nsm) as Box<dyn ExtraDevice>).collect();
+    let vm = match Vm::build(config, extra) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
@@ -247,7 +269,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
             return fail(e);
         }
     }
-    let outcome = match vm.run() {
+    let outcome = match vm.run_with_control(args.control.as_deref()) {
         Ok(outcome) => outcome,
         Err(e) => return fail(e),
     };
@@ -265,6 +287,26 @@ fn run_vm(args: RunArgs) -> ExitCode {
         _ => {}
     }
     ExitCode::from(outcome.exit.status() as u8)
+}
+
+/// Sends one request to a running VM; `describe` prints its JSON, the others print nothing.
+fn control(args: &ControlArgs, request: ControlRequest) -> ExitCode {
+    match carve_vmm::control::request(&args.control, &request) {
+        Ok(reply) => {
+            if let Some(description) = reply.description {
+                let text = serde_json::to_string_pretty(&description).expect("descriptions serialise");
+                // A reader that left (`| head`) loses the rest, nothing more.
+                let _ = writeln!(std::io::stdout(), "{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        // The answering side's own scheme (an enclave's nitro-cli error), printed as it is.
+        Err(ControlError::Refused { message, status: Some(status) }) => {
+            eprintln!("{message}");
+            ExitCode::from(status)
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn read_state(path: &Path) -> Result<StateFile, String> {

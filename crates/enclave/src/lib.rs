@@ -13,6 +13,7 @@ pub mod console;
 pub mod error;
 pub mod heartbeat;
 pub mod ids;
+pub mod nsm;
 pub mod pool;
 pub mod process;
 pub mod protocol;

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use carve_nsm::pcr::ParentIdentity;
 use carve_vmm::{
-    KernelSpec, MemoryBacking, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmErrorKind, VmExit, VmOutcome,
-    VmStopper, VsockConfig,
+    KernelSpec, MemoryBacking, SerialSink, Vm, VmConfig, VmError, VmErrorKind, VmExit, VmOutcome, VmStopper,
+    VsockConfig,
 };
 
 use crate::app_exit::{self, AppExitListener};
@@ -26,9 +26,11 @@ use crate::console::{Chunk, Console};
 use crate::error::{ErrorCode, Failure, Result};
 use crate::heartbeat::{self, HeartbeatError, HeartbeatListener};
 use crate::ids;
+use crate::nsm::EnclaveNsm;
 use crate::pool::{Pool, Topology};
 use crate::protocol::{receive, send, EnclaveState, LaunchEvent, LaunchRequest, Reply, Request, RunInfo};
 use crate::run_dir::{self, Claim, Record, RunDir};
+use carve_vmm::control::{ControlReply, ControlRequest};
 
 /// The lowest CID carve hands out when asked to choose one.
 const FIRST_AUTO_CID: u64 = 16;
@@ -164,17 +166,12 @@ fn launch(request: LaunchRequest, demo_image: &'static [u8], notify: &dyn Fn(&st
             uds: vsock_path.clone(),
             shared_listeners: Some(run_dir.shared_vsock_prefix()),
         }),
-        nsm: Some(NsmConfig {
-            module_id: id.clone(),
-            parent: parent.clone(),
-            debug_mode: args.debug_mode,
-            ca,
-        }),
         memory_backing: if pool.development { MemoryBacking::Anonymous } else { MemoryBacking::Hugepages },
         vcpu_affinity: cpus.pinned.iter().map(|&c| c as usize).collect(),
         ..VmConfig::new(KernelSpec::Eif(image_path(&image.file)))
     };
-    let vm = Vm::build(config).map_err(vm_failure)?;
+    let nsm = EnclaveNsm { module_id: id.clone(), parent: parent.clone(), debug_mode: args.debug_mode, ca };
+    let vm = Vm::build(config, vec![Box::new(nsm)]).map_err(vm_failure)?;
     let built = started.elapsed();
     let memory_mib = vm.memory_size() >> 20;
     let stopper = vm.stopper();
@@ -599,6 +596,38 @@ impl Enclave {
     }
 }
 
+/// What arrives on the control socket: the CLI's enclave requests, or a VM control request
+/// (`carve vm pause --control` pointed at an enclave), which enclaves refuse.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Incoming {
+    Enclave(Request),
+    Vm(ControlRequest),
+}
+
+/// A Nitro enclave cannot be paused, snapshotted or migrated, and a restored copy would repeat
+/// its secrets and nonces: the request is refused with nitro-cli's E38.
+fn refuse_vm_control(stream: UnixStream, request: &ControlRequest) {
+    let what = match request {
+        ControlRequest::Pause | ControlRequest::Resume => "paused or resumed",
+        ControlRequest::Snapshot { .. } => "snapshotted",
+        ControlRequest::Describe => "described as a VM (use describe-enclaves)",
+    };
+    let failure = Failure::new(
+        ErrorCode::COMMAND_NOT_EXECUTED,
+        format!(
+            "An enclave cannot be {what}: Nitro enclaves cannot be paused, snapshotted or migrated, \
+             and a restored copy would repeat the enclave's secrets and nonces."
+        ),
+    );
+    let reply = ControlReply {
+        error: Some(format!("[ {} ] {}", failure.code, failure.message)),
+        status: Some(failure.code.number()),
+        ..Default::default()
+    };
+    carve_vmm::control::send_reply(stream, &reply);
+}
+
 /// One connection on the control socket.
 struct Session {
     state: Arc<EnclaveState>,
@@ -613,8 +642,9 @@ impl Session {
     fn run(self, mut stream: UnixStream) {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let request = match receive::<Request>(&mut BufReader::new(&stream)) {
-            Ok(Some(request)) => request,
+        let request = match receive::<Incoming>(&mut BufReader::new(&stream)) {
+            Ok(Some(Incoming::Enclave(request))) => request,
+            Ok(Some(Incoming::Vm(request))) => return refuse_vm_control(stream, &request),
             _ => return,
         };
         let reply = match request {

@@ -11,21 +11,26 @@
 pub mod acpi;
 pub mod boot;
 pub mod breakpoint;
+pub mod control;
 pub mod cpuid;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod guest_state;
 pub mod interrupts;
+pub mod kvm_state;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+mod runner;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
+pub use device_manager::{Backend, VirtioKind};
 pub use exit::VmExit;
 pub use memory::MemoryBacking;
 pub use vm::{
-    EntryCheck, KernelSpec, NsmConfig, SerialSink, Vm, VmConfig, VmError, VmErrorKind, VmOutcome, VmStopper,
-    VsockConfig,
+    BootedImage, EntryCheck, ExtraDevice, KernelSpec, SerialSink, Vm, VmConfig, VmError, VmErrorKind,
+    VmOutcome, VmStopper, VsockConfig,
 };

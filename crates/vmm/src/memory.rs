@@ -18,6 +18,10 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 pub enum MemoryError {
     #[error("guest memory of {0} MiB is too small: carve needs at least {MIN_MEMORY_MIB} MiB")]
     TooSmall(u64),
+    #[error(
+        "cannot map {0} MiB of guest memory: its dirty bitmap alone is more than this host can allocate"
+    )]
+    TooLarge(u64),
     #[error("cannot map {mib} MiB of guest memory: {source}")]
     Map { mib: u64, source: vm_memory::mmap::FromRangesError },
     #[error("KVM refused guest memory slot {slot}: {source}")]
@@ -95,12 +99,23 @@ pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestRam, MemoryError>
     if mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(mib));
     }
+    check_bitmap(mib)?;
     if backing == MemoryBacking::Hugepages {
         return create_hugepages(mib);
     }
     let ranges: Vec<_> =
         ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
     GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+}
+
+/// Each region's dirty bitmap (a bit per page) is allocated before its mapping, and an allocation
+/// failure aborts the process; an absurd size is refused here first, as the mapping would be.
+fn check_bitmap(mib: u64) -> Result<(), MemoryError> {
+    let words = (mib << 20).div_ceil(4096 * 64) as usize;
+    if mib > u64::MAX >> 20 || Vec::<u64>::new().try_reserve_exact(words).is_err() {
+        return Err(MemoryError::TooLarge(mib));
+    }
+    Ok(())
 }
 
 /// Guest RAM from hugetlb pages: one mapping per 1 GiB page where a 1 GiB-aligned gigabyte is

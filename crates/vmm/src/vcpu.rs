@@ -1,11 +1,16 @@
 //! vCPU configuration (CPUID, MSRs, LAPIC) and the KVM_RUN loop each vCPU thread runs.
 
 use crate::memory::GuestRam;
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
+    kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -14,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
 use crate::guest_state::{self, GuestState, Platform};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
@@ -89,25 +95,186 @@ pub struct VcpuContext {
     pub mem: GuestRam,
     /// What the VM-entry checks assume, for explaining a failed entry.
     pub platform: Platform,
-    /// Bumped to ask every vCPU to print its registers (SIGUSR1); each prints once per bump.
-    pub state_requests: AtomicU64,
-    /// The halt watch's current round (see [`HaltWatch`]); bumped, then every vCPU kicked.
-    pub halt_round: AtomicU64,
-    /// Per vCPU: the last round in which it found itself unable ever to run again.
-    pub stuck_in_round: Vec<AtomicU64>,
-}
-
-impl VcpuContext {
-    /// True when every vCPU reported itself stuck in `round`: nothing can ever run again.
-    pub fn all_stuck(&self, round: u64) -> bool {
-        self.stuck_in_round.iter().all(|r| r.load(Ordering::Acquire) == round)
-    }
 }
 
 pub struct Vcpu {
     pub index: usize,
     pub fd: VcpuFd,
     pub context: Arc<VcpuContext>,
+}
+
+/// What the VMM asks of a vCPU thread. A request is sent, then the thread is kicked out of
+/// KVM_RUN; it answers on its response channel.
+#[derive(Debug)]
+pub enum VcpuRequest {
+    /// Stop at the next exit and wait for further requests ([`VcpuResponse::Paused`]).
+    Pause,
+    /// Continue running ([`VcpuResponse::Resumed`]).
+    Resume,
+    /// Save KVM's state of the vCPU; only answered while paused.
+    Save(Arc<()>),
+    /// Print the registers to standard error (SIGUSR1), no answer.
+    PrintState,
+    /// Answer whether only another vCPU could ever wake this one ([`VcpuResponse::Stuck`]).
+    CheckStuck,
+    /// Leave the thread.
+    Exit,
+}
+
+#[derive(Debug)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    Stuck(bool),
+    /// A request the vCPU cannot answer in its state (saving a running vCPU).
+    NotAllowed(&'static str),
+}
+
+/// The vCPU thread's states: running guest code, parked between requests, or leaving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Exiting,
+}
+
+/// The VMM's end of a vCPU thread.
+pub struct VcpuHandle {
+    pub index: usize,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
+    thread: JoinHandle<()>,
+}
+
+/// How long a request waits for its answer before the thread is kicked again: a kick that lands
+/// just before KVM_RUN is caught by `immediate_exit`, so this only bounds a lost race.
+const KICK_RETRY: Duration = Duration::from_millis(20);
+
+impl VcpuHandle {
+    /// Starts `vcpu` on its own thread, pinned to `host_cpu` when given.
+    pub fn spawn(vcpu: Vcpu, host_cpu: Option<usize>) -> std::io::Result<VcpuHandle> {
+        install_kick_handler();
+        let (requests, request_rx) = channel();
+        let (response_tx, responses) = channel();
+        let index = vcpu.index;
+        let thread = thread::Builder::new().name(format!("carve-vcpu{index}")).spawn(move || {
+            if let Some(cpu) = host_cpu {
+                if let Err(e) = pin_current_thread(cpu) {
+                    let message = format!("cannot pin vCPU {index} to host CPU {cpu}: {e}");
+                    vcpu.context.exit.request(VmExit::VmmFailure(message));
+                    return;
+                }
+            }
+            vcpu.run(request_rx, response_tx)
+        })?;
+        Ok(VcpuHandle { index, requests, responses, thread })
+    }
+
+    /// Sends a request and kicks the thread out of KVM_RUN so it sees it.
+    pub fn send(&self, request: VcpuRequest) {
+        // A thread that has left drops its receiver; there is nothing left to ask then.
+        if self.requests.send(request).is_ok() {
+            self.kick();
+        }
+    }
+
+    /// Waits for the answer `accept` takes, dropping answers of other kinds (a halt check's)
+    /// and kicking the thread again while none comes. `None` when the thread has left.
+    pub fn wait<T>(&self, mut accept: impl FnMut(VcpuResponse) -> Option<T>) -> Option<T> {
+        loop {
+            match self.responses.recv_timeout(KICK_RETRY) {
+                Ok(response) => {
+                    if let Some(answer) = accept(response) {
+                        return Some(answer);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) if !self.thread.is_finished() => self.kick(),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The latest answer to a [`VcpuRequest::CheckStuck`], if one came since the last call.
+    pub fn take_stuck_answer(&self) -> Option<bool> {
+        let mut answer = None;
+        while let Ok(response) = self.responses.try_recv() {
+            if let VcpuResponse::Stuck(stuck) = response {
+                answer = Some(stuck);
+            }
+        }
+        answer
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    fn kick(&self) {
+        // std hands out a u64 everywhere; libc's pthread_t is a pointer on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let thread = self.thread.as_pthread_t() as libc::pthread_t;
+        // SAFETY: the handle owns the JoinHandle, so the thread is not yet joined and its id is
+        // live; SIGRTMIN has a handler that only sets the thread's own `immediate_exit`.
+        unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
+    }
+
+    /// Asks the thread to leave and joins it, kicking until it has.
+    pub fn join(self) {
+        let _ = self.requests.send(VcpuRequest::Exit);
+        while !self.thread.is_finished() {
+            self.kick();
+            thread::sleep(Duration::from_micros(200));
+        }
+        let _ = self.thread.join();
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick handler: setting `immediate_exit` there makes a
+    /// KVM_RUN the kick arrived just before return at once, so no kick is ever lost.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        KVM_RUN.with(|run| {
+            let run = run.get();
+            if !run.is_null() {
+                // SAFETY: the pointer is this thread's own mapped kvm_run, published by
+                // `Vcpu::run` and cleared before its VcpuFd (and the mapping) is dropped; a
+                // signal handler on the same thread cannot race with that.
+                unsafe { (*run).immediate_exit = 1 };
+            }
+        });
+    }
+    ONCE.call_once(|| {
+        // Without a handler SIGRTMIN would kill the process; with one, KVM_RUN returns EINTR.
+        register_signal_handler(SIGRTMIN(), kick).expect("SIGRTMIN is a valid signal");
+    });
+}
+
+/// Clears the kick handler's pointer when the vCPU thread leaves, before its VcpuFd unmaps it.
+struct PublishedRun;
+
+impl PublishedRun {
+    fn publish(fd: &mut VcpuFd) -> PublishedRun {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KVM_RUN.with(|slot| slot.set(run));
+        PublishedRun
+    }
+}
+
+impl Drop for PublishedRun {
+    fn drop(&mut self) {
+        KVM_RUN.with(|slot| slot.set(std::ptr::null_mut()));
+    }
+}
+
+fn pin_current_thread(cpu: usize) -> rustix::io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
 }
 
 /// What a single exit asks of the loop (computed while `kvm_run` is borrowed).
@@ -120,47 +287,88 @@ enum Step {
 }
 
 impl Vcpu {
-    /// Runs until the VM is asked to exit, by this vCPU, another one, or the VMM.
-    pub fn run(mut self) {
-        let mut states_printed = 0;
-        let mut halt_checked = 0;
-        while !self.context.exit.is_requested() {
-            let requested = self.context.state_requests.load(Ordering::Acquire);
-            if requested != states_printed {
-                states_printed = requested;
-                eprintln!("carve: vCPU {} is running. {}", self.index, self.describe_state());
-            }
-            let round = self.context.halt_round.load(Ordering::Acquire);
-            if round != halt_checked {
-                halt_checked = round;
-                if self.is_stuck() {
-                    self.context.stuck_in_round[self.index].store(round, Ordering::Release);
-                }
-            }
-            let step = self.run_once();
-            let exit = match step {
-                Step::Continue => continue,
-                Step::Stop(exit) => exit,
-                Step::Crash(kind, what) => self.crash(kind, what),
-                Step::FailedEntry(reason, cpu) => {
-                    let what = format!(
-                        "failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU \
-                         {cpu}): {}; {}",
-                        describe_entry_failure(reason),
-                        self.broken_entry_rules()
-                    );
-                    self.crash(CrashKind::FailedEntry, what)
-                }
-                Step::InternalError => {
-                    if self.deliver_unemulated_breakpoint() {
-                        continue;
-                    }
-                    let what = self.internal_error_detail();
-                    self.crash(CrashKind::InternalError, what)
-                }
+    /// The thread's life: run the guest, answering requests between exits, until the VM is
+    /// asked to end (by this vCPU, another one, or the VMM) or [`VcpuRequest::Exit`] arrives.
+    pub fn run(mut self, requests: Receiver<VcpuRequest>, responses: Sender<VcpuResponse>) {
+        let _published = PublishedRun::publish(&mut self.fd);
+        let mut state = RunState::Running;
+        while state != RunState::Exiting {
+            let request = match state {
+                RunState::Paused => requests.recv().ok().or(Some(VcpuRequest::Exit)),
+                _ => match requests.try_recv() {
+                    Ok(request) => Some(request),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => Some(VcpuRequest::Exit),
+                },
             };
-            self.context.exit.request(exit);
+            if let Some(request) = request {
+                state = self.answer(request, state, &responses);
+                continue;
+            }
+            if self.context.exit.is_requested() {
+                break;
+            }
+            if let Some(exit) = self.step() {
+                self.context.exit.request(exit);
+            }
         }
+    }
+
+    /// Handles one request in `state`; returns the state to go on in.
+    fn answer(
+        &mut self,
+        request: VcpuRequest,
+        state: RunState,
+        responses: &Sender<VcpuResponse>,
+    ) -> RunState {
+        let (next, response) = match (request, state) {
+            (VcpuRequest::Exit, _) => (RunState::Exiting, None),
+            (VcpuRequest::Pause, _) => (RunState::Paused, Some(VcpuResponse::Paused)),
+            (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
+            (VcpuRequest::Save(_context), RunState::Paused) => (state, Some(VcpuResponse::NotAllowed("WIP"))),
+            (VcpuRequest::Save(_), _) => {
+                (state, Some(VcpuResponse::NotAllowed("a running vCPU cannot be saved")))
+            }
+            (VcpuRequest::PrintState, _) => {
+                let doing = if state == RunState::Paused { "paused" } else { "running" };
+                eprintln!("carve: vCPU {} is {doing}. {}", self.index, self.describe_state());
+                (state, None)
+            }
+            // A paused vCPU is waiting for the VMM, not for the guest.
+            (VcpuRequest::CheckStuck, _) => {
+                (state, Some(VcpuResponse::Stuck(state == RunState::Running && self.is_stuck())))
+            }
+        };
+        if let Some(response) = response {
+            // The VMM may have stopped listening while it ends the VM.
+            let _ = responses.send(response);
+        }
+        next
+    }
+
+    /// Runs the guest until its next exit; the VM's end if that exit ends it.
+    fn step(&mut self) -> Option<VmExit> {
+        Some(match self.run_once() {
+            Step::Continue => return None,
+            Step::Stop(exit) => exit,
+            Step::Crash(kind, what) => self.crash(kind, what),
+            Step::FailedEntry(reason, cpu) => {
+                let what = format!(
+                    "failed VM entry (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU \
+                     {cpu}): {}; {}",
+                    describe_entry_failure(reason),
+                    self.broken_entry_rules()
+                );
+                self.crash(CrashKind::FailedEntry, what)
+            }
+            Step::InternalError => {
+                if self.deliver_unemulated_breakpoint() {
+                    return None;
+                }
+                let what = self.internal_error_detail();
+                self.crash(CrashKind::InternalError, what)
+            }
+        })
     }
 
     fn run_once(&mut self) -> Step {

@@ -1,46 +1,33 @@
 //! Wiring a VM in one readable place (`Vm::build`) and running it to its end (`Vm::run`).
 
-use crate::memory::GuestRam;
 use std::fs::File;
-use std::io::{Cursor, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once};
-use std::thread;
-use std::time::Duration;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
-use carve_nsm::pki::CertificateAuthority;
+use carve_eif::Measurements;
+use carve_virtio::VirtioDevice;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
 use crate::cpuid::{self, CpuTemplate};
-use crate::devices::bus::{Bus, BusError};
-use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
-use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::msi_testdev::{MsiTestdev, MSI_TESTDEV_LEN};
-use crate::devices::serial::{SerialOutput, SerialPort, COM1_BASE, COM1_LEN};
-use crate::devices::testdev::{Testdev, TestdevHost, IOMEM_BASE, IOMEM_LEN};
-use crate::devices::virtio::VirtioSlot;
+use crate::device_manager::{Backend, DeviceManager, PlatformDevices, VirtioKind};
+use crate::devices::bus::BusError;
+use crate::devices::fw_cfg::FwCfg;
+use crate::devices::i8042::I8042;
+use crate::devices::msi_testdev::MsiTestdev;
+use crate::devices::serial::{SerialOutput, SerialPort};
+use crate::devices::testdev::{Testdev, TestdevHost};
 use crate::exit::{ExitSignal, VmExit};
 use crate::guest_state::file::{StateFile, StateFileError};
 use crate::guest_state::{self, GuestState, Platform, Violation};
 use crate::interrupts::{InterruptError, InterruptManager};
-use crate::layout::{
-    KVM_TSS_ADDRESS, MSI_TESTDEV_START, SERIAL_IRQ, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START,
-};
-use crate::memory::{self, MemoryBacking, MemoryError};
+use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_MMIO_SLOTS};
+use crate::memory::{self, GuestRam, MemoryBacking, MemoryError};
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{self, IoStatsSnapshot, Vcpu, VcpuContext};
 
@@ -82,12 +69,12 @@ pub enum VmError {
     Acpi(#[from] AcpiError),
     #[error("cannot attach the vsock device: {0}")]
     Vsock(#[from] carve_virtio::vsock::VsockError),
-    #[error("cannot attach the NSM device: {0}")]
-    Nsm(std::io::Error),
-    #[error("cannot give the NSM a signing identity: {0}")]
-    NsmIdentity(carve_nsm::pki::PkiError),
+    #[error("cannot attach the {kind:?} device: {message}")]
+    ExtraDevice { kind: VirtioKind, message: String },
     #[error("no room for another virtio device: carve maps at most {VIRTIO_MMIO_SLOTS}")]
     TooManyVirtioDevices,
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
     StateRefused { source: kvm_ioctls::Error, violations: Vec<Violation> },
 }
@@ -188,15 +175,18 @@ pub struct VsockConfig {
     pub shared_listeners: Option<PathBuf>,
 }
 
-/// The NSM to attach: who the VM is, who launched it, and the CA that signs for it. The image
-/// PCRs come from the enclave image being booted (zeros without one).
-pub struct NsmConfig {
-    /// The enclave ID, reported as `module_id` and the leaf certificate's CN.
-    pub module_id: String,
-    pub parent: ParentIdentity,
-    /// Debug-mode enclaves report their image PCRs as zeros.
-    pub debug_mode: bool,
-    pub ca: CertificateAuthority,
+/// What a device its owner assembles sees of the VM being built: its memory and, for an
+/// enclave image, the measurements of what boots (taken in the pass that loaded it).
+pub struct BootedImage<'a> {
+    pub mem: &'a GuestRam,
+    pub measurements: Option<&'a Measurements>,
+}
+
+/// A virtio device whose owner assembles it (the enclave code's NSM): built once the boot
+/// image is in guest memory, so it can hold what was measured there.
+pub trait ExtraDevice: Send {
+    fn kind(&self) -> VirtioKind;
+    fn build(self: Box<Self>, image: &BootedImage<'_>) -> Result<(Box<dyn VirtioDevice>, Backend), String>;
 }
 
 pub struct VmConfig {
@@ -215,8 +205,6 @@ pub struct VmConfig {
     pub load_state: Option<StateFile>,
     pub entry_check: EntryCheck,
     pub vsock: Option<VsockConfig>,
-    /// A Nitro Secure Module the guest reaches through virtio-nsm.
-    pub nsm: Option<NsmConfig>,
     pub memory_backing: MemoryBacking,
     /// Host CPU each vCPU thread is pinned to, by vCPU index; empty leaves them unpinned.
     pub vcpu_affinity: Vec<usize>,
@@ -237,7 +225,6 @@ impl VmConfig {
             load_state: None,
             entry_check: EntryCheck::default(),
             vsock: None,
-            nsm: None,
             memory_backing: MemoryBacking::Anonymous,
             vcpu_affinity: Vec::new(),
         }
@@ -255,20 +242,19 @@ pub struct VmOutcome {
 pub struct Vm {
     vcpus: Vec<Vcpu>,
     context: Arc<VcpuContext>,
-    serial: Arc<Mutex<SerialPort>>,
+    devices: DeviceManager,
     serial_input: bool,
     boot: BootSetup,
     entry_warnings: Vec<String>,
     template_warning: Option<String>,
     vcpu_affinity: Vec<usize>,
-    /// Device event handlers (virtio backends) that run on the VM's event loop.
-    device_handlers: Vec<Box<dyn MutEventSubscriber + Send>>,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
 }
 
 impl Vm {
-    pub fn build(config: VmConfig) -> Result<Vm, VmError> {
+    /// Builds a VM that boots `config.kernel`, with `extra` devices its owner assembles.
+    pub fn build(config: VmConfig, extra: Vec<Box<dyn ExtraDevice>>) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable { source })?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).min(mptable::MAX_CPUS as u32);
         match config.vcpus {
@@ -291,33 +277,20 @@ impl Vm {
         // Memory first: registering slots once the irqchip exists costs KVM far more.
         let mem = memory::create(config.memory_mib, config.memory_backing)?;
         memory::register(&vm_fd, &mem)?;
-        vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_error("set the TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_error("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm_fd.create_pit2(pit).map_err(kvm_error("create the in-kernel PIT"))?;
+        create_irqchip(&vm_fd)?;
 
         let interrupts = InterruptManager::new(vm_fd.clone())?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
-        let serial =
-            Arc::new(Mutex::new(SerialPort::new(interrupts.legacy_line(SERIAL_IRQ)?, serial_output)));
-
-        let mut pio = Bus::default();
-        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_BASE, I8042_LEN)?;
-        pio.insert(Arc::new(Mutex::new(DebugExit(exit.clone()))), DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)?;
-        let fw_cfg = FwCfg::new(vcpu_count.into(), max_vcpus as u16, config.memory_mib << 20);
-        pio.insert(Arc::new(Mutex::new(fw_cfg)), FW_CFG_BASE, FW_CFG_LEN)?;
-        let mut mmio = Bus::default();
-        if config.testdev {
-            let host = Box::new(VmTestdevHost { vm: vm_fd.clone(), mem: mem.clone() });
-            let testdev = Arc::new(Mutex::new(Testdev::new(host)));
-            for (base, len) in Testdev::pio_ranges() {
-                pio.insert(testdev.clone(), base, len)?;
-            }
-            mmio.insert(testdev, IOMEM_BASE, IOMEM_LEN)?;
-            let msi = MsiTestdev::new(interrupts.msi_store(), interrupts.msi_capacity());
-            mmio.insert(Arc::new(Mutex::new(msi)), MSI_TESTDEV_START, MSI_TESTDEV_LEN)?;
-        }
+        let platform_devices = PlatformDevices {
+            serial: SerialPort::new(interrupts.legacy_line(SERIAL_IRQ)?, serial_output),
+            i8042: I8042::new(exit.clone()),
+            fw_cfg: FwCfg::new(vcpu_count.into(), max_vcpus as u16, config.memory_mib << 20),
+            test_devices: config.testdev.then(|| {
+                let host = Box::new(VmTestdevHost { vm: vm_fd.clone(), mem: mem.clone() });
+                (Testdev::new(host), MsiTestdev::new(interrupts.msi_store(), interrupts.msi_capacity()))
+            }),
+        };
+        let mut devices = DeviceManager::new(interrupts, exit.clone(), platform_devices)?;
 
         let mut cmdline = config.cmdline.clone();
         let mut image_measurements = None;
@@ -330,9 +303,6 @@ impl Vm {
             image_measurements = Some(image.measurements);
         }
 
-        let mut virtio =
-            VirtioDevices { vm: &vm_fd, interrupts: &interrupts, mmio: &mut mmio, slots: Vec::new() };
-        let mut device_handlers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
         if let Some(vsock) = &config.vsock {
             let (device, backend) = carve_virtio::vsock::Vsock::new(
                 vsock.cid,
@@ -340,23 +310,22 @@ impl Vm {
                 vsock.shared_listeners.clone(),
                 mem.clone(),
             )?;
-            virtio.attach(Box::new(device), &mem)?;
-            device_handlers.push(Box::new(backend));
+            devices.attach_virtio(
+                &vm_fd,
+                &mem,
+                VirtioKind::Vsock,
+                Box::new(device),
+                Arc::new(Mutex::new(backend)),
+            )?;
         }
-        if let Some(setup) = config.nsm {
-            let measurements = BootMeasurements {
-                image: image_measurements,
-                parent: setup.parent,
-                debug_mode: setup.debug_mode,
-            };
-            let nsm = carve_nsm::Nsm::new(setup.module_id, &measurements, setup.ca)
-                .map_err(VmError::NsmIdentity)?;
+        let booted = BootedImage { mem: &mem, measurements: image_measurements.as_ref() };
+        for factory in extra {
+            let kind = factory.kind();
             let (device, backend) =
-                carve_virtio::nsm::NsmDevice::new(nsm, mem.clone()).map_err(VmError::Nsm)?;
-            virtio.attach(Box::new(device), &mem)?;
-            device_handlers.push(Box::new(backend));
+                factory.build(&booted).map_err(|message| VmError::ExtraDevice { kind, message })?;
+            devices.attach_virtio(&vm_fd, &mem, kind, device, backend)?;
         }
-        let slots = virtio.slots;
+        let slots = devices.virtio_slots();
         for slot in &slots {
             cmdline = format!("{cmdline} {}", slot.cmdline_param()).trim_start().to_string();
         }
@@ -379,17 +348,9 @@ impl Vm {
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
         cpuid::announce_emulated(&mut supported, kvm.check_extension(Cap::TscDeadlineTimer));
         let platform = Platform::host(&supported);
-        let context = Arc::new(VcpuContext {
-            pio,
-            mmio,
-            exit,
-            stats: Default::default(),
-            mem: mem.clone(),
-            platform,
-            state_requests: Default::default(),
-            halt_round: Default::default(),
-            stuck_in_round: (0..vcpu_count).map(|_| Default::default()).collect(),
-        });
+        let (pio, mmio) = devices.buses();
+        let context =
+            Arc::new(VcpuContext { pio, mmio, exit, stats: Default::default(), mem: mem.clone(), platform });
 
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
@@ -409,14 +370,13 @@ impl Vm {
         Ok(Vm {
             vcpus,
             context,
-            serial,
+            devices,
             serial_input: config.serial_input,
             boot,
             entry_warnings,
             template_warning,
             vcpu_affinity: config.vcpu_affinity,
-            device_handlers,
-            _vm_fd: vm_fd,
+            vm_fd,
             _kvm: kvm,
         })
     }
@@ -451,103 +411,31 @@ impl Vm {
         &self.vcpus[0].fd
     }
 
-    /// Runs every vCPU on its own thread until the guest or carve ends the VM.
+    /// Runs every vCPU on its own thread until the guest or carve ends the VM, answering a
+    /// control socket at `control` if given.
     pub fn run(self) -> Result<VmOutcome, VmError> {
-        install_kick_handler();
-        let context = self.context.clone();
-        let mut events =
-            EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(|e| VmError::Host(e.to_string()))?;
-        let exit_event = context.exit.event().try_clone().map_err(|e| VmError::Host(e.to_string()))?;
-        events.add_subscriber(Box::new(ExitWatcher(exit_event)));
-        if self.serial_input {
-            events.add_subscriber(Box::new(ConsoleInput { serial: self.serial.clone() }));
-        }
-        for handler in self.device_handlers {
-            events.add_subscriber(handler);
-        }
-        // Stop signals end the VM like any other exit, so devices clean up (sockets removed).
-        let mut signal_ids = Vec::new();
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP]
-        {
-            let (reader, writer) = UnixStream::pair().map_err(|e| VmError::Host(e.to_string()))?;
-            reader.set_nonblocking(true).map_err(|e| VmError::Host(e.to_string()))?;
-            let id = signal_hook::low_level::pipe::register(signal, writer)
-                .map_err(|e| VmError::Host(e.to_string()))?;
-            signal_ids.push(id);
-            events.add_subscriber(Box::new(StopSignal { reader, signal, exit: context.exit.clone() }));
-        }
+        self.run_with_control(None)
+    }
 
-        let mut threads = Vec::new();
-        for vcpu in self.vcpus {
-            let name = format!("carve-vcpu{}", vcpu.index);
-            let host_cpu = self.vcpu_affinity.get(vcpu.index).copied();
-            let run = move || {
-                if let Some(cpu) = host_cpu {
-                    if let Err(e) = pin_current_thread(cpu) {
-                        let message = format!("cannot pin vCPU {} to host CPU {cpu}: {e}", vcpu.index);
-                        vcpu.context.exit.request(VmExit::VmmFailure(message));
-                        return;
-                    }
-                }
-                vcpu.run()
-            };
-            match thread::Builder::new().name(name).spawn(run) {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    context.exit.request(VmExit::VmmFailure(format!("cannot start a vCPU thread: {e}")));
-                    break;
-                }
-            }
-        }
-        // SIGUSR1 asks every vCPU for its registers, as QEMU's `info registers` (a guest that
-        // hangs can be located without stopping it).
-        let (reader, writer) = UnixStream::pair().map_err(|e| VmError::Host(e.to_string()))?;
-        reader.set_nonblocking(true).map_err(|e| VmError::Host(e.to_string()))?;
-        let usr1 = signal_hook::low_level::pipe::register(signal_hook::consts::SIGUSR1, writer)
-            .map_err(|e| VmError::Host(e.to_string()))?;
-        signal_ids.push(usr1);
-        // std hands out a u64 everywhere; libc's pthread_t is a pointer on musl.
-        #[allow(clippy::unnecessary_cast)]
-        let threads_to_kick: Vec<_> = threads.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect();
-        events.add_subscriber(Box::new(StateRequest {
-            reader,
-            context: context.clone(),
-            threads: threads_to_kick.clone(),
-        }));
-        events.add_subscriber(Box::new(HaltWatch::new(context.clone(), threads_to_kick)?));
-        while !context.exit.is_requested() {
-            if let Err(e) = events.run() {
-                context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));
-            }
-        }
-        // A vCPU may be inside KVM_RUN (or about to enter it): kick until every thread is out.
-        for handle in threads {
-            while !handle.is_finished() {
-                let _ = handle.kill(SIGRTMIN());
-                thread::sleep(Duration::from_micros(200));
-            }
-            let _ = handle.join();
-        }
-        // The guest may have handed devices work just before it stopped (say, the last packets
-        // of a reply, then a power-off): queue notifications arrive through ioeventfds, so let
-        // the devices take what is already signalled before they are dropped.
-        for _ in 0..DRAIN_ROUNDS {
-            if !matches!(events.run_with_timeout(0), Ok(n) if n > 0) {
-                break;
-            }
-        }
-        for id in signal_ids {
-            signal_hook::low_level::unregister(id);
-        }
-        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
-        let exit = context.exit.take().expect("the loop ends only once an exit was requested");
-        Ok(VmOutcome { exit, io: context.stats.snapshot() })
+    pub fn run_with_control(self, control: Option<&Path>) -> Result<VmOutcome, VmError> {
+        let listener = control.map(crate::control::listen).transpose()?;
+        crate::runner::run(
+            crate::runner::Parts {
+                vcpus: self.vcpus,
+                context: self.context,
+                devices: self.devices,
+                serial_input: self.serial_input,
+                vcpu_affinity: self.vcpu_affinity,
+                vm_fd: self.vm_fd,
+            },
+            listener,
+        )
     }
 }
 
 /// Ends a running VM from another thread; the VM's exit is then [`VmExit::Terminated`].
 #[derive(Clone)]
-pub struct VmStopper(Arc<ExitSignal>);
+pub struct VmStopper(pub(crate) Arc<ExitSignal>);
 
 impl VmStopper {
     pub fn stop(&self) {
@@ -555,48 +443,13 @@ impl VmStopper {
     }
 }
 
-fn pin_current_thread(cpu: usize) -> rustix::io::Result<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set)
-}
-
-/// Event-loop rounds that drain device work after the vCPUs stopped; each round takes every
-/// event already signalled, so a few suffice and a guest cannot keep the VMM alive.
-const DRAIN_ROUNDS: usize = 16;
-
-/// Places virtio-mmio devices: a window and IRQ each, queue notifications on ioeventfds.
-struct VirtioDevices<'a> {
-    vm: &'a VmFd,
-    interrupts: &'a InterruptManager,
-    mmio: &'a mut Bus,
-    slots: Vec<VirtioSlot>,
-}
-
-impl VirtioDevices<'_> {
-    fn attach(&mut self, device: Box<dyn carve_virtio::VirtioDevice>, mem: &GuestRam) -> Result<(), VmError> {
-        let index = self.slots.len() as u64;
-        if index >= VIRTIO_MMIO_SLOTS {
-            return Err(VmError::TooManyVirtioDevices);
-        }
-        let slot = VirtioSlot::new(
-            VIRTIO_MMIO_START + index * carve_virtio::mmio::MMIO_WINDOW,
-            VIRTIO_FIRST_IRQ + index as u32,
-        );
-        let address = IoEventAddress::Mmio(slot.notify_address());
-        for (queue, notifier) in device.queue_notifiers().iter().enumerate() {
-            // With the ioeventfd a notification costs no exit to user space; the transport
-            // still forwards any that reach it.
-            self.vm
-                .register_ioevent(notifier, &address, queue as u32)
-                .map_err(kvm_error("bind a virtio queue notification to an ioeventfd"))?;
-        }
-        let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
-        let transport = carve_virtio::mmio::MmioTransport::new(device, mem.clone(), line);
-        self.mmio.insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)?;
-        self.slots.push(slot);
-        Ok(())
-    }
+/// The in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT every VM has, booted or restored.
+pub(crate) fn create_irqchip(vm_fd: &VmFd) -> Result<(), VmError> {
+    vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_error("set the TSS address"))?;
+    vm_fd.create_irq_chip().map_err(kvm_error("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm_fd.create_pit2(pit).map_err(kvm_error("create the in-kernel PIT"))?;
+    Ok(())
 }
 
 fn configure_vcpu(
@@ -716,133 +569,6 @@ fn open_serial(sink: SerialSink) -> Result<SerialOutput, VmError> {
             Box::new(File::create(&path).map_err(|source| VmError::SerialOutput { path, source })?)
         }
     })
-}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    ONCE.call_once(|| {
-        // Without a handler SIGRTMIN would kill the process; with one, KVM_RUN returns EINTR.
-        register_signal_handler(SIGRTMIN(), kick).expect("SIGRTMIN is a valid signal");
-    });
-}
-
-/// Wakes the event loop when a vCPU or device asks the VM to end.
-struct ExitWatcher(EventFd);
-
-impl MutEventSubscriber for ExitWatcher {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.read();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.0, EventSet::IN)).expect("a fresh eventfd registers");
-    }
-}
-
-/// Ends the VM when a stop signal arrives (signal-hook writes a byte to `reader`'s peer).
-struct StopSignal {
-    reader: UnixStream,
-    signal: i32,
-    exit: Arc<ExitSignal>,
-}
-
-impl MutEventSubscriber for StopSignal {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.reader.read(&mut [0u8; 16]);
-        self.exit.request(VmExit::Stopped(self.signal));
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
-    }
-}
-
-/// Asks each vCPU thread to print its registers: bump the request, kick it out of KVM_RUN.
-struct StateRequest {
-    reader: UnixStream,
-    context: Arc<VcpuContext>,
-    threads: Vec<libc::pthread_t>,
-}
-
-impl MutEventSubscriber for StateRequest {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.reader.read(&mut [0u8; 16]);
-        self.context.state_requests.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        kick(&self.threads);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
-    }
-}
-
-/// Makes each vCPU thread return from KVM_RUN (EINTR) and look at its requests.
-fn kick(threads: &[libc::pthread_t]) {
-    for &thread in threads {
-        // SAFETY: the vCPU threads are joined only after the event loop that calls this has
-        // ended, so every id names a live thread; SIGRTMIN has a no-op handler.
-        unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
-    }
-}
-
-/// Ends the VM once nothing can run again. Every period it starts a round and kicks the vCPUs;
-/// each checks whether it is stuck (halted with interrupts disabled, or never started); if all
-/// were in the last round, the VM is over ([`VmExit::Halted`]). KVM keeps a halted vCPU inside
-/// KVM_RUN, so only asking tells.
-struct HaltWatch {
-    timer: vmm_sys_util::timerfd::TimerFd,
-    context: Arc<VcpuContext>,
-    threads: Vec<libc::pthread_t>,
-}
-
-const HALT_WATCH_PERIOD: Duration = Duration::from_millis(500);
-
-impl HaltWatch {
-    fn new(context: Arc<VcpuContext>, threads: Vec<libc::pthread_t>) -> Result<HaltWatch, VmError> {
-        let mut timer = vmm_sys_util::timerfd::TimerFd::new().map_err(|e| VmError::Host(e.to_string()))?;
-        timer.reset(HALT_WATCH_PERIOD, Some(HALT_WATCH_PERIOD)).map_err(|e| VmError::Host(e.to_string()))?;
-        Ok(HaltWatch { timer, context, threads })
-    }
-}
-
-impl MutEventSubscriber for HaltWatch {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.timer.wait();
-        let round = self.context.halt_round.load(std::sync::atomic::Ordering::Acquire);
-        if round > 0 && self.context.all_stuck(round) {
-            self.context.exit.request(VmExit::Halted);
-            return;
-        }
-        self.context.halt_round.store(round + 1, std::sync::atomic::Ordering::Release);
-        kick(&self.threads);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        ops.add(Events::new(&self.timer, EventSet::IN)).expect("a fresh timerfd registers");
-    }
-}
-
-/// Feeds standard input to the guest's serial port.
-struct ConsoleInput {
-    serial: Arc<Mutex<SerialPort>>,
-}
-
-impl MutEventSubscriber for ConsoleInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
-            let _ = ops.remove(events);
-            return;
-        }
-        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).enqueue_input(&buf[..n]);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        // Regular files and /dev/null cannot be polled; then there is simply no console input.
-        let _ = ops.add(Events::new(&std::io::stdin().as_raw_fd(), EventSet::IN));
-    }
 }
 
 /// pc-testdev's effects on the VM: ISA IRQ lines and page flushes.

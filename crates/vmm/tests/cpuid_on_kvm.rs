@@ -19,7 +19,7 @@ fn boot_cpuid(template: &str, vcpus: u32) -> kvm_bindings::CpuId {
     config.cpu_template = CpuTemplate::named(template).unwrap();
     config.vcpus = vcpus;
     config.serial = SerialSink::None;
-    let vm = Vm::build(config).unwrap();
+    let vm = Vm::build(config, Vec::new()).unwrap();
     vm.boot_vcpu().get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap()
 }
 

@@ -38,7 +38,7 @@ fn the_states_carve_builds_pass_the_entry_checks() {
         let mut config = config(format);
         config.vcpus = 2;
         config.entry_check = EntryCheck::Refuse;
-        let vm = Vm::build(config).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let vm = Vm::build(config, Vec::new()).unwrap_or_else(|e| panic!("{format:?}: {e}"));
         let state = boot_state(&vm);
         assert_eq!(broken(&state, Platform::intel(true)), Vec::<&str>::new(), "{format:?}");
         // Without unrestricted guest only the 64-bit entry can be entered directly; KVM runs
@@ -49,7 +49,7 @@ fn the_states_carve_builds_pass_the_entry_checks() {
 }
 
 fn bzimage_state() -> StateFile {
-    boot_state(&Vm::build(config(Format::BzImage)).unwrap())
+    boot_state(&Vm::build(config(Format::BzImage), Vec::new()).unwrap())
 }
 
 #[test]
@@ -62,7 +62,7 @@ fn a_bad_state_is_refused_in_debug_and_explained_when_entered() {
 
     let mut refuse = config(Format::BzImage);
     (refuse.load_state, refuse.entry_check) = (Some(state), EntryCheck::Refuse);
-    match Vm::build(refuse) {
+    match Vm::build(refuse, Vec::new()) {
         Err(e @ VmError::InvalidGuestState { .. }) => {
             assert!(e.to_string().contains("tr.selector = 0x24: the TI flag (bit 2) must be 0 [S1"), "{e}")
         }
@@ -72,7 +72,7 @@ fn a_bad_state_is_refused_in_debug_and_explained_when_entered() {
 
     let mut warn = config(Format::BzImage);
     (warn.load_state, warn.entry_check) = (Some(state), EntryCheck::Warn);
-    let vm = Vm::build(warn).unwrap();
+    let vm = Vm::build(warn, Vec::new()).unwrap();
     assert_eq!(vm.entry_warnings().len(), 1);
     assert!(vm.entry_warnings()[0].contains("[S1"), "{:?}", vm.entry_warnings());
     match vm.run().unwrap().exit {
@@ -99,7 +99,7 @@ fn a_state_kvm_refuses_is_explained() {
     state.cr0 |= 1 << 29;
     let mut warn = config(Format::BzImage);
     (warn.load_state, warn.entry_check) = (Some(state), EntryCheck::Warn);
-    match Vm::build(warn) {
+    match Vm::build(warn, Vec::new()) {
         Err(e @ VmError::StateRefused { .. }) => {
             let text = e.to_string();
             assert!(

@@ -9,10 +9,10 @@
 #![no_main]
 
 use core::arch::x86_64::__cpuid;
-use core::cell::UnsafeCell;
-use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::SeqCst};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
-use carve_guests::io::{inb, outb, rdtsc, read_phys, wrmsr};
+use carve_guests::io::{inb, outb, read_phys, wrmsr};
+use carve_guests::pvclock::{Area, MSR_KVM_WALL_CLOCK_NEW, PVCLOCK_TSC_STABLE_BIT};
 use carve_guests::{check, exit, guest_main, param, parse_u64, println, smp, BootInfo};
 
 guest_main!(main);
@@ -23,27 +23,8 @@ const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 const TIMING_LEAF: u32 = 0x4000_0010;
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
-const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
-const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
-/// pvclock flags: the host guarantees the clock is monotonic across vCPUs by itself.
-const PVCLOCK_TSC_STABLE_BIT: u8 = 1 << 0;
 const MAX_CPUS: usize = 4;
 const PIT_HZ: u64 = 1_193_182;
-
-/// A pvclock_vcpu_time_info (32 bytes) or pvclock_wall_clock (12 bytes) KVM writes into.
-#[repr(C, align(64))]
-struct Area(UnsafeCell<[u8; 64]>);
-// SAFETY: KVM writes these areas; the guest only reads them with volatile loads.
-unsafe impl Sync for Area {}
-
-impl Area {
-    const fn new() -> Area {
-        Area(UnsafeCell::new([0; 64]))
-    }
-    fn addr(&self) -> u64 {
-        self.0.get() as u64
-    }
-}
 
 static CLOCKS: [Area; MAX_CPUS] = [const { Area::new() }; MAX_CPUS];
 static WALL: Area = Area::new();
@@ -64,35 +45,11 @@ fn clock_read(cpu: usize) -> (u64, u8) {
 
 /// [`clock_read`], with the TSC value the time was computed from.
 fn clock_read_with_tsc(cpu: usize) -> (u64, u8, u64) {
-    let area = CLOCKS[cpu].addr();
-    loop {
-        let version = read_phys::<u32>(area);
-        if version & 1 != 0 {
-            continue;
-        }
-        fence(SeqCst);
-        let tsc_timestamp = read_phys::<u64>(area + 8);
-        let system_time = read_phys::<u64>(area + 16);
-        let mul = read_phys::<u32>(area + 24);
-        let shift = read_phys::<i8>(area + 28);
-        let flags = read_phys::<u8>(area + 29);
-        let tsc = rdtsc();
-        fence(SeqCst);
-        if read_phys::<u32>(area) != version {
-            continue;
-        }
-        let mut delta = tsc.saturating_sub(tsc_timestamp);
-        if shift >= 0 {
-            delta <<= shift;
-        } else {
-            delta >>= -shift;
-        }
-        return (system_time + ((delta as u128 * mul as u128) >> 32) as u64, flags, tsc);
-    }
+    CLOCKS[cpu].read()
 }
 
 fn enable_clock(cpu: usize) {
-    wrmsr(MSR_KVM_SYSTEM_TIME_NEW, CLOCKS[cpu].addr() | 1);
+    CLOCKS[cpu].enable();
 }
 
 /// Reads the clock `LOOPS` times, counting reads earlier than one any vCPU made before.

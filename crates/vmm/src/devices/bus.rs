@@ -15,7 +15,8 @@ pub enum BusError {
 
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-#[derive(Default)]
+/// Cloning shares the devices: every vCPU thread dispatches on its own copy of the map.
+#[derive(Clone, Default)]
 pub struct Bus {
     ranges: BTreeMap<u64, (u64, SharedDevice)>,
 }

@@ -1,0 +1,209 @@
+//! The device manager: owns every device of a VM with a typed handle, maps them on the PIO and
+//! MMIO buses, wires their interrupts, and hands their event-loop halves to the VMM's loop.
+//! Booting and restoring a VM attach devices through the same helpers here.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{MutEventSubscriber, SubscriberId, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+
+use carve_virtio::mmio::MmioTransport;
+use carve_virtio::VirtioDevice;
+
+use crate::devices::bus::Bus;
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::msi_testdev::{MsiTestdev, MSI_TESTDEV_LEN};
+use crate::devices::serial::{SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::testdev::{Testdev, IOMEM_BASE, IOMEM_LEN};
+use crate::devices::virtio::VirtioSlot;
+use crate::exit::ExitSignal;
+use crate::interrupts::InterruptManager;
+use crate::layout::{MSI_TESTDEV_START, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START};
+use crate::memory::GuestRam;
+use crate::vm::VmError;
+
+/// A virtio device's event-loop half (its backend), shared between the loop and the manager.
+pub type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// What a virtio device is, for saving it and for telling a restore what to rebuild.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioKind {
+    Vsock,
+    Nsm,
+}
+
+/// One virtio-mmio device: where it sits, its transport on the MMIO bus, its backend.
+pub struct VirtioHandle {
+    pub kind: VirtioKind,
+    pub slot: VirtioSlot,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub backend: Backend,
+    /// The backend's place on the event loop while it is registered there.
+    subscriber: Option<SubscriberId>,
+}
+
+/// pc-testdev and the MSI message-store test device (`--testdev`).
+pub struct TestDevices {
+    pub testdev: Arc<Mutex<Testdev>>,
+    pub msi: Arc<Mutex<MsiTestdev>>,
+}
+
+/// Every device of a VM.
+pub struct DeviceManager {
+    pub interrupts: InterruptManager,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub debug_exit: Arc<Mutex<DebugExit>>,
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
+    pub test_devices: Option<TestDevices>,
+    pub virtio: Vec<VirtioHandle>,
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// The platform devices every VM has, already built (from a configuration or from saved state).
+pub struct PlatformDevices {
+    pub serial: SerialPort,
+    pub i8042: I8042,
+    pub fw_cfg: FwCfg,
+    pub test_devices: Option<(Testdev, MsiTestdev)>,
+}
+
+impl DeviceManager {
+    /// Maps the platform devices: COM1, the i8042 (its reset line), debug-exit, fw_cfg and,
+    /// for kvm-unit-tests, pc-testdev and the MSI test device.
+    pub fn new(
+        interrupts: InterruptManager,
+        exit: Arc<ExitSignal>,
+        platform: PlatformDevices,
+    ) -> Result<DeviceManager, VmError> {
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let serial = Arc::new(Mutex::new(platform.serial));
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+        let i8042 = Arc::new(Mutex::new(platform.i8042));
+        pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
+        let debug_exit = Arc::new(Mutex::new(DebugExit(exit)));
+        pio.insert(debug_exit.clone(), DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)?;
+        let fw_cfg = Arc::new(Mutex::new(platform.fw_cfg));
+        pio.insert(fw_cfg.clone(), FW_CFG_BASE, FW_CFG_LEN)?;
+        let test_devices = match platform.test_devices {
+            Some((testdev, msi)) => {
+                let testdev = Arc::new(Mutex::new(testdev));
+                for (base, len) in Testdev::pio_ranges() {
+                    pio.insert(testdev.clone(), base, len)?;
+                }
+                mmio.insert(testdev.clone(), IOMEM_BASE, IOMEM_LEN)?;
+                let msi = Arc::new(Mutex::new(msi));
+                mmio.insert(msi.clone(), MSI_TESTDEV_START, MSI_TESTDEV_LEN)?;
+                Some(TestDevices { testdev, msi })
+            }
+            None => None,
+        };
+        Ok(DeviceManager {
+            interrupts,
+            serial,
+            i8042,
+            debug_exit,
+            fw_cfg,
+            test_devices,
+            virtio: Vec::new(),
+            pio,
+            mmio,
+        })
+    }
+
+    /// The next virtio-mmio slot, or the error that there is none.
+    pub fn next_virtio_slot(&self) -> Result<VirtioSlot, VmError> {
+        let index = self.virtio.len() as u64;
+        if index >= VIRTIO_MMIO_SLOTS {
+            return Err(VmError::TooManyVirtioDevices);
+        }
+        Ok(VirtioSlot::new(
+            VIRTIO_MMIO_START + index * carve_virtio::mmio::MMIO_WINDOW,
+            VIRTIO_FIRST_IRQ + index as u32,
+        ))
+    }
+
+    /// Maps a virtio device in the next slot: queue notifications on ioeventfds, its interrupt
+    /// on the slot's IOAPIC pin.
+    pub fn attach_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestRam,
+        kind: VirtioKind,
+        device: Box<dyn VirtioDevice>,
+        backend: Backend,
+    ) -> Result<(), VmError> {
+        let slot = self.next_virtio_slot()?;
+        let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
+        let transport = MmioTransport::new(device, mem.clone(), line);
+        self.attach_transport(vm, kind, slot, transport, backend)
+    }
+
+    /// Maps an already built transport (booted or restored) at `slot`.
+    pub fn attach_transport(
+        &mut self,
+        vm: &VmFd,
+        kind: VirtioKind,
+        slot: VirtioSlot,
+        transport: MmioTransport,
+        backend: Backend,
+    ) -> Result<(), VmError> {
+        let address = IoEventAddress::Mmio(slot.notify_address());
+        for (queue, notifier) in transport.device().queue_notifiers().iter().enumerate() {
+            // With the ioeventfd a notification costs no exit to user space; the transport
+            // still forwards any that reach it.
+            vm.register_ioevent(notifier, &address, queue as u32).map_err(|source| VmError::Kvm {
+                what: "bind a virtio queue notification to an ioeventfd",
+                source,
+            })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport.clone(), slot.base, slot.len)?;
+        self.virtio.push(VirtioHandle { kind, slot, transport, backend, subscriber: None });
+        Ok(())
+    }
+
+    pub fn virtio_slots(&self) -> Vec<VirtioSlot> {
+        self.virtio.iter().map(|handle| handle.slot).collect()
+    }
+
+    /// The buses the vCPU threads dispatch port and MMIO exits on.
+    pub fn buses(&self) -> (Bus, Bus) {
+        (self.pio.clone(), self.mmio.clone())
+    }
+
+    /// Puts every backend on the event loop (at start, and on resume).
+    pub fn start_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
+        &mut self,
+        events: &mut S,
+    ) {
+        for handle in &mut self.virtio {
+            if handle.subscriber.is_none() {
+                handle.subscriber = Some(events.add_subscriber(Box::new(handle.backend.clone())));
+            }
+        }
+    }
+
+    /// Takes every backend off the event loop, so no device touches guest memory or its queues
+    /// while the VM is paused; their file descriptors stay open and their events wait.
+    pub fn park_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
+        &mut self,
+        events: &mut S,
+    ) {
+        for handle in &mut self.virtio {
+            if let Some(id) = handle.subscriber.take() {
+                // The id came from this loop; an error would mean it is already gone.
+                let _ = events.remove_subscriber(id);
+            }
+        }
+    }
+
+    /// Flushes console output still buffered when the VM ends.
+    pub fn flush_serial(&self) {
+        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
+    }
+}

@@ -1,0 +1,362 @@
+//! Running a built VM: one thread per vCPU, and on the calling thread an event-manager loop
+//! with the exit eventfd, console input, stop signals, the halt watch, the control socket and
+//! the device backends. Event handlers only queue [`Action`]s; the loop carries them out between
+//! rounds, where it may pause vCPUs and take backends off the loop.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::{self, ControlReply, ControlRequest, VmDescription};
+use crate::device_manager::DeviceManager;
+use crate::devices::serial::SerialPort;
+use crate::exit::{ExitSignal, VmExit};
+use crate::memory;
+use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
+use crate::vm::{VmError, VmOutcome};
+
+/// What [`run`] needs of a built (or restored) VM.
+pub(crate) struct Parts {
+    pub vcpus: Vec<Vcpu>,
+    pub context: Arc<VcpuContext>,
+    pub devices: DeviceManager,
+    pub serial_input: bool,
+    pub vcpu_affinity: Vec<usize>,
+    pub vm_fd: Arc<VmFd>,
+}
+
+/// Work an event handler asks the loop for.
+enum Action {
+    PrintState,
+    HaltCheck,
+    Control(ControlRequest, UnixStream),
+}
+
+type Actions = Rc<RefCell<VecDeque<Action>>>;
+
+/// Event-loop rounds that drain device work after the vCPUs stopped; each round takes every
+/// event already signalled, so a few suffice and a guest cannot keep the VMM alive.
+const DRAIN_ROUNDS: usize = 16;
+
+const HALT_WATCH_PERIOD: Duration = Duration::from_millis(500);
+
+pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutcome, VmError> {
+    let host = |e: &dyn std::fmt::Display| VmError::Host(e.to_string());
+    let context = parts.context.clone();
+    let mut events =
+        EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(|e| host(&format!("{e:?}")))?;
+    let actions: Actions = Default::default();
+    let exit_event = context.exit.event().try_clone().map_err(|e| host(&e))?;
+    events.add_subscriber(Box::new(ExitWatcher(exit_event)));
+    if parts.serial_input {
+        events.add_subscriber(Box::new(ConsoleInput { serial: parts.devices.serial.clone() }));
+    }
+    // Stop signals end the VM like any other exit, so devices clean up (sockets removed).
+    let mut signal_ids = Vec::new();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        let (reader, id) = signal_pipe(signal)?;
+        signal_ids.push(id);
+        events.add_subscriber(Box::new(StopSignal { reader, signal, exit: context.exit.clone() }));
+    }
+    // SIGUSR1 asks every vCPU for its registers, as QEMU's `info registers` (a guest that
+    // hangs can be located without stopping it).
+    let (reader, id) = signal_pipe(signal_hook::consts::SIGUSR1)?;
+    signal_ids.push(id);
+    events.add_subscriber(Box::new(Queue {
+        source: reader,
+        action: || Action::PrintState,
+        actions: actions.clone(),
+    }));
+    let mut timer = vmm_sys_util::timerfd::TimerFd::new().map_err(|e| host(&e))?;
+    timer.reset(HALT_WATCH_PERIOD, Some(HALT_WATCH_PERIOD)).map_err(|e| host(&e))?;
+    events.add_subscriber(Box::new(Queue {
+        source: timer,
+        action: || Action::HaltCheck,
+        actions: actions.clone(),
+    }));
+    if let Some(listener) = control {
+        events.add_subscriber(Box::new(ControlServer { listener, actions: actions.clone() }));
+    }
+
+    let mut runner = Runner {
+        vcpus: Vec::new(),
+        devices: parts.devices,
+        context: context.clone(),
+        _vm_fd: parts.vm_fd,
+        paused_since: None,
+        paused_total: Duration::ZERO,
+        started: Instant::now(),
+        halt_check_sent: false,
+    };
+    runner.devices.start_backends(&mut events);
+    for vcpu in parts.vcpus {
+        let host_cpu = parts.vcpu_affinity.get(vcpu.index).copied();
+        match VcpuHandle::spawn(vcpu, host_cpu) {
+            Ok(handle) => runner.vcpus.push(handle),
+            Err(e) => {
+                context.exit.request(VmExit::VmmFailure(format!("cannot start a vCPU thread: {e}")));
+                break;
+            }
+        }
+    }
+    while !context.exit.is_requested() {
+        if let Err(e) = events.run() {
+            context.exit.request(VmExit::VmmFailure(format!("event loop failed: {e:?}")));
+        }
+        loop {
+            let Some(action) = actions.borrow_mut().pop_front() else { break };
+            runner.act(action, &mut events);
+        }
+    }
+    for handle in runner.vcpus.drain(..) {
+        handle.join();
+    }
+    // The guest may have handed devices work just before it stopped (say, the last packets
+    // of a reply, then a power-off): queue notifications arrive through ioeventfds, so let
+    // the devices take what is already signalled before they are dropped.
+    runner.devices.start_backends(&mut events);
+    for _ in 0..DRAIN_ROUNDS {
+        if !matches!(events.run_with_timeout(0), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    for id in signal_ids {
+        signal_hook::low_level::unregister(id);
+    }
+    runner.devices.flush_serial();
+    let exit = context.exit.take().expect("the loop ends only once an exit was requested");
+    Ok(VmOutcome { exit, io: context.stats.snapshot() })
+}
+
+fn signal_pipe(signal: i32) -> Result<(UnixStream, signal_hook::SigId), VmError> {
+    let host = |e: std::io::Error| VmError::Host(e.to_string());
+    let (reader, writer) = UnixStream::pair().map_err(host)?;
+    reader.set_nonblocking(true).map_err(host)?;
+    let id = signal_hook::low_level::pipe::register(signal, writer).map_err(host)?;
+    Ok((reader, id))
+}
+
+/// The loop's view of the running VM.
+struct Runner {
+    vcpus: Vec<VcpuHandle>,
+    devices: DeviceManager,
+    context: Arc<VcpuContext>,
+    _vm_fd: Arc<VmFd>,
+    paused_since: Option<Instant>,
+    paused_total: Duration,
+    started: Instant,
+    /// A halt check went out last period; its answers decide this period.
+    halt_check_sent: bool,
+}
+
+type Loop = EventManager<Box<dyn MutEventSubscriber>>;
+
+impl Runner {
+    fn act(&mut self, action: Action, events: &mut Loop) {
+        match action {
+            Action::PrintState => self.vcpus.iter().for_each(|v| v.send(VcpuRequest::PrintState)),
+            Action::HaltCheck => self.halt_check(),
+            Action::Control(request, stream) => {
+                let reply = self.control(request, events);
+                control::send_reply(stream, &reply);
+            }
+        }
+    }
+
+    /// Ends the VM once nothing can run again. Every period each vCPU is asked whether it is
+    /// stuck (halted with interrupts disabled, or never started); if all said so, the VM is over
+    /// ([`VmExit::Halted`]). KVM keeps a halted vCPU inside KVM_RUN, so only asking tells.
+    fn halt_check(&mut self) {
+        if self.paused_since.is_some() {
+            self.halt_check_sent = false;
+            return;
+        }
+        if self.halt_check_sent {
+            let answers: Vec<Option<bool>> = self.vcpus.iter().map(VcpuHandle::take_stuck_answer).collect();
+            if answers.iter().all(|a| *a == Some(true)) {
+                self.context.exit.request(VmExit::Halted);
+                return;
+            }
+        }
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::CheckStuck));
+        self.halt_check_sent = true;
+    }
+
+    fn control(&mut self, request: ControlRequest, events: &mut Loop) -> ControlReply {
+        let started = Instant::now();
+        let result = match request {
+            ControlRequest::Pause => self.pause(events),
+            ControlRequest::Resume => self.resume(events),
+            ControlRequest::Describe => {
+                return ControlReply { description: Some(self.describe()), ..Default::default() }
+            }
+            ControlRequest::Snapshot { .. } => Err("snapshots are not supported yet".to_string()),
+        };
+        match result {
+            Ok(()) => {
+                ControlReply { took_us: Some(started.elapsed().as_micros() as u64), ..Default::default() }
+            }
+            Err(error) => ControlReply::failed(error),
+        }
+    }
+
+    /// Stops every vCPU at its next exit, then takes the device backends off the loop: nothing
+    /// changes guest memory, queues or registers until [`Runner::resume`].
+    fn pause(&mut self, events: &mut Loop) -> Result<(), String> {
+        if self.paused_since.is_some() {
+            return Ok(());
+        }
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Pause));
+        for vcpu in &self.vcpus {
+            if vcpu.wait(|r| matches!(r, VcpuResponse::Paused).then_some(())).is_none() {
+                return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index));
+            }
+        }
+        self.devices.park_backends(events);
+        self.paused_since = Some(Instant::now());
+        Ok(())
+    }
+
+    fn resume(&mut self, events: &mut Loop) -> Result<(), String> {
+        let Some(since) = self.paused_since.take() else { return Ok(()) };
+        self.paused_total += since.elapsed();
+        self.devices.start_backends(events);
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Resume));
+        for vcpu in &self.vcpus {
+            if vcpu.wait(|r| matches!(r, VcpuResponse::Resumed).then_some(())).is_none() {
+                return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index));
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> VmDescription {
+        let paused = self.paused_total + self.paused_since.map_or(Duration::ZERO, |since| since.elapsed());
+        VmDescription {
+            state: if self.paused_since.is_some() { "paused" } else { "running" }.into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            paused_ms: paused.as_millis() as u64,
+            vcpus: self.vcpus.len(),
+            memory_bytes: memory::total_size(&self.context.mem),
+            exits: self.context.stats.snapshot().into(),
+        }
+    }
+}
+
+/// Wakes the event loop when a vCPU or device asks the VM to end.
+struct ExitWatcher(EventFd);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.0, EventSet::IN)).expect("a fresh eventfd registers");
+    }
+}
+
+/// Ends the VM when a stop signal arrives (signal-hook writes a byte to `reader`'s peer).
+struct StopSignal {
+    reader: UnixStream,
+    signal: i32,
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for StopSignal {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.reader.read(&mut [0u8; 16]);
+        self.exit.request(VmExit::Stopped(self.signal));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.reader, EventSet::IN)).expect("a fresh socket registers");
+    }
+}
+
+/// Something readable that, when it fires, queues an action: a signal pipe or a timer.
+trait Drain: AsRawFd {
+    fn drain(&mut self);
+}
+
+impl Drain for UnixStream {
+    fn drain(&mut self) {
+        let _ = self.read(&mut [0u8; 16]);
+    }
+}
+
+impl Drain for vmm_sys_util::timerfd::TimerFd {
+    fn drain(&mut self) {
+        let _ = self.wait();
+    }
+}
+
+struct Queue<S, F> {
+    source: S,
+    action: F,
+    actions: Actions,
+}
+
+impl<S: Drain, F: Fn() -> Action> MutEventSubscriber for Queue<S, F> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.source.drain();
+        self.actions.borrow_mut().push_back((self.action)());
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.source, EventSet::IN)).expect("a fresh descriptor registers");
+    }
+}
+
+/// Accepts control connections and queues their requests.
+struct ControlServer {
+    listener: UnixListener,
+    actions: Actions,
+}
+
+impl MutEventSubscriber for ControlServer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            match control::read_request(&stream) {
+                Ok(request) => self.actions.borrow_mut().push_back(Action::Control(request, stream)),
+                Err(error) => control::send_reply(stream, &ControlReply::failed(error)),
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        ops.add(Events::new(&self.listener, EventSet::IN)).expect("a fresh listener registers");
+    }
+}
+
+/// Feeds standard input to the guest's serial port.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialPort>>,
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
+        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
+            let _ = ops.remove(events);
+            return;
+        }
+        self.serial.lock().unwrap_or_else(PoisonError::into_inner).enqueue_input(&buf[..n]);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Regular files and /dev/null cannot be polled; then there is simply no console input.
+        let _ = ops.add(Events::new(&std::io::stdin().as_raw_fd(), EventSet::IN));
+    }
+}
