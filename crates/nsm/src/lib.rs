@@ -7,16 +7,19 @@ pub mod document;
 pub mod pcr;
 pub mod pki;
 pub mod protocol;
+pub mod state;
 pub mod verify;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use carve_snapshot::Persist;
 use rand_core::{OsRng, RngCore};
 
 use document::AttestationDoc;
 use pcr::{BootMeasurements, PcrBank, PcrError, PCR_COUNT};
 use pki::{CertificateAuthority, Leaf, PkiError};
 use protocol::{ErrorCode, NsmDescription, Request, Response};
+use state::{NsmState, NsmStateError, MAX_MODULE_ID};
 
 /// GetRandom's answer size (as QEMU's NSM).
 pub const RANDOM_BYTES: usize = 256;
@@ -26,6 +29,8 @@ const LEAF_RENEWAL: Duration = Duration::from_secs(3600);
 /// One VM's NSM: its PCRs and its signing identity.
 pub struct Nsm {
     module_id: String,
+    /// What the platform PCRs were set from; kept so that a snapshot carries it.
+    boot: BootMeasurements,
     bank: PcrBank,
     ca: CertificateAuthority,
     leaf: Leaf,
@@ -39,7 +44,7 @@ impl Nsm {
         ca: CertificateAuthority,
     ) -> Result<Nsm, PkiError> {
         let leaf = ca.issue_leaf(&module_id, SystemTime::now())?;
-        Ok(Nsm { module_id, bank: PcrBank::new(boot), ca, leaf })
+        Ok(Nsm { module_id, boot: boot.clone(), bank: PcrBank::new(boot), ca, leaf })
     }
 
     pub fn module_id(&self) -> &str {
@@ -48,6 +53,10 @@ impl Nsm {
 
     pub fn pcrs(&self) -> &PcrBank {
         &self.bank
+    }
+
+    pub fn boot_measurements(&self) -> &BootMeasurements {
+        &self.boot
     }
 
     /// Answers one request's bytes with the response's bytes. Never fails: every problem with
@@ -137,6 +146,29 @@ impl Nsm {
             nonce,
         };
         Ok(doc.sign(&self.leaf.key))
+    }
+}
+
+/// The module's identity and PCR bank survive exactly; the signing leaf is issued afresh by the
+/// CA given to `restore` (see [`state`]).
+impl Persist for Nsm {
+    type State = NsmState;
+    type ConstructorArgs = CertificateAuthority;
+    type Error = NsmStateError;
+
+    fn save(&self) -> NsmState {
+        NsmState { module_id: self.module_id.clone(), boot: self.boot.save(), bank: self.bank.save() }
+    }
+
+    fn restore(ca: CertificateAuthority, state: &NsmState) -> Result<Nsm, NsmStateError> {
+        if state.module_id.is_empty() || state.module_id.len() > MAX_MODULE_ID {
+            return Err(NsmStateError::ModuleId);
+        }
+        let boot = BootMeasurements::restore(&state.boot)?;
+        let bank = PcrBank::restore((), &state.bank)?;
+        bank.check_boot(&boot)?;
+        let leaf = ca.issue_leaf(&state.module_id, SystemTime::now())?;
+        Ok(Nsm { module_id: state.module_id.clone(), boot, bank, ca, leaf })
     }
 }
 

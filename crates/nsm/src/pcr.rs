@@ -5,7 +5,10 @@
 
 use carve_eif::measure::extend_zero;
 use carve_eif::Measurements;
+use carve_snapshot::Persist;
 use sha2::{Digest, Sha384};
+
+use crate::state::{pcr_value, BootState, ImageState, NsmStateError, PcrBankState, PcrState, DIGEST};
 
 pub const PCR_COUNT: usize = 32;
 pub const PCR_LEN: usize = 48;
@@ -133,6 +136,100 @@ impl PcrBank {
     }
 }
 
+impl BootMeasurements {
+    /// As saved.
+    pub fn save(&self) -> BootState {
+        BootState {
+            image: self.image.as_ref().map(|image| ImageState {
+                pcr0: image.pcr0.to_vec(),
+                pcr1: image.pcr1.to_vec(),
+                pcr2: image.pcr2.to_vec(),
+                pcr8: image.pcr8.map(|pcr8| pcr8.to_vec()),
+            }),
+            parent_role: self.parent.role.clone(),
+            parent_instance_id: self.parent.instance_id.clone(),
+            debug_mode: self.debug_mode,
+        }
+    }
+
+    /// From a saved state, every measurement checked to be a SHA-384 value.
+    pub fn restore(state: &BootState) -> Result<BootMeasurements, NsmStateError> {
+        let value = |name: &'static str, bytes: &[u8]| {
+            pcr_value(bytes).ok_or(NsmStateError::MeasurementLength { name, len: bytes.len() })
+        };
+        let image = match &state.image {
+            Some(image) => Some(Measurements {
+                pcr0: value("PCR0", &image.pcr0)?,
+                pcr1: value("PCR1", &image.pcr1)?,
+                pcr2: value("PCR2", &image.pcr2)?,
+                pcr8: image.pcr8.as_deref().map(|pcr8| value("PCR8", pcr8)).transpose()?,
+            }),
+            None => None,
+        };
+        Ok(BootMeasurements {
+            image,
+            parent: ParentIdentity {
+                role: state.parent_role.clone(),
+                instance_id: state.parent_instance_id.clone(),
+            },
+            debug_mode: state.debug_mode,
+        })
+    }
+}
+
+impl PcrBank {
+    /// Whether the platform PCRs hold what `boot` gives them; the first that does not, if any.
+    pub(crate) fn check_boot(&self, boot: &BootMeasurements) -> Result<(), NsmStateError> {
+        let fresh = PcrBank::new(boot);
+        match (0..PLATFORM_PCRS).find(|&i| self.values[i] != fresh.values[i]) {
+            Some(index) => Err(NsmStateError::BootMismatch(index)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The bank's values and locks survive exactly; a restored bank is checked as
+/// [`crate::state`] describes (the boot measurements are checked by [`crate::Nsm`]'s restore).
+impl Persist for PcrBank {
+    type State = PcrBankState;
+    type ConstructorArgs = ();
+    type Error = NsmStateError;
+
+    fn save(&self) -> PcrBankState {
+        PcrBankState {
+            digest: DIGEST.into(),
+            pcrs: (0..PCR_COUNT)
+                .map(|index| PcrState { index: index as u64, value: self.values[index].to_vec() })
+                .collect(),
+            locked: self.locked.into(),
+        }
+    }
+
+    fn restore(_: (), state: &PcrBankState) -> Result<PcrBank, NsmStateError> {
+        if state.digest != DIGEST {
+            return Err(NsmStateError::Digest(state.digest.clone()));
+        }
+        let mut values: [Option<PcrValue>; PCR_COUNT] = [None; PCR_COUNT];
+        for pcr in &state.pcrs {
+            let index = PcrBank::index(pcr.index).map_err(|_| NsmStateError::IndexOutOfRange(pcr.index))?;
+            let value = pcr_value(&pcr.value)
+                .ok_or(NsmStateError::ValueLength { index: pcr.index, len: pcr.value.len() })?;
+            if values[index].replace(value).is_some() {
+                return Err(NsmStateError::DuplicateIndex(pcr.index));
+            }
+        }
+        let mut bank = PcrBank { values: [[0; PCR_LEN]; PCR_COUNT], locked: 0 };
+        for (index, value) in values.into_iter().enumerate() {
+            bank.values[index] = value.ok_or(NsmStateError::MissingIndex(index))?;
+        }
+        bank.locked = u32::try_from(state.locked).map_err(|_| NsmStateError::LockOutOfRange(state.locked))?;
+        if let Some(index) = (0..PLATFORM_PCRS).find(|&i| !bank.is_locked(i)) {
+            return Err(NsmStateError::PlatformUnlocked(index));
+        }
+        Ok(bank)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +310,50 @@ mod tests {
         bank.lock_range(32).unwrap();
         assert_eq!(bank.locked().len(), 32);
         assert_eq!(bank.lock_range(33), Err(PcrError::InvalidIndex(33)));
+    }
+
+    #[test]
+    fn a_saved_bank_restores_exactly() {
+        let mut bank = PcrBank::new(&BootMeasurements { image: Some(image()), ..Default::default() });
+        bank.extend(16, b"abc").unwrap();
+        bank.extend(31, b"xyz").unwrap();
+        bank.lock(16).unwrap();
+        let state = bank.save();
+        let mut restored = PcrBank::restore((), &state).unwrap();
+        assert_eq!(restored, bank);
+        assert_eq!(restored.save(), state);
+        assert_eq!(restored.extend(16, b"x"), Err(PcrError::ReadOnly(16)));
+    }
+
+    #[test]
+    fn malformed_banks_are_refused_with_one_sentence() {
+        let good = PcrBank::new(&BootMeasurements::default()).save();
+        let refused = |change: &dyn Fn(&mut PcrBankState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            PcrBank::restore((), &state).unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(&|s| s.pcrs[20].index = 40),
+            "the saved PCR bank has PCR index 40, out of range for a bank of 32"
+        );
+        assert_eq!(refused(&|s| s.pcrs[20].index = 21), "the saved PCR bank has PCR 21 more than once");
+        assert_eq!(refused(&|s| drop(s.pcrs.pop())), "the saved PCR bank lacks PCR 31");
+        assert_eq!(
+            refused(&|s| s.pcrs[17].value.push(0)),
+            "the saved PCR 17 holds 49 bytes, but SHA384 values are 48"
+        );
+        assert_eq!(
+            refused(&|s| s.locked |= 1 << 32),
+            "the saved lock bitmap 0x10000ffff locks registers beyond the 32 the bank has"
+        );
+        assert_eq!(
+            refused(&|s| s.locked &= !(1 << 3)),
+            "the saved PCR bank leaves platform PCR 3 unlocked, which the platform locks at boot"
+        );
+        assert_eq!(
+            refused(&|s| s.digest = "SHA256".into()),
+            "the saved PCR bank uses the digest \"SHA256\", but carve's NSM uses SHA384"
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod fault;
 mod link;
 pub mod mmio;
 pub mod nsm;
+pub mod state;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -75,6 +76,12 @@ impl DeviceSignals {
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// Signals as saved: the status the driver had not acknowledged and DEVICE_NEEDS_RESET. The
+    /// line is not raised; the interrupt controller's own state says what is pending.
+    fn restored(line: Arc<dyn InterruptLine>, status: u32, needs_reset: bool) -> DeviceSignals {
+        DeviceSignals { status: AtomicU32::new(status), needs_reset: AtomicBool::new(needs_reset), line }
     }
 }
 

@@ -65,4 +65,10 @@ impl CommandReceiver {
         let _ = self.kick.read();
         self.commands.try_iter().collect()
     }
+
+    /// Makes the event loop call the backend soon, with or without a command (the kick is a
+    /// level-triggered eventfd: it fires once the backend is registered, however late).
+    pub(crate) fn wake(&self) {
+        let _ = self.kick.write(1);
+    }
 }

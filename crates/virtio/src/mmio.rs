@@ -8,10 +8,14 @@
 use crate::GuestRam;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::fault::FaultLog;
-use crate::{DeviceSignals, InterruptLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::state::RestoreError;
+use crate::{
+    DeviceSignals, InterruptLine, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_RING, VIRTIO_F_VERSION_1,
+};
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -55,6 +59,80 @@ pub mod status {
     pub const FEATURES_OK: u32 = 8;
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     pub const FAILED: u32 = 0x80;
+}
+
+/// VIRTIO_RING_F_EVENT_IDX: a queue may use event indices only if the driver accepted it.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// The transport as saved (see [`crate::state`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// The device behind the transport (19 vsock, 33 NSM); a restore checks it.
+    pub device_type: u32,
+    /// The status the driver wrote ([`status`] bits); DEVICE_NEEDS_RESET is `needs_reset`.
+    pub status: u32,
+    pub needs_reset: bool,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    /// The features the driver accepted (or is writing, before FEATURES_OK).
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    /// Every queue of the device, in order.
+    pub queues: Vec<QueueConfig>,
+    /// `InterruptStatus` bits the driver has not acknowledged.
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    /// The device runs: DRIVER_OK without DEVICE_NEEDS_RESET. The queues' positions are then
+    /// the running device's, and a restore starts the device again with them.
+    pub activated: bool,
+}
+
+/// One queue: the driver's configuration and, for a running device, where the device is in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub event_idx: bool,
+    /// The next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// The next used-ring entry the device writes.
+    pub next_used: u16,
+}
+
+impl From<QueueState> for QueueConfig {
+    fn from(q: QueueState) -> QueueConfig {
+        QueueConfig {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            event_idx: q.event_idx_enabled,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+        }
+    }
+}
+
+impl From<QueueConfig> for QueueState {
+    fn from(q: QueueConfig) -> QueueState {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
 
 pub struct MmioTransport {
@@ -337,6 +415,140 @@ impl MmioTransport {
                 self.signals.signal_needs_reset();
             }
         }
+    }
+
+    /// The transport's state; `running` are the queues of the device's running half, whose
+    /// positions are the ones that count while the device is activated.
+    pub(crate) fn save_state(&self, running: Option<Vec<QueueConfig>>) -> MmioState {
+        let activated = self.is_activated();
+        let running = running.filter(|queues| activated && queues.len() == self.queues.len());
+        let queues = match running {
+            Some(running) => self
+                .queues
+                .iter()
+                .zip(running)
+                .map(|(own, running)| QueueConfig {
+                    next_avail: running.next_avail,
+                    next_used: running.next_used,
+                    ..own.state().into()
+                })
+                .collect(),
+            None => self.queues.iter().map(|q| q.state().into()).collect(),
+        };
+        MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            needs_reset: self.signals.needs_reset(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues,
+            interrupt_status: self.signals.interrupt_status(),
+            config_generation: self.config_generation,
+            activated,
+        }
+    }
+
+    /// A transport in `state` for `device`, checked against the device and guest memory; an
+    /// activated device is started again with the saved queue positions.
+    pub(crate) fn restore_state(
+        mut device: Box<dyn VirtioDevice>,
+        mem: GuestRam,
+        line: Arc<dyn InterruptLine>,
+        state: &MmioState,
+    ) -> Result<MmioTransport, RestoreError> {
+        let name = device.name();
+        if state.device_type != device.device_type() {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                device: device.device_type(),
+                name,
+            });
+        }
+        let known =
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK | status::FAILED;
+        if state.status & !known != 0 {
+            return Err(RestoreError::Status { name, status: state.status });
+        }
+        let has = |bit| state.status & bit != 0;
+        if (has(status::DRIVER_OK) && !has(status::FEATURES_OK))
+            || (has(status::FEATURES_OK) && !has(status::DRIVER))
+        {
+            return Err(RestoreError::StatusOrder { name, status: state.status });
+        }
+        let offered = device.features();
+        if has(status::FEATURES_OK)
+            && (state.driver_features & !offered != 0 || state.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(RestoreError::Features { name, accepted: state.driver_features, offered });
+        }
+        if state.activated != (has(status::DRIVER_OK) && !state.needs_reset) {
+            return Err(RestoreError::Activated { name, status: state.status, activated: state.activated });
+        }
+        if state.interrupt_status & !(INT_USED_RING | INT_CONFIG_CHANGE) != 0 {
+            return Err(RestoreError::InterruptStatus { name, status: state.interrupt_status });
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(RestoreError::QueueCount {
+                name,
+                saved: state.queues.len(),
+                device: max_sizes.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (index, (config, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if config.max_size != max {
+                return Err(RestoreError::Queue {
+                    name,
+                    index,
+                    problem: format!("has a maximum size of {}, but the device's is {max}", config.max_size),
+                });
+            }
+            if config.event_idx && state.driver_features & VIRTIO_RING_F_EVENT_IDX == 0 {
+                return Err(RestoreError::Queue {
+                    name,
+                    index,
+                    problem: "uses event indices, which the driver did not accept".into(),
+                });
+            }
+            let queue = Queue::try_from(QueueState::from(*config)).map_err(|e| RestoreError::Queue {
+                name,
+                index,
+                problem: format!("is malformed ({e})"),
+            })?;
+            if state.activated && !queue.is_valid(&mem) {
+                return Err(RestoreError::QueueOutsideMemory {
+                    name,
+                    index,
+                    desc: config.desc_table,
+                    avail: config.avail_ring,
+                    used: config.used_ring,
+                });
+            }
+            queues.push(queue);
+        }
+        let signals = Arc::new(DeviceSignals::restored(line, state.interrupt_status, state.needs_reset));
+        if state.activated {
+            let running = queues.iter().filter_map(|q| Queue::try_from(q.state()).ok()).collect();
+            device
+                .activate(state.driver_features, running, signals.clone())
+                .map_err(|e| RestoreError::Activate { name, problem: e.to_string() })?;
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            signals,
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queues,
+            config_generation: state.config_generation,
+            faults: FaultLog::default(),
+        })
     }
 
     fn reset(&mut self) {

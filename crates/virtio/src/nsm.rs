@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use carve_nsm::protocol::{ErrorCode, Response, MAX_REQUEST, RESPONSE_BUFFER};
 use carve_nsm::Nsm;
+use carve_snapshot::Persist;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
@@ -25,6 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::fault::FaultLog;
 use crate::link::{command_channel, Command, CommandReceiver, CommandSender};
+use crate::mmio::QueueConfig;
+use crate::state::{NsmDeviceState, PendingRequest, RestoreError};
 use crate::{ActivateError, DeviceSignals, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const VIRTIO_ID_NSM: u32 = 33;
@@ -140,22 +143,83 @@ impl NsmBackend {
 
     fn handle(&mut self, fd: RawFd) {
         if fd == self.commands.fd() {
-            for command in self.commands.drain() {
-                match command {
-                    Command::Activate { queues, signals } => {
-                        let queue = queues.into_iter().next().expect("activate checked one queue");
-                        self.active = Some(Active { queue, signals });
-                    }
-                    Command::Reset => {
-                        self.active = None;
-                        self.pending = None;
-                    }
-                }
-            }
+            self.apply_commands();
         } else if fd == self.notifier.as_raw_fd() {
             let _ = self.notifier.read();
         }
         self.process_queue();
+    }
+
+    /// Takes what the transport sent: the driver's queue at DRIVER_OK, or a reset.
+    fn apply_commands(&mut self) {
+        for command in self.commands.drain() {
+            match command {
+                Command::Activate { queues, signals } => {
+                    let queue = queues.into_iter().next().expect("activate checked one queue");
+                    self.active = Some(Active { queue, signals });
+                }
+                Command::Reset => {
+                    self.active = None;
+                    self.pending = None;
+                }
+            }
+        }
+    }
+
+    /// The state a snapshot keeps, and the running queue (with the device's positions in it).
+    /// Commands the event loop has not taken yet are applied first; the loop is woken to serve
+    /// the queue once it runs.
+    pub(crate) fn save_parts(&mut self) -> (NsmDeviceState, Option<Vec<QueueConfig>>) {
+        self.apply_commands();
+        self.commands.wake();
+        let pending = self.pending.as_ref().map(|(head, layout)| PendingRequest {
+            head: *head,
+            request: layout.request.clone(),
+            request_len: layout.request_len as u64,
+            readable_after_writable: layout.readable_after_writable,
+        });
+        let queues = self.active.as_ref().map(|a| vec![a.queue.state().into()]);
+        (NsmDeviceState { module: self.nsm.save(), pending }, queues)
+    }
+
+    /// Continues from a snapshot once the restored transport has handed over its queue. A
+    /// request that waited for its response buffer waits again; notifications the guest gave
+    /// the old process are gone with its eventfds, so the backend is woken to look at the queue
+    /// once the event loop runs.
+    pub(crate) fn restored(&mut self, pending: Option<&PendingRequest>) -> Result<(), RestoreError> {
+        self.apply_commands();
+        if let Some(pending) = pending {
+            let bad = |problem: String| Err(RestoreError::PendingRequest(problem));
+            let Some(active) = &self.active else {
+                return bad("belongs to a device that is not running".into());
+            };
+            if pending.head >= active.queue.size() {
+                return bad(format!(
+                    "names descriptor {}, beyond the queue's {}",
+                    pending.head,
+                    active.queue.size()
+                ));
+            }
+            let request_len = usize::try_from(pending.request_len).unwrap_or(usize::MAX);
+            let kept = request_len.min(MAX_REQUEST + 1);
+            if pending.request.len() != kept {
+                return bad(format!(
+                    "keeps {} bytes of a {}-byte request, not the first {kept}",
+                    pending.request.len(),
+                    pending.request_len
+                ));
+            }
+            let layout = Layout {
+                has_request: true,
+                request: pending.request.clone(),
+                request_len,
+                readable_after_writable: pending.readable_after_writable,
+                ..Layout::default()
+            };
+            self.pending = Some((pending.head, layout));
+        }
+        self.commands.wake();
+        Ok(())
     }
 
     /// Answers every request the driver has made available.
@@ -319,9 +383,14 @@ impl MutEventSubscriber for NsmBackend {
         self.handle(events.fd());
     }
 
+    /// Registers the command kick and the queue's notifier (both level-triggered eventfds, so
+    /// a notification that came while the VMM had the backend off its loop fires now); called
+    /// at start and on every resume after a pause.
     fn init(&mut self, ops: &mut EventOps) {
         for fd in [self.commands.fd(), self.notifier.as_raw_fd()] {
-            ops.add(Events::new_raw(fd, EventSet::IN)).expect("fresh descriptors register with epoll");
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!(target: "carve::virtio", "{NAME}: cannot watch descriptor {fd}: {e:?}");
+            }
         }
     }
 }

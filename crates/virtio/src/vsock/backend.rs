@@ -3,6 +3,13 @@
 //! Runs on the VMM's event loop. Every socket is registered edge-triggered once; readiness is
 //! remembered per connection (`host_readable`), so a connection that cannot be served now (no
 //! guest credit, no receive buffers) costs nothing until the guest gives credit or buffers.
+//!
+//! The VMM may take the backend off its event loop (pause) and put it back (resume): `init`
+//! registers every descriptor the backend holds at that moment — the queue and command
+//! eventfds, the listener, the timer (all level-triggered, so what they counted meanwhile
+//! fires) and every socket (edge-triggered; epoll reports an already-ready descriptor once when
+//! it is added, and `init` also marks every connection readable and wakes the backend, so
+//! nothing that arrived while it was parked waits for another edge).
 
 use crate::GuestRam;
 use std::collections::{HashMap, VecDeque};
@@ -20,7 +27,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError};
+use vm_memory::{Bytes, ReadVolatile, VolatileMemoryError};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -30,6 +37,8 @@ use super::proto::*;
 use super::{VsockError, EVENTS, HOST_CID, PARENT_CID, RX, TX};
 use crate::fault::FaultLog;
 use crate::link::{Command, CommandReceiver};
+use crate::mmio::QueueConfig;
+use crate::state::VsockState;
 use crate::DeviceSignals;
 
 /// Largest payload carve takes in one guest packet (Linux sends at most 64 KiB).
@@ -40,7 +49,12 @@ const MAX_CONNECTIONS: usize = 1024;
 /// gives buffers cannot make carve hold more.
 const MAX_CONTROL_BACKLOG: usize = 4096;
 /// Host-initiated connections get parent-side ports from here up, as in Firecracker.
-const FIRST_HOST_PORT: u32 = 1 << 30;
+pub(crate) const FIRST_HOST_PORT: u32 = 1 << 30;
+/// `struct virtio_vsock_event`'s only event (virtio 1.2 §5.10.6.5): the device lost every
+/// connection; the driver resets its sockets and reads the guest CID again.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of `struct virtio_vsock_event` (`le32 id`).
+const EVENT_SIZE: usize = 4;
 /// How long a host connection waits for the guest to accept, as in Firecracker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -138,6 +152,9 @@ pub struct VsockBackend {
     ready: VecDeque<ConnKey>,
     control: VecDeque<Control>,
     next_host_port: u32,
+    /// A transport reset the guest has yet to hear of (set by a restore), sent on the event
+    /// queue once the driver gives a buffer there.
+    reset_event_pending: bool,
     /// Sockets opened or closed while handling an event, registered with epoll afterwards.
     opened: Vec<RawFd>,
     closed: Vec<UnixStream>,
@@ -174,6 +191,7 @@ impl VsockBackend {
             ready: VecDeque::new(),
             control: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
+            reset_event_pending: false,
             opened: Vec::new(),
             closed: Vec::new(),
             scratch: vec![0; MAX_PKT_DATA as usize],
@@ -188,32 +206,13 @@ impl VsockBackend {
 
     fn handle(&mut self, fd: RawFd, set: EventSet) {
         if fd == self.commands.fd() {
-            for command in self.commands.drain() {
-                match command {
-                    Command::Activate { queues, signals } => {
-                        self.active = Some(Active { queues, signals });
-                        let waiting: Vec<RawFd> = self
-                            .roles
-                            .iter()
-                            .filter(|(_, r)| matches!(r, Role::Waiting(..)))
-                            .map(|(fd, _)| *fd)
-                            .collect();
-                        for fd in waiting {
-                            if let Some(Role::Waiting(stream, port)) = self.roles.remove(&fd) {
-                                self.host_connect(fd, stream, port);
-                            }
-                        }
-                    }
-                    Command::Reset => self.reset(),
-                }
-            }
+            self.apply_commands();
             self.process_tx();
         } else if fd == self.queue_events[TX].as_raw_fd() {
             let _ = self.queue_events[TX].read();
             self.process_tx();
         } else if fd == self.queue_events[RX].as_raw_fd() || fd == self.queue_events[EVENTS].as_raw_fd() {
-            // New receive buffers: fill_rx below uses them. The event queue carries only
-            // transport resets, which carve never sends.
+            // New receive or event buffers: fill_rx and deliver_events below use them.
             let _ = self.queue_events[RX].read();
             let _ = self.queue_events[EVENTS].read();
         } else if fd == self.listener.as_raw_fd() {
@@ -228,10 +227,89 @@ impl VsockBackend {
             }
         }
         self.fill_rx();
+        self.deliver_events();
+    }
+
+    /// Takes what the transport sent: the driver's queues at DRIVER_OK, or a reset.
+    fn apply_commands(&mut self) {
+        for command in self.commands.drain() {
+            match command {
+                Command::Activate { queues, signals } => {
+                    self.active = Some(Active { queues, signals });
+                    let waiting: Vec<RawFd> = self
+                        .roles
+                        .iter()
+                        .filter(|(_, r)| matches!(r, Role::Waiting(..)))
+                        .map(|(fd, _)| *fd)
+                        .collect();
+                    for fd in waiting {
+                        if let Some(Role::Waiting(stream, port)) = self.roles.remove(&fd) {
+                            self.host_connect(fd, stream, port);
+                        }
+                    }
+                }
+                Command::Reset => self.reset(),
+            }
+        }
+    }
+
+    /// The state a snapshot keeps, and the running queues (with the device's positions in
+    /// them). Commands the event loop has not taken yet are applied first, so the queues are
+    /// those the transport last handed over; the loop is woken to serve them once it runs.
+    pub(crate) fn save_parts(&mut self) -> (VsockState, Option<Vec<QueueConfig>>) {
+        self.apply_commands();
+        self.commands.wake();
+        let queues = self.active.as_ref().map(|a| a.queues.iter().map(|q| q.state().into()).collect());
+        (VsockState { cid: self.cid, next_host_port: self.next_host_port }, queues)
+    }
+
+    /// Continues from a snapshot, once the restored transport has handed over its queues: no
+    /// connection survives, so a running device owes the guest a transport reset. Notifications
+    /// the guest gave the old process are gone with its eventfds; the backend is woken to look
+    /// at its queues once the event loop runs.
+    pub(crate) fn restored(&mut self, state: &VsockState) {
+        self.next_host_port = state.next_host_port;
+        self.apply_commands();
+        self.reset_event_pending = self.active.is_some();
+        self.commands.wake();
+    }
+
+    /// Tells the guest of a transport reset in its next event buffer, if one is owed.
+    fn deliver_events(&mut self) {
+        let mut used = false;
+        while self.reset_event_pending {
+            let Some(active) = self.active.as_mut() else { return };
+            let Some(chain) = active.queues[EVENTS].pop_descriptor_chain(&self.mem) else { break };
+            let head = chain.head_index();
+            let mut written = 0;
+            for descriptor in chain {
+                if descriptor.is_write_only() && descriptor.len() as usize >= EVENT_SIZE {
+                    let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+                    if self.mem.write_slice(&event, descriptor.addr()).is_ok() {
+                        written = EVENT_SIZE as u32;
+                    }
+                    break;
+                }
+            }
+            if active.queues[EVENTS].add_used(&self.mem, head, written).is_err() {
+                return self.broken_queue("event");
+            }
+            used = true;
+            if written > 0 {
+                log::debug!(target: "carve::virtio", "{NAME}: told the guest of the transport reset");
+                self.reset_event_pending = false;
+            } else {
+                self.fault("event-chain", "dropped an event buffer that cannot take an event");
+            }
+        }
+        if used {
+            self.notify_guest(EVENTS);
+        }
     }
 
     /// The driver reset the device: every connection ends, listeners stay.
     fn reset(&mut self) {
+        self.reset_event_pending = false;
         self.active = None;
         for (_, peer) in self.peers.drain() {
             self.closed.push(peer.conn.stream);
@@ -864,7 +942,18 @@ impl MutEventSubscriber for VsockBackend {
         self.sync_epoll(ops);
     }
 
+    /// Registers everything the backend holds now: called when the VMM adds the backend to its
+    /// event loop, at start and again on every resume after a pause (which removed it, and with
+    /// it all its descriptors, from epoll).
     fn init(&mut self, ops: &mut EventOps) {
+        // None of these is in the epoll set (the subscriber is new, or was removed whole).
+        self.closed.clear();
+        self.opened.clear();
+        let mut watch = |fd: RawFd, set: EventSet| {
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
+                log::error!(target: "carve::virtio", "{NAME}: cannot watch descriptor {fd}: {e:?}");
+            }
+        };
         let fds = [
             self.commands.fd(),
             self.queue_events[RX].as_raw_fd(),
@@ -874,8 +963,27 @@ impl MutEventSubscriber for VsockBackend {
             self.timer.as_raw_fd(),
         ];
         for fd in fds {
-            ops.add(Events::new_raw(fd, EventSet::IN)).expect("fresh descriptors register with epoll");
+            watch(fd, EventSet::IN);
         }
+        for &fd in self.roles.keys() {
+            watch(fd, EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED);
+        }
+        // Host data may have come while the backend was off the loop; a read that would block
+        // just clears the mark. A host connection waiting for the guest gets its full time again:
+        // the guest did not run either.
+        let now = Instant::now();
+        let mut keys = Vec::with_capacity(self.peers.len());
+        for (key, peer) in self.peers.iter_mut() {
+            peer.host_readable = true;
+            if peer.conn.state == State::Connecting {
+                peer.connect_deadline = Some(now + CONNECT_TIMEOUT);
+            }
+            keys.push(*key);
+        }
+        for key in keys {
+            self.requeue_if_readable(key);
+        }
+        self.commands.wake();
     }
 }
 

@@ -18,7 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::link::{command_channel, Command, CommandSender};
 use crate::{ActivateError, DeviceSignals, VirtioDevice, VIRTIO_F_VERSION_1};
-pub use backend::{VsockBackend, VsockStats};
+pub(crate) use backend::FIRST_HOST_PORT;
+pub use backend::{VsockBackend, VsockStats, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// The parent's CID, as on Nitro: guests reach host sockets here.

@@ -1,18 +1,21 @@
 //! A test driver for the virtio-nsm device: the transport handshake, then requests placed on
-//! the queue as raw descriptor chains, answered by the backend on a real event loop.
+//! the queue as raw descriptor chains, answered by the backend on a real event loop. The
+//! backend is held as the VMM holds it (`Arc<Mutex<NsmBackend>>`), so it can be parked, saved
+//! and restored.
 #![allow(dead_code)]
 
 use carve_virtio::GuestRam;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use carve_nsm::pcr::BootMeasurements;
 use carve_nsm::pki::CertificateAuthority;
 use carve_nsm::Nsm;
 use carve_virtio::mmio::{reg, status, MmioTransport};
-use carve_virtio::nsm::{NsmDevice, NsmStats};
+use carve_virtio::nsm::{NsmBackend, NsmDevice, NsmStats};
+use carve_virtio::state::{self, RestoreError, VirtioState};
 use carve_virtio::InterruptLine;
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
 pub const DESC: u64 = 0x1000;
@@ -37,6 +40,9 @@ pub struct Driver {
     pub transport: MmioTransport,
     pub mem: GuestRam,
     pub events: EventManager<Box<dyn MutEventSubscriber>>,
+    /// As the VMM holds it; `None` only while a restore replaces it.
+    pub backend: Option<Arc<Mutex<NsmBackend>>>,
+    subscriber: Option<SubscriberId>,
     pub line: Arc<CountingLine>,
     pub stats: Arc<NsmStats>,
     avail_idx: u16,
@@ -56,14 +62,64 @@ impl Driver {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (device, backend) = NsmDevice::new(nsm, mem.clone()).unwrap();
         let stats = backend.stats();
-        let mut events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
-        events.add_subscriber(Box::new(backend));
+        let events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
         let line = Arc::new(CountingLine::default());
         let transport = MmioTransport::new(Box::new(device), mem.clone(), line.clone());
-        let mut driver =
-            Driver { transport, mem, events, line, stats, avail_idx: 0, used_seen: 0, _state: state };
+        let mut driver = Driver {
+            transport,
+            mem,
+            events,
+            backend: Some(Arc::new(Mutex::new(backend))),
+            subscriber: None,
+            line,
+            stats,
+            avail_idx: 0,
+            used_seen: 0,
+            _state: state,
+        };
+        driver.unpark();
         driver.handshake();
         driver
+    }
+
+    /// The CA the NSM's leaf comes from (kept in the driver's state directory).
+    pub fn ca(&self) -> CertificateAuthority {
+        CertificateAuthority::open(self._state.path()).unwrap()
+    }
+
+    /// Takes the backend off the event loop, as the VMM does to pause.
+    pub fn park(&mut self) {
+        if let Some(id) = self.subscriber.take() {
+            self.events.remove_subscriber(id).unwrap();
+        }
+    }
+
+    /// Puts the backend back on the event loop, as the VMM does to resume.
+    pub fn unpark(&mut self) {
+        if let (None, Some(backend)) = (self.subscriber, &self.backend) {
+            self.subscriber = Some(self.events.add_subscriber(Box::new(backend.clone())));
+        }
+    }
+
+    /// Saves the device (parked), as the VMM does for a snapshot.
+    pub fn save(&mut self) -> VirtioState {
+        self.park();
+        let mut backend = self.backend.as_ref().unwrap().lock().unwrap();
+        state::save(&self.transport, &mut *backend)
+    }
+
+    /// Replaces the device with one restored from `state` on the same guest memory; the
+    /// driver's own state, which lives in guest memory, carries on.
+    pub fn restore(&mut self, state: &VirtioState) -> Result<(), RestoreError> {
+        self.park();
+        self.events = EventManager::new().unwrap();
+        self.backend = None;
+        let (transport, backend) = state::restore_nsm(state, self.ca(), self.mem.clone(), self.line.clone())?;
+        self.stats = backend.stats();
+        self.transport = transport;
+        self.backend = Some(Arc::new(Mutex::new(backend)));
+        self.unpark();
+        Ok(())
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {
