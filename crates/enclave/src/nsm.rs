@@ -2,12 +2,9 @@
 //! (`run-enclave` and `carve vm run --eif`): the image PCRs the VMM measured while loading the
 //! image, the parent's identity (PCR3/PCR4), debug mode, and the local CA that signs for it.
 
-use std::sync::{Arc, Mutex};
-
 use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
 use carve_nsm::pki::CertificateAuthority;
-use carve_virtio::VirtioDevice;
-use carve_vmm::{Backend, BootedImage, ExtraDevice, VirtioKind};
+use carve_vmm::{BootedImage, ExtraDevice, VirtioKind, VirtioParts};
 
 /// The NSM to attach: who the VM is, who launched it, and the CA that signs for it.
 pub struct EnclaveNsm {
@@ -24,7 +21,7 @@ impl ExtraDevice for EnclaveNsm {
         VirtioKind::Nsm
     }
 
-    fn build(self: Box<Self>, image: &BootedImage<'_>) -> Result<(Box<dyn VirtioDevice>, Backend), String> {
+    fn build(self: Box<Self>, image: &BootedImage<'_>) -> Result<VirtioParts, String> {
         let measurements = BootMeasurements {
             image: image.measurements.cloned(),
             parent: self.parent,
@@ -34,6 +31,6 @@ impl ExtraDevice for EnclaveNsm {
             .map_err(|e| format!("cannot give the NSM a signing identity: {e}"))?;
         let (device, backend) =
             carve_virtio::nsm::NsmDevice::new(nsm, image.mem.clone()).map_err(|e| e.to_string())?;
-        Ok((Box::new(device), Arc::new(Mutex::new(backend))))
+        Ok(VirtioParts::Nsm(device, Box::new(backend)))
     }
 }

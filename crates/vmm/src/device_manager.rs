@@ -8,6 +8,9 @@ use event_manager::{MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
 use carve_virtio::mmio::MmioTransport;
+use carve_virtio::nsm::{NsmBackend, NsmDevice};
+use carve_virtio::state::{self, VirtioState};
+use carve_virtio::vsock::{Vsock, VsockBackend};
 use carve_virtio::VirtioDevice;
 
 use crate::devices::bus::Bus;
@@ -24,9 +27,6 @@ use crate::layout::{MSI_TESTDEV_START, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRT
 use crate::memory::GuestRam;
 use crate::vm::VmError;
 
-/// A virtio device's event-loop half (its backend), shared between the loop and the manager.
-pub type Backend = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 /// What a virtio device is, for saving it and for telling a restore what to rebuild.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VirtioKind {
@@ -34,9 +34,50 @@ pub enum VirtioKind {
     Nsm,
 }
 
+/// A virtio device's two halves as built: the device its transport drives, and its backend.
+pub enum VirtioParts {
+    Vsock(Vsock, Box<VsockBackend>),
+    Nsm(NsmDevice, Box<NsmBackend>),
+}
+
+/// A virtio device's event-loop half, shared between the loop and the manager, typed so a
+/// snapshot can save it.
+#[derive(Clone)]
+pub enum Backend {
+    Vsock(Arc<Mutex<VsockBackend>>),
+    Nsm(Arc<Mutex<NsmBackend>>),
+}
+
+impl Backend {
+    pub fn kind(&self) -> VirtioKind {
+        match self {
+            Backend::Vsock(_) => VirtioKind::Vsock,
+            Backend::Nsm(_) => VirtioKind::Nsm,
+        }
+    }
+
+    fn subscriber(&self) -> Box<dyn MutEventSubscriber> {
+        match self {
+            Backend::Vsock(backend) => Box::new(backend.clone()),
+            Backend::Nsm(backend) => Box::new(backend.clone()),
+        }
+    }
+
+    /// Saves the device with its transport; the VM is paused and the backend off the loop.
+    pub fn save(&self, transport: &MmioTransport) -> VirtioState {
+        match self {
+            Backend::Vsock(backend) => state::save(transport, &mut *lock(backend)),
+            Backend::Nsm(backend) => state::save(transport, &mut *lock(backend)),
+        }
+    }
+}
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One virtio-mmio device: where it sits, its transport on the MMIO bus, its backend.
 pub struct VirtioHandle {
-    pub kind: VirtioKind,
     pub slot: VirtioSlot,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub backend: Backend,
@@ -129,25 +170,25 @@ impl DeviceManager {
 
     /// Maps a virtio device in the next slot: queue notifications on ioeventfds, its interrupt
     /// on the slot's IOAPIC pin.
-    pub fn attach_virtio(
-        &mut self,
-        vm: &VmFd,
-        mem: &GuestRam,
-        kind: VirtioKind,
-        device: Box<dyn VirtioDevice>,
-        backend: Backend,
-    ) -> Result<(), VmError> {
+    pub fn attach_virtio(&mut self, vm: &VmFd, mem: &GuestRam, parts: VirtioParts) -> Result<(), VmError> {
         let slot = self.next_virtio_slot()?;
         let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
+        let (device, backend): (Box<dyn VirtioDevice>, Backend) = match parts {
+            VirtioParts::Vsock(device, backend) => {
+                (Box::new(device), Backend::Vsock(Arc::new(Mutex::new(*backend))))
+            }
+            VirtioParts::Nsm(device, backend) => {
+                (Box::new(device), Backend::Nsm(Arc::new(Mutex::new(*backend))))
+            }
+        };
         let transport = MmioTransport::new(device, mem.clone(), line);
-        self.attach_transport(vm, kind, slot, transport, backend)
+        self.attach_transport(vm, slot, transport, backend)
     }
 
     /// Maps an already built transport (booted or restored) at `slot`.
     pub fn attach_transport(
         &mut self,
         vm: &VmFd,
-        kind: VirtioKind,
         slot: VirtioSlot,
         transport: MmioTransport,
         backend: Backend,
@@ -163,7 +204,7 @@ impl DeviceManager {
         }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.insert(transport.clone(), slot.base, slot.len)?;
-        self.virtio.push(VirtioHandle { kind, slot, transport, backend, subscriber: None });
+        self.virtio.push(VirtioHandle { slot, transport, backend, subscriber: None });
         Ok(())
     }
 
@@ -183,7 +224,7 @@ impl DeviceManager {
     ) {
         for handle in &mut self.virtio {
             if handle.subscriber.is_none() {
-                handle.subscriber = Some(events.add_subscriber(Box::new(handle.backend.clone())));
+                handle.subscriber = Some(events.add_subscriber(handle.backend.subscriber()));
             }
         }
     }

@@ -27,7 +27,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
-pub use device_manager::{Backend, VirtioKind};
+pub use device_manager::{VirtioKind, VirtioParts};
 pub use exit::VmExit;
 pub use memory::MemoryBacking;
 pub use vm::{

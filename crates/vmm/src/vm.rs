@@ -3,19 +3,18 @@
 use std::fs::File;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use carve_eif::Measurements;
-use carve_virtio::VirtioDevice;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
 use crate::cpuid::{self, CpuTemplate};
-use crate::device_manager::{Backend, DeviceManager, PlatformDevices, VirtioKind};
+use crate::device_manager::{DeviceManager, PlatformDevices, VirtioKind, VirtioParts};
 use crate::devices::bus::BusError;
 use crate::devices::fw_cfg::FwCfg;
 use crate::devices::i8042::I8042;
@@ -186,7 +185,7 @@ pub struct BootedImage<'a> {
 /// image is in guest memory, so it can hold what was measured there.
 pub trait ExtraDevice: Send {
     fn kind(&self) -> VirtioKind;
-    fn build(self: Box<Self>, image: &BootedImage<'_>) -> Result<(Box<dyn VirtioDevice>, Backend), String>;
+    fn build(self: Box<Self>, image: &BootedImage<'_>) -> Result<VirtioParts, String>;
 }
 
 pub struct VmConfig {
@@ -310,20 +309,13 @@ impl Vm {
                 vsock.shared_listeners.clone(),
                 mem.clone(),
             )?;
-            devices.attach_virtio(
-                &vm_fd,
-                &mem,
-                VirtioKind::Vsock,
-                Box::new(device),
-                Arc::new(Mutex::new(backend)),
-            )?;
+            devices.attach_virtio(&vm_fd, &mem, VirtioParts::Vsock(device, Box::new(backend)))?;
         }
         let booted = BootedImage { mem: &mem, measurements: image_measurements.as_ref() };
         for factory in extra {
             let kind = factory.kind();
-            let (device, backend) =
-                factory.build(&booted).map_err(|message| VmError::ExtraDevice { kind, message })?;
-            devices.attach_virtio(&vm_fd, &mem, kind, device, backend)?;
+            let parts = factory.build(&booted).map_err(|message| VmError::ExtraDevice { kind, message })?;
+            devices.attach_virtio(&vm_fd, &mem, parts)?;
         }
         let slots = devices.virtio_slots();
         for slot in &slots {
