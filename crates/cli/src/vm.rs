@@ -11,6 +11,8 @@ use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
+use carve_vmm::kvm_state::TimePolicy;
+use carve_vmm::snapshot::{RestoreConfig, VmSnapshot};
 use carve_vmm::{EntryCheck, ExtraDevice, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
 
@@ -26,6 +28,10 @@ pub enum VmCommand {
     Resume(ControlArgs),
     /// Describe a running VM: state, uptime, time paused, exits.
     Describe(ControlArgs),
+    /// Save a running VM to a new directory (it is paused meanwhile, then runs on).
+    Snapshot(SnapshotArgs),
+    /// Run a VM from a snapshot, exactly where it was saved.
+    Restore(RestoreArgs),
     /// List the CPU templates `--cpu-template` accepts.
     CpuTemplates {
         /// Print the templates as JSON (the data carve applies).
@@ -108,6 +114,46 @@ pub struct ControlArgs {
 }
 
 #[derive(Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The directory to write (new, or empty): `state` and `memory`.
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`carve vm snapshot --to DIR`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Serial console destination: stdout (the default), file:PATH or none.
+    #[arg(long, value_name = "SINK", value_parser = parse_serial)]
+    serial: Option<SerialArg>,
+    /// The vsock device's host side, if not where it was saved; the CID must be the saved one.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Whether the guest sees the time the snapshot spent on disk: `frozen` (its clocks go on
+    /// from the saved values) or `elapsed` (they advance by the wall time since the save).
+    #[arg(long, value_name = "frozen|elapsed", default_value = "frozen", value_parser = parse_time)]
+    time: TimePolicy,
+    /// Answer `carve vm pause|resume|describe|snapshot --control PATH` on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Print exit counters to standard error when the VM ends.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn parse_time(text: &str) -> Result<TimePolicy, String> {
+    match text {
+        "frozen" => Ok(TimePolicy::Frozen),
+        "elapsed" => Ok(TimePolicy::HostElapsed),
+        _ => Err("expected frozen or elapsed".into()),
+    }
+}
+
+#[derive(Args)]
 pub struct CheckStateArgs {
     /// State file: segments (kvm_segment fields), gdt, idt, cr0, cr3, cr4, efer, rflags.
     #[arg(long, value_name = "FILE.json")]
@@ -167,6 +213,10 @@ pub fn run(command: VmCommand) -> ExitCode {
         VmCommand::Pause(args) => control(&args, ControlRequest::Pause),
         VmCommand::Resume(args) => control(&args, ControlRequest::Resume),
         VmCommand::Describe(args) => control(&args, ControlRequest::Describe),
+        VmCommand::Snapshot(args) => {
+            control(&args.control, ControlRequest::Snapshot { to: absolute(&args.to) })
+        }
+        VmCommand::Restore(args) => restore(args),
         VmCommand::CpuTemplates { json } => {
             for template in CpuTemplate::all() {
                 if json {
@@ -269,11 +319,16 @@ fn run_vm(args: RunArgs) -> ExitCode {
             return fail(e);
         }
     }
-    let outcome = match vm.run_with_control(args.control.as_deref()) {
+    run_to_end(vm, args.control.as_deref(), args.stats)
+}
+
+/// Runs a built or restored VM and reports how it ended.
+fn run_to_end(vm: Vm, control: Option<&Path>, stats: bool) -> ExitCode {
+    let outcome = match vm.run_with_control(control) {
         Ok(outcome) => outcome,
         Err(e) => return fail(e),
     };
-    if args.stats {
+    if stats {
         let io = outcome.io;
         eprintln!(
             "carve: exits: pio={} mmio={} ignored_pio={} ignored_mmio={} int3_delivered={}",
@@ -287,6 +342,42 @@ fn run_vm(args: RunArgs) -> ExitCode {
         _ => {}
     }
     ExitCode::from(outcome.exit.status() as u8)
+}
+
+/// The VM resolves paths in its own working directory, which need not be ours.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn restore(args: RestoreArgs) -> ExitCode {
+    let snapshot = match VmSnapshot::read(&args.from) {
+        Ok(snapshot) => snapshot,
+        Err(e) => return fail(e),
+    };
+    let nsm_ca = if snapshot.has_nsm() {
+        match crate::attestation::open_ca() {
+            Ok(ca) => Some(ca),
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
+    let serial = args.serial.unwrap_or(SerialArg::Stdout);
+    let config = RestoreConfig {
+        serial_input: matches!(serial, SerialArg::Stdout),
+        serial: match serial {
+            SerialArg::Stdout => SerialSink::Stdout,
+            SerialArg::File(path) => SerialSink::File(path),
+            SerialArg::None => SerialSink::None,
+        },
+        vsock: args.vsock,
+        nsm_ca,
+        time: args.time,
+    };
+    match Vm::restore(&args.from, &snapshot, config) {
+        Ok(vm) => run_to_end(vm, args.control.as_deref(), args.stats),
+        Err(e) => fail(e),
+    }
 }
 
 /// Sends one request to a running VM; `describe` prints its JSON, the others print nothing.

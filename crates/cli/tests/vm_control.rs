@@ -91,3 +91,120 @@ fn control_requests_without_a_vm_fail_with_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot reach a VM's control socket at"), "{err}");
 }
+
+/// `carve vm run` of the persist guest on `vcpus` vCPUs, with its serial in `dir/serial` and
+/// its control socket at `dir/control`.
+fn start_persist(dir: &std::path::Path, vcpus: u32, cmdline: &str) -> Vm {
+    let child = Command::new(env!("CARGO_BIN_EXE_carve"))
+        .args(["vm", "run", "--vcpus", &vcpus.to_string(), "--kernel"])
+        .arg(guest("persist", Format::Multiboot))
+        .args(["--cmdline", &format!("{cmdline} expect_cpus={vcpus}"), "--serial"])
+        .arg(format!("file:{}", dir.join("serial").display()))
+        .arg("--control")
+        .arg(dir.join("control"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Vm(Some(child))
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_restored_vm_continues_from_its_snapshot_on_every_vcpu() {
+    if !kvm_usable("a_restored_vm_continues_from_its_snapshot_on_every_vcpu") {
+        return;
+    }
+    let dir = fresh_dir("vm-snapshot");
+    let vm = start_persist(&dir, 2, "ticks=10 period_ms=100 pattern_kib=512");
+    wait_for_ticks(&dir.join("serial"), 3);
+    let snapshot = dir.join("snapshot");
+    let out = carve(&["vm", "snapshot", "--control", path(&dir.join("control")), "--to", path(&snapshot)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved_ticks = ticks(&dir.join("serial")).len();
+    // The VM runs on after its snapshot, and ends as it would have.
+    assert_guest_passed(&vm.wait());
+
+    // Time on disk is invisible with --time frozen (the default) and visible with elapsed.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (policy, on_disk_visible) in [("frozen", false), ("elapsed", true)] {
+        let serial = dir.join(format!("restored-{policy}"));
+        let out = carve_within(
+            TIMEOUT,
+            &[
+                "vm",
+                "restore",
+                "--from",
+                path(&snapshot),
+                "--time",
+                policy,
+                "--serial",
+                &format!("file:{}", path(&serial)),
+            ],
+        );
+        assert_guest_passed(&out);
+        let text = std::fs::read_to_string(&serial).unwrap();
+        assert!(text.contains("persist: 10 ticks, all checks passed"), "{text}");
+        let restored = ticks(&serial);
+        let first: u64 = restored[0].split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(
+            first as usize >= saved_ticks,
+            "{policy}: restored from tick {first}, saved after {saved_ticks}"
+        );
+        assert!(!text.contains("persist: started"), "{policy}: the guest booted again:\n{text}");
+        let longest = restored.iter().map(|t| gap_ms(t)).max().unwrap();
+        assert_eq!(longest >= 1500, on_disk_visible, "{policy}: {restored:?}");
+    }
+}
+
+#[test]
+fn snapshots_that_cannot_be_restored_are_one_line_and_status_4() {
+    if !kvm_usable("snapshots_that_cannot_be_restored_are_one_line_and_status_4") {
+        return;
+    }
+    let dir = fresh_dir("vm-snapshot-bad");
+    let vm = start_persist(&dir, 1, "ticks=40 period_ms=100 pattern_kib=64");
+    wait_for_ticks(&dir.join("serial"), 1);
+    let good = dir.join("good");
+    let control = dir.join("control");
+    let out = carve(&["vm", "snapshot", "--control", path(&control), "--to", path(&good)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A snapshot never overwrites one.
+    let out = carve(&["vm", "snapshot", "--control", path(&control), "--to", path(&good)]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("is not empty; carve does not overwrite snapshots"), "{}", stderr(&out));
+    drop(vm);
+
+    let state = std::fs::read(good.join("state")).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
+        let copy = dir.join(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        let mut bytes = state.clone();
+        edit(&mut bytes);
+        std::fs::write(copy.join("state"), bytes).unwrap();
+        std::fs::copy(good.join("memory"), copy.join("memory")).unwrap();
+        copy
+    };
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (variant("corrupted", &|b| *b.last_mut().unwrap() ^= 1), "is corrupted: its checksum does not match"),
+        (variant("truncated", &|b| b.truncate(b.len() / 2)), "is truncated"),
+        (variant("foreign", &|b| b[16] = 9), "snapshot format version 9"),
+        (variant("alien", &|b| b[0] = b'X'), "is not a carve snapshot"),
+        (dir.join("missing"), "missing/state"),
+    ];
+    let short_memory = variant("short-memory", &|_| {});
+    std::fs::File::options().write(true).open(short_memory.join("memory")).unwrap().set_len(4096).unwrap();
+    for (snapshot, expected) in
+        cases.iter().map(|(p, e)| (p.as_path(), *e)).chain([(short_memory.as_path(), "holds 4096 bytes")])
+    {
+        let out = carve(&["vm", "restore", "--from", path(snapshot), "--serial", "none"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{}: {err}", snapshot.display());
+        assert_eq!(err.lines().count(), 1, "{}: {err}", snapshot.display());
+        assert!(err.contains(expected), "{}: expected '{expected}' in {err}", snapshot.display());
+    }
+}

@@ -9,23 +9,26 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 
 use carve_virtio::mmio::MmioTransport;
 use carve_virtio::nsm::{NsmBackend, NsmDevice};
-use carve_virtio::state::{self, VirtioState};
+use carve_nsm::pki::CertificateAuthority;
+use carve_snapshot::Persist;
+use carve_virtio::state::{self, DeviceState, RestoreError, VirtioState};
+use serde::{Deserialize, Serialize};
 use carve_virtio::vsock::{Vsock, VsockBackend};
 use carve_virtio::VirtioDevice;
 
 use crate::devices::bus::Bus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
-use crate::devices::fw_cfg::{FwCfg, FW_CFG_BASE, FW_CFG_LEN};
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::msi_testdev::{MsiTestdev, MSI_TESTDEV_LEN};
-use crate::devices::serial::{SerialPort, COM1_BASE, COM1_LEN};
-use crate::devices::testdev::{Testdev, IOMEM_BASE, IOMEM_LEN};
+use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FwCfgState, FW_CFG_BASE, FW_CFG_LEN};
+use crate::devices::i8042::{I8042State, I8042, I8042_BASE, I8042_LEN};
+use crate::devices::msi_testdev::{MsiTestdev, MsiTestdevState, MSI_TESTDEV_LEN};
+use crate::devices::serial::{SerialOutput, SerialPort, SerialPortState, COM1_BASE, COM1_LEN};
+use crate::devices::testdev::{Testdev, TestdevState, IOMEM_BASE, IOMEM_LEN};
 use crate::devices::virtio::VirtioSlot;
 use crate::exit::ExitSignal;
-use crate::interrupts::InterruptManager;
-use crate::layout::{MSI_TESTDEV_START, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START};
+use crate::interrupts::{InterruptManager, InterruptState};
+use crate::layout::{MSI_TESTDEV_START, SERIAL_IRQ, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START};
 use crate::memory::GuestRam;
-use crate::vm::VmError;
+use crate::vm::{VmError, VsockConfig};
 
 /// What a virtio device is, for saving it and for telling a restore what to rebuild.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,8 +103,38 @@ pub struct DeviceManager {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     pub test_devices: Option<TestDevices>,
     pub virtio: Vec<VirtioHandle>,
+    /// What fw_cfg's items were built from, and where vsock's host side is: configuration a
+    /// snapshot carries so the restored devices are the same.
+    fw_cfg_config: FwCfgConfig,
+    vsock: Option<VsockConfig>,
     pio: Bus,
     mmio: Bus,
+}
+
+/// Every device's state, as a snapshot holds it.
+#[derive(Serialize, Deserialize)]
+pub struct DevicesState {
+    pub interrupts: InterruptState,
+    pub serial: SerialPortState,
+    pub i8042: I8042State,
+    pub fw_cfg_config: FwCfgConfig,
+    pub fw_cfg: FwCfgState,
+    pub test_devices: Option<(TestdevState, MsiTestdevState)>,
+    /// In slot order.
+    pub virtio: Vec<VirtioState>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// What restoring devices needs besides their state.
+pub struct DeviceRestore<'a> {
+    pub vm: &'a Arc<VmFd>,
+    pub mem: &'a GuestRam,
+    pub exit: Arc<ExitSignal>,
+    pub serial_output: SerialOutput,
+    /// Replaces the saved vsock host side (its socket paths), keeping the guest's CID.
+    pub vsock: Option<VsockConfig>,
+    /// Issues the restored NSM's signing leaf.
+    pub nsm_ca: Option<CertificateAuthority>,
 }
 
 /// The platform devices every VM has, already built (from a configuration or from saved state).
@@ -119,6 +152,8 @@ impl DeviceManager {
         interrupts: InterruptManager,
         exit: Arc<ExitSignal>,
         platform: PlatformDevices,
+        fw_cfg_config: FwCfgConfig,
+        vsock: Option<VsockConfig>,
     ) -> Result<DeviceManager, VmError> {
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
@@ -151,9 +186,88 @@ impl DeviceManager {
             fw_cfg,
             test_devices,
             virtio: Vec::new(),
+            fw_cfg_config,
+            vsock,
             pio,
             mmio,
         })
+    }
+
+    /// Every device's state; the VM is paused and the backends are off the event loop.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            interrupts: self.interrupts.save(),
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+            fw_cfg_config: self.fw_cfg_config,
+            fw_cfg: lock(&self.fw_cfg).save(),
+            test_devices: self.test_devices.as_ref().map(|t| (lock(&t.testdev).save(), lock(&t.msi).save())),
+            virtio: self.virtio.iter().map(|h| h.backend.save(&lock(&h.transport))).collect(),
+            vsock: self.vsock.clone(),
+        }
+    }
+
+    /// Rebuilds the devices of a snapshot onto a VM whose irqchip already holds its saved
+    /// state (the serial port may raise its line again at once) and whose memory holds the
+    /// snapshot's contents.
+    pub fn restore(args: DeviceRestore<'_>, state: &DevicesState) -> Result<DeviceManager, VmError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| VmError::SnapshotState(format!("{what}: {e}"));
+        let interrupts = InterruptManager::restore(args.vm.clone(), &state.interrupts)
+            .map_err(|e| invalid("interrupt routes", &e))?;
+        let serial = SerialPort::restore((interrupts.legacy_line(SERIAL_IRQ)?, args.serial_output), &state.serial)
+            .map_err(|e| invalid("serial port", &e))?;
+        let fw_cfg = FwCfg::restore(state.fw_cfg_config, &state.fw_cfg).map_err(|e| invalid("fw_cfg", &e))?;
+        let i8042 = match I8042::restore(args.exit.clone(), &state.i8042) {
+            Ok(i8042) => i8042,
+            Err(never) => match never {},
+        };
+        let test_devices = match &state.test_devices {
+            Some((testdev, msi)) => {
+                let host = Box::new(crate::vm::VmTestdevHost { vm: args.vm.clone(), mem: args.mem.clone() });
+                let testdev = Testdev::restore(host, testdev).map_err(|e| invalid("pc-testdev", &e))?;
+                let msi =
+                    MsiTestdev::restore(interrupts.clone(), msi).map_err(|e| invalid("MSI test device", &e))?;
+                Some((testdev, msi))
+            }
+            None => None,
+        };
+        let unclaimed = interrupts.unclaimed_msi_stores();
+        if !unclaimed.is_empty() {
+            return Err(invalid("interrupt routes", &format_args!("MSI stores {unclaimed:?} belong to no device")));
+        }
+        let platform = PlatformDevices { serial, i8042, fw_cfg, test_devices };
+        let vsock = match (&state.vsock, args.vsock) {
+            (Some(_), Some(configured)) => Some(configured),
+            (saved, _) => saved.clone(),
+        };
+        let mut devices = DeviceManager::new(interrupts, args.exit, platform, state.fw_cfg_config, vsock.clone())?;
+        let mut nsm_ca = args.nsm_ca;
+        for saved in &state.virtio {
+            let slot = devices.next_virtio_slot()?;
+            let line = Arc::new(devices.interrupts.legacy_line(slot.irq)?);
+            let mem = args.mem.clone();
+            let restored = |e: RestoreError| VmError::SnapshotState(format!("{}: {e}", saved.device.name()));
+            let (transport, backend) = match &saved.device {
+                DeviceState::Vsock(_) => {
+                    let Some(vsock) = &vsock else {
+                        return Err(VmError::SnapshotState("vsock device comes without its configuration".into()));
+                    };
+                    let (transport, backend) =
+                        state::restore_vsock(saved, vsock.cid, vsock.uds.clone(), vsock.shared_listeners.clone(), mem, line)
+                            .map_err(restored)?;
+                    (transport, Backend::Vsock(Arc::new(Mutex::new(backend))))
+                }
+                DeviceState::Nsm(_) => {
+                    let Some(ca) = nsm_ca.take() else {
+                        return Err(VmError::SnapshotState("NSM has no CA to sign for it (one per NSM)".into()));
+                    };
+                    let (transport, backend) = state::restore_nsm(saved, ca, mem, line).map_err(restored)?;
+                    (transport, Backend::Nsm(Arc::new(Mutex::new(backend))))
+                }
+            };
+            devices.attach_transport(args.vm, slot, transport, backend)?;
+        }
+        Ok(devices)
     }
 
     /// The next virtio-mmio slot, or the error that there is none.

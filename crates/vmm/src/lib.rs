@@ -23,6 +23,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 mod runner;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -31,6 +31,8 @@ pub enum MemoryError {
          more with `carve allocator`"
     )]
     InsufficientHugepages { mib: u64, missing_mib: u64 },
+    #[error("cannot map {mib} MiB of guest memory from the snapshot's memory file: {detail}")]
+    MapFile { mib: u64, detail: String },
     #[error("cannot map {mib} MiB of hugepage memory: {source}")]
     MapHugepages { mib: u64, source: vm_memory::mmap::MmapRegionError },
 }
@@ -52,7 +54,7 @@ pub const HUGEPAGE_SIZES: [(u64, i32); 2] = [(1 << 30, libc::MAP_HUGE_1GB), (2 <
 pub const HUGEPAGE_GRANULE: u64 = 2 << 20;
 
 /// An e820 memory-map entry as every boot protocol describes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RamRange {
     pub base: u64,
     pub size: u64,
@@ -172,6 +174,39 @@ fn map_hugepages(
         )
         .with_hugetlbfs(true)
         .build()
+}
+
+/// Guest RAM whose contents are `file`'s, region after region, mapped copy-on-write: the file
+/// is never written, pages are read from it as the guest first touches them, and mapping costs
+/// the same whatever the size. `layout` must be what [`ram_regions`] gives for its total.
+pub fn map_file(file: &std::fs::File, layout: &[RamRange]) -> Result<GuestRam, MemoryError> {
+    let total: u64 = layout.iter().map(|r| r.size).sum();
+    let mib = total >> 20;
+    check_bitmap(mib)?;
+    let mut regions = Vec::with_capacity(layout.len());
+    let mut offset = 0;
+    for range in layout {
+        let len = range.size as usize;
+        let file = file.try_clone().map_err(|e| MemoryError::MapFile { mib, detail: e.to_string() })?;
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_file_offset(vm_memory::FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile { mib, detail: e.to_string() })?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(range.base))
+                .ok_or_else(|| MemoryError::MapFile { mib, detail: "a region wraps around".into() })?,
+        );
+        offset += range.size;
+    }
+    GuestRam::from_regions(regions)
+        .map_err(|e| MemoryError::Map { mib, source: vm_memory::mmap::FromRangesError::Collection(e) })
+}
+
+/// The RAM ranges `mem` holds, in order.
+pub fn layout(mem: &GuestRam) -> Vec<RamRange> {
+    mem.iter().map(|r| RamRange { base: r.start_addr().raw_value(), size: r.len() }).collect()
 }
 
 /// Bytes of guest RAM `mem` holds.

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,7 +22,9 @@ use crate::control::{self, ControlReply, ControlRequest, VmDescription};
 use crate::device_manager::DeviceManager;
 use crate::devices::serial::SerialPort;
 use crate::exit::{ExitSignal, VmExit};
+use crate::kvm_state::{self, HostCaps, KvmState};
 use crate::memory;
+use crate::snapshot::VmSnapshot;
 use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
 use crate::vm::{VmError, VmOutcome};
 
@@ -33,6 +36,7 @@ pub(crate) struct Parts {
     pub serial_input: bool,
     pub vcpu_affinity: Vec<usize>,
     pub vm_fd: Arc<VmFd>,
+    pub kvm: kvm_ioctls::Kvm,
 }
 
 /// Work an event handler asks the loop for.
@@ -92,7 +96,9 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         vcpus: Vec::new(),
         devices: parts.devices,
         context: context.clone(),
-        _vm_fd: parts.vm_fd,
+        vm_fd: parts.vm_fd,
+        kvm: parts.kvm,
+        caps: None,
         paused_since: None,
         paused_total: Duration::ZERO,
         started: Instant::now(),
@@ -151,7 +157,10 @@ struct Runner {
     vcpus: Vec<VcpuHandle>,
     devices: DeviceManager,
     context: Arc<VcpuContext>,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
+    kvm: kvm_ioctls::Kvm,
+    /// What this host's KVM offers for saving, read at the first snapshot.
+    caps: Option<Arc<HostCaps>>,
     paused_since: Option<Instant>,
     paused_total: Duration,
     started: Instant,
@@ -200,7 +209,7 @@ impl Runner {
             ControlRequest::Describe => {
                 return ControlReply { description: Some(self.describe()), ..Default::default() }
             }
-            ControlRequest::Snapshot { .. } => Err("snapshots are not supported yet".to_string()),
+            ControlRequest::Snapshot { to } => self.snapshot(&to, events),
         };
         match result {
             Ok(()) => {
@@ -237,6 +246,48 @@ impl Runner {
                 return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index));
             }
         }
+        Ok(())
+    }
+
+    /// Saves the VM to `dir`: paused for the time it takes, then running again if it ran.
+    fn snapshot(&mut self, dir: &Path, events: &mut Loop) -> Result<(), String> {
+        let was_running = self.paused_since.is_none();
+        self.pause(events)?;
+        let saved = self.save_to(dir).map_err(|e| e.to_string());
+        if was_running {
+            self.resume(events)?;
+        }
+        saved
+    }
+
+    fn save_to(&mut self, dir: &Path) -> Result<(), VmError> {
+        let caps = match &self.caps {
+            Some(caps) => caps.clone(),
+            None => {
+                let caps = Arc::new(HostCaps::read(&self.kvm, &self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?);
+                self.caps.insert(caps).clone()
+            }
+        };
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Save(caps.clone())));
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            let saved = vcpu.wait(|r| match r {
+                VcpuResponse::Saved(saved) => Some(saved),
+                _ => None,
+            });
+            match saved {
+                Some(Ok(state)) => vcpus.push(*state),
+                Some(Err(e)) => return Err(crate::snapshot::SaveError::Kvm(e).into()),
+                None => return Err(VmError::Host(format!("vCPU {} has stopped; the VM is ending", vcpu.index))),
+            }
+        }
+        let vm = kvm_state::save_vm(&self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?;
+        let snapshot = VmSnapshot {
+            memory: memory::layout(&self.context.mem),
+            kvm: KvmState { vm, vcpus },
+            devices: self.devices.save(),
+        };
+        crate::snapshot::save(dir, &snapshot, &self.context.mem)?;
         Ok(())
     }
 

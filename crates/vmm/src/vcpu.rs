@@ -10,7 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
 use crate::guest_state::{self, GuestState, Platform};
+use crate::kvm_state::{self, HostCaps, StateError, VcpuState};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -100,6 +101,8 @@ pub struct VcpuContext {
 pub struct Vcpu {
     pub index: usize,
     pub fd: VcpuFd,
+    /// The CPUID it was given (KVM_SET_CPUID2's input), which a snapshot carries.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
     pub context: Arc<VcpuContext>,
 }
 
@@ -112,7 +115,7 @@ pub enum VcpuRequest {
     /// Continue running ([`VcpuResponse::Resumed`]).
     Resume,
     /// Save KVM's state of the vCPU; only answered while paused.
-    Save(Arc<()>),
+    Save(Arc<HostCaps>),
     /// Print the registers to standard error (SIGUSR1), no answer.
     PrintState,
     /// Answer whether only another vCPU could ever wake this one ([`VcpuResponse::Stuck`]).
@@ -125,6 +128,7 @@ pub enum VcpuRequest {
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    Saved(Result<Box<VcpuState>, StateError>),
     Stuck(bool),
     /// A request the vCPU cannot answer in its state (saving a running vCPU).
     NotAllowed(&'static str),
@@ -325,7 +329,10 @@ impl Vcpu {
             (VcpuRequest::Exit, _) => (RunState::Exiting, None),
             (VcpuRequest::Pause, _) => (RunState::Paused, Some(VcpuResponse::Paused)),
             (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
-            (VcpuRequest::Save(_context), RunState::Paused) => (state, Some(VcpuResponse::NotAllowed("WIP"))),
+            (VcpuRequest::Save(caps), RunState::Paused) => {
+                let saved = kvm_state::save_vcpu(&self.fd, self.index, &self.cpuid, &caps);
+                (state, Some(VcpuResponse::Saved(saved.map(Box::new))))
+            }
             (VcpuRequest::Save(_), _) => {
                 (state, Some(VcpuResponse::NotAllowed("a running vCPU cannot be saved")))
             }

@@ -16,7 +16,7 @@ use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
 use crate::cpuid::{self, CpuTemplate};
 use crate::device_manager::{DeviceManager, PlatformDevices, VirtioKind, VirtioParts};
 use crate::devices::bus::BusError;
-use crate::devices::fw_cfg::FwCfg;
+use crate::devices::fw_cfg::{FwCfg, FwCfgConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::msi_testdev::MsiTestdev;
 use crate::devices::serial::{SerialOutput, SerialPort};
@@ -74,6 +74,14 @@ pub enum VmError {
     TooManyVirtioDevices,
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("cannot restore: {0}")]
+    Snapshot(#[from] carve_snapshot::file::SnapshotError),
+    #[error("cannot restore: the snapshot's {0}")]
+    SnapshotState(String),
+    #[error("cannot restore: {0}")]
+    KvmState(crate::kvm_state::StateError),
+    #[error("cannot save: {0}")]
+    Save(#[from] crate::snapshot::SaveError),
     #[error("KVM refused vCPU 0's loaded state ({source}); carve's checks find: {}", join(violations))]
     StateRefused { source: kvm_ioctls::Error, violations: Vec<Violation> },
 }
@@ -142,7 +150,7 @@ fn kvm_hint(error: kvm_ioctls::Error) -> &'static str {
     }
 }
 
-fn kvm_error(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_error(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
@@ -166,7 +174,7 @@ pub enum KernelSpec {
 }
 
 /// A virtio-vsock device whose host side is Unix sockets at `uds` (and `uds`_PORT).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
@@ -237,18 +245,15 @@ pub struct VmOutcome {
     pub io: IoStatsSnapshot,
 }
 
-/// A built VM, ready to run. Field order is drop order: vCPUs and the VM fd go before memory.
+pub(crate) use crate::runner::Parts;
+
+/// A built (or restored) VM, ready to run.
 pub struct Vm {
-    vcpus: Vec<Vcpu>,
-    context: Arc<VcpuContext>,
-    devices: DeviceManager,
-    serial_input: bool,
-    boot: BootSetup,
+    parts: Parts,
+    /// How it booted; `None` for a restored VM.
+    boot: Option<BootSetup>,
     entry_warnings: Vec<String>,
     template_warning: Option<String>,
-    vcpu_affinity: Vec<usize>,
-    vm_fd: Arc<VmFd>,
-    _kvm: Kvm,
 }
 
 impl Vm {
@@ -280,16 +285,19 @@ impl Vm {
 
         let interrupts = InterruptManager::new(vm_fd.clone())?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
+        let fw_cfg_config =
+            FwCfgConfig { cpus: vcpu_count.into(), max_cpus: max_vcpus as u16, ram_bytes: config.memory_mib << 20 };
         let platform_devices = PlatformDevices {
             serial: SerialPort::new(interrupts.legacy_line(SERIAL_IRQ)?, serial_output),
             i8042: I8042::new(exit.clone()),
-            fw_cfg: FwCfg::new(vcpu_count.into(), max_vcpus as u16, config.memory_mib << 20),
+            fw_cfg: FwCfg::new(fw_cfg_config.cpus, fw_cfg_config.max_cpus, fw_cfg_config.ram_bytes),
             test_devices: config.testdev.then(|| {
                 let host = Box::new(VmTestdevHost { vm: vm_fd.clone(), mem: mem.clone() });
                 (Testdev::new(host), MsiTestdev::new(interrupts.msi_store(), interrupts.msi_capacity()))
             }),
         };
-        let mut devices = DeviceManager::new(interrupts, exit.clone(), platform_devices)?;
+        let mut devices =
+            DeviceManager::new(interrupts, exit.clone(), platform_devices, fw_cfg_config, config.vsock.clone())?;
 
         let mut cmdline = config.cmdline.clone();
         let mut image_measurements = None;
@@ -347,30 +355,36 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
             let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
-            configure_vcpu(&fd, &supported, &config.cpu_template, index, vcpu_count)?;
+            let cpuid = configure_vcpu(&fd, &supported, &config.cpu_template, index, vcpu_count)?;
             if index == 0 {
                 boot::cpu_state::apply(&fd, &mem, boot.entry)?;
                 if let Some(state) = &config.load_state {
                     load_state(&fd, state, &platform, config.entry_check)?;
                 }
             }
-            vcpus.push(Vcpu { index: index.into(), fd, context: context.clone() });
+            vcpus.push(Vcpu { index: index.into(), fd, cpuid, context: context.clone() });
         }
         let entry_warnings = check_entry_states(&vcpus, &platform, config.entry_check)?;
         let template_warning = unenforced_template(&vcpus[0].fd, &config.cpu_template)?;
 
         Ok(Vm {
-            vcpus,
-            context,
-            devices,
-            serial_input: config.serial_input,
-            boot,
+            parts: Parts {
+                vcpus,
+                context,
+                devices,
+                serial_input: config.serial_input,
+                vcpu_affinity: config.vcpu_affinity,
+                vm_fd,
+                kvm,
+            },
+            boot: Some(boot),
             entry_warnings,
             template_warning,
-            vcpu_affinity: config.vcpu_affinity,
-            vm_fd,
-            _kvm: kvm,
         })
+    }
+
+    pub(crate) fn from_parts(parts: Parts) -> Vm {
+        Vm { parts, boot: None, entry_warnings: Vec::new(), template_warning: None }
     }
 
     /// Rules the starting state breaks, when [`EntryCheck::Warn`] let it start anyway.
@@ -384,23 +398,24 @@ impl Vm {
         self.template_warning.as_deref()
     }
 
-    pub fn boot_setup(&self) -> &BootSetup {
-        &self.boot
+    /// How the VM booted; `None` for a restored one.
+    pub fn boot_setup(&self) -> Option<&BootSetup> {
+        self.boot.as_ref()
     }
 
     /// Bytes of guest RAM (hugepage-backed guests round up to whole pages).
     pub fn memory_size(&self) -> u64 {
-        memory::total_size(&self.context.mem)
+        memory::total_size(&self.parts.context.mem)
     }
 
     /// A handle that ends the VM from another thread once it runs.
     pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.context.exit.clone())
+        VmStopper(self.parts.context.exit.clone())
     }
 
     /// The boot vCPU, before the VM runs (for inspecting or checking its state).
     pub fn boot_vcpu(&self) -> &VcpuFd {
-        &self.vcpus[0].fd
+        &self.parts.vcpus[0].fd
     }
 
     /// Runs every vCPU on its own thread until the guest or carve ends the VM, answering a
@@ -411,17 +426,7 @@ impl Vm {
 
     pub fn run_with_control(self, control: Option<&Path>) -> Result<VmOutcome, VmError> {
         let listener = control.map(crate::control::listen).transpose()?;
-        crate::runner::run(
-            crate::runner::Parts {
-                vcpus: self.vcpus,
-                context: self.context,
-                devices: self.devices,
-                serial_input: self.serial_input,
-                vcpu_affinity: self.vcpu_affinity,
-                vm_fd: self.vm_fd,
-            },
-            listener,
-        )
+        crate::runner::run(self.parts, listener)
     }
 }
 
@@ -450,7 +455,7 @@ fn configure_vcpu(
     template: &CpuTemplate,
     index: u8,
     count: u8,
-) -> Result<(), VmError> {
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmError> {
     let mut cpuid = supported.clone();
     let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
     cpuid::normalize(&mut cpuid, index, count, tsc_khz);
@@ -458,7 +463,7 @@ fn configure_vcpu(
     fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
     vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;
-    Ok(())
+    Ok(cpuid.as_slice().to_vec())
 }
 
 /// Reads back what KVM will show the guest. Some nested hosts (ours) answer CPUID with their own
@@ -552,7 +557,7 @@ fn kernel_name(spec: &KernelSpec) -> String {
     }
 }
 
-fn open_serial(sink: SerialSink) -> Result<SerialOutput, VmError> {
+pub(crate) fn open_serial(sink: SerialSink) -> Result<SerialOutput, VmError> {
     Ok(match sink {
         SerialSink::Stdout => Box::new(std::io::stdout()),
         SerialSink::None => Box::new(std::io::sink()),
@@ -564,9 +569,9 @@ fn open_serial(sink: SerialSink) -> Result<SerialOutput, VmError> {
 }
 
 /// pc-testdev's effects on the VM: ISA IRQ lines and page flushes.
-struct VmTestdevHost {
-    vm: Arc<VmFd>,
-    mem: GuestRam,
+pub(crate) struct VmTestdevHost {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestRam,
 }
 
 impl TestdevHost for VmTestdevHost {

@@ -71,7 +71,7 @@ impl BusDevice for FwCfg {
 }
 
 /// What fw_cfg's items are built from: the VM's configuration, not its state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FwCfgConfig {
     pub cpus: u16,
     pub max_cpus: u16,

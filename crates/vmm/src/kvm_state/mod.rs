@@ -397,7 +397,7 @@ pub fn restore(
     Ok(Restored { clock, tsc, skipped_msrs })
 }
 
-/// Restores vCPU `vcpu` (a fresh one that has not run). `tsc_advance_ns` is the time the guest
+/// Restores vCPU `vcpu` (a fresh one that has not run); call [`check_host`] first, as [`restore`] does. `tsc_advance_ns` is the time the guest
 /// TSC moves on from its saved value ([`ClockRestored::advanced_ns`]; 0 keeps it exact).
 /// Returns the performance-monitoring MSRs KVM would not take (tolerated, see the MSR module).
 pub fn restore_vcpu(

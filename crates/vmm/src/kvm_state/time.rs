@@ -37,9 +37,9 @@ pub enum ClockApplied {
     /// the save as it set the clock.
     KvmRealtime,
     /// [`TimePolicy::HostElapsed`] by carve's CLOCK_REALTIME reading taken right after
-    /// KVM_GET_CLOCK (KVM returns its own pair only while its master clock runs, which needs a
-    /// host with a TSC clocksource; nested hosts rarely have one): exact to within the
-    /// microseconds between the two reads.
+    /// KVM_GET_CLOCK (KVM returns its own pair only while its master clock runs: a host TSC
+    /// clocksource and vCPUs whose TSCs match; carve's nested CI hosts never return it): exact
+    /// to within the microseconds between the two reads.
     CarveRealtime,
     /// [`TimePolicy::HostElapsed`] asked, but no wall-clock reading came with the saved clock,
     /// or this host's wall clock stands before the save's: kvmclock continues from the saved

@@ -1,0 +1,274 @@
+//! Snapshots of a paused VM, in a directory of two files:
+//!
+//! - `state`: carve's snapshot file (versioned, checksummed; `carve_snapshot::file`) holding the
+//!   memory layout, KVM's state of the VM and its vCPUs, and every device's state;
+//! - `memory`: guest RAM, region after region, with holes where a page is all zeros (a guest
+//!   that touched little of its memory makes a small file).
+//!
+//! A restore maps `memory` copy-on-write: the file is never written, pages are read as the guest
+//! touches them, and the restore costs the same whatever the guest's size. Everything read from
+//! a snapshot is untrusted and checked before KVM or a device sees it.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use carve_nsm::pki::CertificateAuthority;
+use carve_virtio::state::DeviceState;
+
+use crate::device_manager::{DeviceManager, DeviceRestore, DevicesState};
+use crate::exit::ExitSignal;
+use crate::kvm_state::{self, HostCaps, KvmState, TimePolicy};
+use crate::memory::{self, GuestRam, RamRange};
+use crate::vcpu::{Vcpu, VcpuContext};
+use crate::vm::{self, SerialSink, Vm, VmError, VsockConfig};
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+/// Pages are compared and written in chunks of this size.
+const CHUNK: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+/// Everything a VM is apart from its memory's contents.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub memory: Vec<RamRange>,
+    pub kvm: KvmState,
+    pub devices: DevicesState,
+}
+
+impl VmSnapshot {
+    /// Reads the state of the snapshot in `dir` (checked as a file; its contents are checked
+    /// when restored).
+    pub fn read(dir: &Path) -> Result<VmSnapshot, VmError> {
+        Ok(carve_snapshot::file::read(&dir.join(STATE_FILE))?)
+    }
+
+    /// Whether restoring needs a CA for an NSM.
+    pub fn has_nsm(&self) -> bool {
+        self.devices.virtio.iter().any(|d| matches!(d.device, DeviceState::Nsm(_)))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("cannot create the snapshot directory {path}: {source}")]
+    Directory { path: PathBuf, source: std::io::Error },
+    #[error("the snapshot directory {0} is not empty; carve does not overwrite snapshots")]
+    NotEmpty(PathBuf),
+    #[error("cannot write guest memory to {path}: {source}")]
+    Memory { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    State(#[from] carve_snapshot::file::SnapshotError),
+    #[error("cannot save KVM's state: {0}")]
+    Kvm(#[from] kvm_state::StateError),
+}
+
+/// Writes `snapshot` and the contents of `mem` to `dir` (new, or empty). The VM is paused.
+pub fn save(dir: &Path, snapshot: &VmSnapshot, mem: &GuestRam) -> Result<(), SaveError> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let empty = std::fs::read_dir(dir)
+                .map_err(|source| SaveError::Directory { path: dir.into(), source })?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(SaveError::NotEmpty(dir.into()));
+            }
+        }
+        Err(source) => return Err(SaveError::Directory { path: dir.into(), source }),
+    }
+    let path = dir.join(MEMORY_FILE);
+    write_memory(&path, mem).map_err(|source| SaveError::Memory { path, source })?;
+    // The state last: a directory with a state file holds a whole snapshot.
+    carve_snapshot::file::write(&dir.join(STATE_FILE), snapshot)?;
+    Ok(())
+}
+
+/// Guest RAM into a sparse file: pages of zeros stay holes.
+fn write_memory(path: &Path, mem: &GuestRam) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let layout = memory::layout(mem);
+    file.set_len(layout.iter().map(|r| r.size).sum())?;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    for range in layout {
+        let mut done = 0u64;
+        while done < range.size {
+            let len = (range.size - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buffer[..len];
+            mem.read_slice(chunk, GuestAddress(range.base + done)).map_err(std::io::Error::other)?;
+            write_nonzero_pages(&file, chunk, offset + done)?;
+            done += len as u64;
+        }
+        offset += range.size;
+    }
+    file.sync_all()
+}
+
+/// Writes the runs of pages of `chunk` that hold anything but zeros, at `at` in the file.
+fn write_nonzero_pages(file: &File, chunk: &[u8], at: u64) -> std::io::Result<()> {
+    let mut run: Option<usize> = None;
+    for (index, page) in chunk.chunks(PAGE).enumerate() {
+        let zero = page.iter().all(|&b| b == 0);
+        match (run, zero) {
+            (None, false) => run = Some(index * PAGE),
+            (Some(start), true) => {
+                file.write_all_at(&chunk[start..index * PAGE], at + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        file.write_all_at(&chunk[start..], at + start as u64)?;
+    }
+    Ok(())
+}
+
+/// How to bring a snapshot back.
+pub struct RestoreConfig {
+    pub serial: SerialSink,
+    pub serial_input: bool,
+    /// The vsock device's host side (its sockets); the saved one when `None`. The guest CID
+    /// must be the saved one.
+    pub vsock: Option<VsockConfig>,
+    /// Issues the restored NSM's signing leaf (needed when [`VmSnapshot::has_nsm`]).
+    pub nsm_ca: Option<CertificateAuthority>,
+    pub time: TimePolicy,
+}
+
+impl Vm {
+    /// Rebuilds the VM saved in `dir` (whose state was read into `snapshot`), ready to run from
+    /// exactly where it was paused.
+    pub fn restore(dir: &Path, snapshot: &VmSnapshot, config: RestoreConfig) -> Result<Vm, VmError> {
+        let invalid = |what: String| VmError::SnapshotState(what);
+        let total = check_layout(&snapshot.memory).map_err(invalid)?;
+        let memory_path = dir.join(MEMORY_FILE);
+        let memory_file =
+            File::open(&memory_path).map_err(|e| invalid(format!("memory file {}: {e}", memory_path.display())))?;
+        let file_len = memory_file.metadata().map(|m| m.len()).unwrap_or(0);
+        if file_len != total {
+            return Err(invalid(format!(
+                "memory file {} holds {file_len} bytes; its state describes {total}",
+                memory_path.display()
+            )));
+        }
+        let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable { source })?;
+        let max_vcpus = kvm.get_max_vcpus().min(crate::mptable::MAX_CPUS.into());
+        let count = snapshot.kvm.vcpus.len();
+        if count == 0 || count > max_vcpus {
+            return Err(invalid(format!("{count} vCPUs are more than this host's KVM allows ({max_vcpus}) or none")));
+        }
+        let vm_fd = Arc::new(kvm.create_vm().map_err(vm::kvm_error("create a VM"))?);
+        let mem = memory::map_file(&memory_file, &snapshot.memory)?;
+        memory::register(&vm_fd, &mem)?;
+        vm::create_irqchip(&vm_fd)?;
+        let caps = HostCaps::read(&kvm, &vm_fd).map_err(|e| VmError::Host(e.to_string()))?;
+
+        let mut fds = Vec::with_capacity(count);
+        for index in 0..count {
+            fds.push(vm_fd.create_vcpu(index as u64).map_err(vm::kvm_error("create a vCPU"))?);
+        }
+        let refs: Vec<_> = fds.iter().collect();
+        kvm_state::restore(&vm_fd, &refs, &snapshot.kvm, config.time, &caps).map_err(VmError::KvmState)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
+        let devices = DeviceManager::restore(
+            DeviceRestore {
+                vm: &vm_fd,
+                mem: &mem,
+                exit: exit.clone(),
+                serial_output: vm::open_serial(config.serial)?,
+                vsock: config.vsock,
+                nsm_ca: config.nsm_ca,
+            },
+            &snapshot.devices,
+        )?;
+        // MSIs the guest had pending reach LAPICs that now hold their saved state.
+        devices.interrupts.deliver_pending()?;
+
+        let mut supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(vm::kvm_error("report supported CPUID"))?;
+        crate::cpuid::announce_emulated(&mut supported, kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer));
+        let (pio, mmio) = devices.buses();
+        let context = Arc::new(VcpuContext {
+            pio,
+            mmio,
+            exit,
+            stats: Default::default(),
+            mem,
+            platform: crate::guest_state::Platform::host(&supported),
+        });
+        let vcpus = fds
+            .into_iter()
+            .zip(&snapshot.kvm.vcpus)
+            .enumerate()
+            .map(|(index, (fd, state))| Vcpu {
+                index,
+                fd,
+                cpuid: state.cpuid.iter().map(Into::into).collect(),
+                context: context.clone(),
+            })
+            .collect();
+        Ok(Vm::from_parts(vm::Parts {
+            vcpus,
+            context,
+            devices,
+            serial_input: config.serial_input,
+            vcpu_affinity: Vec::new(),
+            vm_fd,
+            kvm,
+        }))
+    }
+}
+
+/// The layout must be the one carve builds for its total (so the guest's e820 map, ACPI and
+/// fw_cfg, all in the saved memory, still describe it); returns the total.
+fn check_layout(layout: &[RamRange]) -> Result<u64, String> {
+    let total = layout.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size)).ok_or("memory layout overflows")?;
+    if total % PAGE as u64 != 0 || total < memory::MIN_MEMORY_MIB << 20 || memory::ram_regions(total) != layout {
+        return Err(format!("memory layout {layout:?} is not one carve builds"));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_layouts_carve_builds_are_restored() {
+        assert_eq!(check_layout(&memory::ram_regions(128 << 20)), Ok(128 << 20));
+        assert_eq!(check_layout(&memory::ram_regions(5 << 30)), Ok(5 << 30));
+        let odd = [RamRange { base: 0x1000, size: 128 << 20 }];
+        assert!(check_layout(&odd).unwrap_err().contains("not one carve builds"));
+        assert!(check_layout(&[]).is_err());
+        let huge = [RamRange { base: 0, size: u64::MAX }, RamRange { base: 0, size: 2 }];
+        assert!(check_layout(&huge).is_err());
+    }
+
+    #[test]
+    fn zero_pages_stay_holes() {
+        let path = std::env::temp_dir().join(format!("carve-sparse-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let mut chunk = vec![0u8; 4 * PAGE];
+        chunk[PAGE + 7] = 1;
+        chunk[3 * PAGE] = 2;
+        file.set_len(chunk.len() as u64).unwrap();
+        write_nonzero_pages(&file, &chunk, 0).unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, chunk);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
