@@ -213,6 +213,28 @@ fn launch_describe_console_terminate_in_development_mode() {
     let other = described.iter().find(|d| d["EnclaveName"] == "demo_1").unwrap();
     assert_eq!(other["Flags"], "NONE");
 
+    // An enclave's control socket refuses the VM controls: a Nitro enclave cannot be paused or
+    // snapshotted, and a restored copy would repeat its secrets and nonces.
+    let sockets: Vec<PathBuf> = std::fs::read_dir(&host.run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+        .collect();
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    let control = sockets[0].to_str().unwrap();
+    assert_fails(
+        &host.carve(&["vm", "pause", "--control", control]),
+        38,
+        "An enclave cannot be paused or resumed",
+    );
+    let to = host.run_dir.join("copy");
+    assert_fails(
+        &host.carve(&["vm", "snapshot", "--control", control, "--to", to.to_str().unwrap()]),
+        38,
+        "a restored copy would repeat the enclave's secrets and nonces",
+    );
+    assert!(!to.exists(), "nothing was written");
+
     // An enclave process that does not answer: the others are described, then E39.
     let stopped = other["ProcessID"].to_string();
     let signal =

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 
 use aws_nitro_enclaves_cose::crypto::Openssl;
 use aws_nitro_enclaves_cose::CoseSign1;
@@ -385,4 +385,48 @@ fn enclave_images_that_cannot_boot_are_refused_with_one_line() {
     let out = run(&big, &["--memory", "12"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("do not fit in guest memory above 8 MiB"), "{}", stderr(&out));
+}
+
+/// A snapshot of an enclave image's VM, restored: a new vsock connection works (the old ones
+/// were reset) and the NSM still holds the image's PCRs, so documents from before and after
+/// carry the same measurements and module.
+#[test]
+fn vsock_and_the_nsm_serve_again_after_a_restore() {
+    if !kvm_usable("vsock_and_the_nsm_serve_again_after_a_restore") {
+        return;
+    }
+    let dir = fresh_dir("nsm-restore");
+    let state = dir.join("state");
+    let eif = dir.join("demo.eif");
+    let built = carve_in(&state, &["build-enclave", "--demo", "--output-file", eif.to_str().unwrap()]);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let (uds, control, snapshot) = (dir.join("v.sock"), dir.join("control"), dir.join("snapshot"));
+    let image = ["--eif", eif.to_str().unwrap(), "--cmdline", "echo_sessions=2"];
+    let mut vm = start_vm(&state, &image, 31, &uds, &["--control", control.to_str().unwrap()]);
+    let before = verify_with_oracles(&demo_attestation(&mut vm, &uds, b"before"));
+    let out = carve_in(
+        &state,
+        &["vm", "snapshot", "--control", control.to_str().unwrap(), "--to", snapshot.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The original ends cleanly (its sockets go), and its copy takes its place.
+    let _ = Command::new("kill").args(["-TERM", &vm.pid().to_string()]).status();
+    assert_eq!(vm.wait().status.code(), Some(143));
+    let restored = Command::new(env!("CARGO_BIN_EXE_carve"))
+        .env("CARVE_STATE_DIR", &state)
+        .args(["vm", "restore", "--serial", "none", "--from", snapshot.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restored = Vm(Some(restored));
+    let after = verify_with_oracles(&demo_attestation(&mut restored, &uds, b"after"));
+    assert_eq!(after.nonce.as_deref().map(Vec::as_slice), Some(&b"after"[..]));
+    assert_eq!(after.module_id, before.module_id);
+    assert_eq!(after.pcrs, before.pcrs, "the PCRs survive a restore");
+    assert!(after.pcrs[&0].iter().any(|&b| b != 0), "an enclave image's PCR0 is measured");
+    // The demo served its second session and powered off.
+    let out = restored.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
