@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use carve_snapshot::file::{decode, encode, HEADER_LEN, MAGIC};
+use carve_snapshot::file::{decode, encode, header_for};
 use libfuzzer_sys::fuzz_target;
 use serde::{Deserialize, Serialize};
 
@@ -45,12 +45,5 @@ fn check(bytes: &[u8]) {
 
 /// A version-1 file around `payload`, as `encode` would write it.
 fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-    bytes.extend_from_slice(&MAGIC);
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&0u16.to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
+    [&header_for(payload)[..], payload].concat()
 }

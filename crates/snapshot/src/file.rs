@@ -145,13 +145,21 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
         // Refused here rather than written, as no carve could read it back.
         return Err(Problem::TooLarge.into());
     }
-    let crc = crc32fast::hash(payload);
-    bytes[..VERSION_AT].copy_from_slice(&MAGIC);
-    bytes[VERSION_AT..FLAGS_AT].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes[FLAGS_AT..CRC_AT].copy_from_slice(&0u16.to_le_bytes());
-    bytes[CRC_AT..LENGTH_AT].copy_from_slice(&crc.to_le_bytes());
-    bytes[LENGTH_AT..HEADER_LEN].copy_from_slice(&length.to_le_bytes());
+    let header = header_for(payload);
+    bytes[..HEADER_LEN].copy_from_slice(&header);
     Ok(bytes)
+}
+
+/// The header of a current-version file around `payload` (fuzz targets frame arbitrary
+/// payloads with it, as libFuzzer rarely forges a CRC on its own).
+pub fn header_for(payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut header = [0; HEADER_LEN];
+    header[..VERSION_AT].copy_from_slice(&MAGIC);
+    header[VERSION_AT..FLAGS_AT].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[FLAGS_AT..CRC_AT].copy_from_slice(&0u16.to_le_bytes());
+    header[CRC_AT..LENGTH_AT].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    header[LENGTH_AT..HEADER_LEN].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header
 }
 
 /// The state in a complete state file, checked as described in the module docs.

@@ -51,6 +51,24 @@ impl VmSnapshot {
         Ok(carve_snapshot::file::read(&dir.join(STATE_FILE))?)
     }
 
+    /// The checks that need no KVM: memory layout, vCPU count, KVM's structures. Devices check
+    /// their own states as they are restored.
+    pub fn validate(&self) -> Result<u64, VmError> {
+        let total = check_layout(&self.memory).map_err(VmError::SnapshotState)?;
+        let count = self.kvm.vcpus.len();
+        if count == 0 || count > crate::mptable::MAX_CPUS.into() {
+            return Err(VmError::SnapshotState(format!(
+                "{count} vCPUs are not 1 to {}",
+                crate::mptable::MAX_CPUS
+            )));
+        }
+        kvm_state::validate_vm(&self.kvm.vm).map_err(VmError::KvmState)?;
+        for (index, vcpu) in self.kvm.vcpus.iter().enumerate() {
+            kvm_state::validate_vcpu(index, vcpu).map_err(VmError::KvmState)?;
+        }
+        Ok(total)
+    }
+
     /// Whether restoring needs a CA for an NSM.
     pub fn has_nsm(&self) -> bool {
         self.devices.virtio.iter().any(|d| matches!(d.device, DeviceState::Nsm(_)))
@@ -151,10 +169,10 @@ impl Vm {
     /// exactly where it was paused.
     pub fn restore(dir: &Path, snapshot: &VmSnapshot, config: RestoreConfig) -> Result<Vm, VmError> {
         let invalid = |what: String| VmError::SnapshotState(what);
-        let total = check_layout(&snapshot.memory).map_err(invalid)?;
+        let total = snapshot.validate()?;
         let memory_path = dir.join(MEMORY_FILE);
-        let memory_file =
-            File::open(&memory_path).map_err(|e| invalid(format!("memory file {}: {e}", memory_path.display())))?;
+        let memory_file = File::open(&memory_path)
+            .map_err(|e| invalid(format!("memory file {}: {e}", memory_path.display())))?;
         let file_len = memory_file.metadata().map(|m| m.len()).unwrap_or(0);
         if file_len != total {
             return Err(invalid(format!(
@@ -165,8 +183,8 @@ impl Vm {
         let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable { source })?;
         let max_vcpus = kvm.get_max_vcpus().min(crate::mptable::MAX_CPUS.into());
         let count = snapshot.kvm.vcpus.len();
-        if count == 0 || count > max_vcpus {
-            return Err(invalid(format!("{count} vCPUs are more than this host's KVM allows ({max_vcpus}) or none")));
+        if count > max_vcpus {
+            return Err(invalid(format!("{count} vCPUs are more than this host's KVM allows ({max_vcpus})")));
         }
         let vm_fd = Arc::new(kvm.create_vm().map_err(vm::kvm_error("create a VM"))?);
         let mem = memory::map_file(&memory_file, &snapshot.memory)?;
@@ -199,7 +217,10 @@ impl Vm {
         let mut supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(vm::kvm_error("report supported CPUID"))?;
-        crate::cpuid::announce_emulated(&mut supported, kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer));
+        crate::cpuid::announce_emulated(
+            &mut supported,
+            kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        );
         let (pio, mmio) = devices.buses();
         let context = Arc::new(VcpuContext {
             pio,
@@ -235,8 +256,12 @@ impl Vm {
 /// The layout must be the one carve builds for its total (so the guest's e820 map, ACPI and
 /// fw_cfg, all in the saved memory, still describe it); returns the total.
 fn check_layout(layout: &[RamRange]) -> Result<u64, String> {
-    let total = layout.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size)).ok_or("memory layout overflows")?;
-    if total % PAGE as u64 != 0 || total < memory::MIN_MEMORY_MIB << 20 || memory::ram_regions(total) != layout {
+    let total =
+        layout.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size)).ok_or("memory layout overflows")?;
+    if total % PAGE as u64 != 0
+        || total < memory::MIN_MEMORY_MIB << 20
+        || memory::ram_regions(total) != layout
+    {
         return Err(format!("memory layout {layout:?} is not one carve builds"));
     }
     Ok(total)
@@ -260,7 +285,13 @@ mod tests {
     #[test]
     fn zero_pages_stay_holes() {
         let path = std::env::temp_dir().join(format!("carve-sparse-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         let mut chunk = vec![0u8; 4 * PAGE];
         chunk[PAGE + 7] = 1;
         chunk[3 * PAGE] = 2;
