@@ -57,20 +57,25 @@ impl BusDevice for SerialPort {
     }
 }
 
-/// The UART's registers and receive FIFO (vm-superio's `SerialState`, which has no serde).
+/// The UART's registers and receive FIFO: vm-superio's `SerialState`, which has no serde of its
+/// own (the fields are mirrored in [`SerialStateDef`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialPortState {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
+pub struct SerialPortState(#[serde(with = "SerialStateDef")] pub SerialState);
+
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
     /// Bytes received and not yet read by the guest, oldest first.
-    pub in_buffer: Vec<u8>,
+    in_buffer: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,19 +100,20 @@ pub enum SerialStateError {
 
 impl SerialPortState {
     fn check(&self) -> Result<(), SerialStateError> {
-        let fifo = self.in_buffer.len();
+        let state = &self.0;
+        let fifo = state.in_buffer.len();
         if fifo > FIFO_SIZE {
             return Err(SerialStateError::FifoOverflow(fifo));
         }
-        if self.interrupt_enable & !IER_VALID != 0 {
-            return Err(SerialStateError::InterruptEnable(self.interrupt_enable));
+        if state.interrupt_enable & !IER_VALID != 0 {
+            return Err(SerialStateError::InterruptEnable(state.interrupt_enable));
         }
-        if !IIR_VALUES.contains(&self.interrupt_identification) {
-            return Err(SerialStateError::InterruptIdentification(self.interrupt_identification));
+        if !IIR_VALUES.contains(&state.interrupt_identification) {
+            return Err(SerialStateError::InterruptIdentification(state.interrupt_identification));
         }
         let ready = if fifo > 0 { LSR_DATA_READY } else { 0 };
-        if self.line_status != LSR_IDLE | ready {
-            return Err(SerialStateError::LineStatus { status: self.line_status, fifo });
+        if state.line_status != LSR_IDLE | ready {
+            return Err(SerialStateError::LineStatus { status: state.line_status, fifo });
         }
         Ok(())
     }
@@ -120,19 +126,7 @@ impl Persist for SerialPort {
     type Error = SerialStateError;
 
     fn save(&self) -> SerialPortState {
-        let state = self.uart.state();
-        SerialPortState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer,
-        }
+        SerialPortState(self.uart.state())
     }
 
     /// The port in `state`; an interrupt the state says is pending and enabled is raised again
@@ -142,20 +136,8 @@ impl Persist for SerialPort {
         state: &SerialPortState,
     ) -> Result<SerialPort, SerialStateError> {
         state.check()?;
-        let uart_state = SerialState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&uart_state, irq, NoEvents, output).map_err(|e| match e {
-            vm_superio::serial::Error::FullFifo => SerialStateError::FifoOverflow(state.in_buffer.len()),
+        let uart = Serial::from_state(&state.0, irq, NoEvents, output).map_err(|e| match e {
+            vm_superio::serial::Error::FullFifo => SerialStateError::FifoOverflow(state.0.in_buffer.len()),
             vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
                 SerialStateError::Interrupt(e)
             }
@@ -215,9 +197,9 @@ mod tests {
         port.write(COM1_BASE, DATA, b"o");
 
         let state = port.save();
-        assert_eq!(state.in_buffer, b"i!");
-        assert_eq!(state.line_status, LSR_IDLE | LSR_DATA_READY);
-        assert_eq!(state.interrupt_identification, 0x04);
+        assert_eq!(state.0.in_buffer, b"i!");
+        assert_eq!(state.0.line_status, LSR_IDLE | LSR_DATA_READY);
+        assert_eq!(state.0.interrupt_identification, 0x04);
         let new = TestVm::new();
         let new_interrupts = InterruptManager::new(new.vm.clone()).unwrap();
         let after = Console::default();
@@ -244,23 +226,32 @@ mod tests {
             SerialPort::restore((line(&interrupts), Box::new(std::io::sink())), &state).err().unwrap()
         };
 
-        let error = refuse(SerialPortState { in_buffer: vec![b'x'; 90], line_status: 0x61, ..good.clone() });
+        let error = refuse(SerialPortState(SerialState {
+            in_buffer: vec![b'x'; 90],
+            line_status: 0x61,
+            ..good.0.clone()
+        }));
         assert!(matches!(error, SerialStateError::FifoOverflow(90)), "{error}");
         assert_eq!(error.to_string(), "the serial state's FIFO holds 90 bytes; a 16550 holds at most 64");
-        let error = refuse(SerialPortState { interrupt_enable: 0x10, ..good.clone() });
+        let error = refuse(SerialPortState(SerialState { interrupt_enable: 0x10, ..good.0.clone() }));
         assert!(matches!(error, SerialStateError::InterruptEnable(0x10)), "{error}");
         for iir in [0x00, 0x03, 0xc1] {
-            let error = refuse(SerialPortState { interrupt_identification: iir, ..good.clone() });
+            let error =
+                refuse(SerialPortState(SerialState { interrupt_identification: iir, ..good.0.clone() }));
             assert!(matches!(error, SerialStateError::InterruptIdentification(_)), "{error}");
         }
-        let error = refuse(SerialPortState { in_buffer: vec![b'x'], ..good.clone() });
+        let error = refuse(SerialPortState(SerialState { in_buffer: vec![b'x'], ..good.0.clone() }));
         assert!(matches!(error, SerialStateError::LineStatus { status: 0x60, fifo: 1 }), "{error}");
-        let error = refuse(SerialPortState { line_status: 0x61, ..good.clone() });
+        let error = refuse(SerialPortState(SerialState { line_status: 0x61, ..good.0.clone() }));
         assert!(matches!(error, SerialStateError::LineStatus { status: 0x61, fifo: 0 }), "{error}");
-        let error = refuse(SerialPortState { line_status: 0x00, ..good.clone() });
+        let error = refuse(SerialPortState(SerialState { line_status: 0x00, ..good.0.clone() }));
         assert!(matches!(error, SerialStateError::LineStatus { .. }), "{error}");
 
-        let full = SerialPortState { in_buffer: vec![b'x'; FIFO_SIZE], line_status: 0x61, ..good };
+        let full = SerialPortState(SerialState {
+            in_buffer: vec![b'x'; FIFO_SIZE],
+            line_status: 0x61,
+            ..good.0.clone()
+        });
         let mut port = SerialPort::restore((line(&interrupts), Box::new(std::io::sink())), &full).unwrap();
         assert_eq!(port.enqueue_input(b"y"), 0, "a full FIFO restores full");
     }
