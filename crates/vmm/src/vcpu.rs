@@ -10,8 +10,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -439,8 +439,29 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 Step::Continue
             }
-            Err(e) => Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
+            Err(e) => match self.enabling_nested() {
+                // KVM allocates a vCPU's nested state when its guest first sets EFER.SVME
+                // ("nSVM: ondemand nested state allocation") and fails KVM_RUN if it cannot.
+                true => Step::Crash(
+                    CrashKind::UnexpectedExit,
+                    format!(
+                        "enabled nested virtualisation (WRMSR to EFER setting SVME) and KVM could not \
+                         set up its nested state: KVM_RUN failed with {e}"
+                    ),
+                ),
+                false => Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
+            },
         }
+    }
+
+    /// Whether the vCPU stands at a WRMSR that sets EFER.SVME.
+    fn enabling_nested(&self) -> bool {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
+        let mut code = [0u8; 2];
+        let fetched = self.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)).is_ok_and(|t| {
+            t.valid != 0 && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok()
+        });
+        fetched && sets_efer_svme(code, regs.rcx, regs.rax)
     }
 
     /// After an emulation failure at an `int3` (hosts whose emulator lacks INT3), delivers the
@@ -572,6 +593,14 @@ impl Vcpu {
     }
 }
 
+const WRMSR: [u8; 2] = [0x0f, 0x30];
+const MSR_EFER: u64 = 0xc000_0080;
+const EFER_SVME: u64 = 1 << 12;
+
+fn sets_efer_svme(code: [u8; 2], rcx: u64, rax: u64) -> bool {
+    code == WRMSR && rcx as u32 as u64 == MSR_EFER && rax & EFER_SVME != 0
+}
+
 /// What carve's guest-state checks say about a state KVM failed to enter.
 fn broken_entry_rules(sregs: &kvm_sregs, rflags: u64, platform: &Platform) -> String {
     let violations = guest_state::check(&GuestState::from_kvm(sregs, rflags, platform), platform);
@@ -603,6 +632,15 @@ fn describe_entry_failure(reason: u64) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrmsr_setting_efer_svme_is_recognised() {
+        assert!(sets_efer_svme(WRMSR, MSR_EFER, 0x1d01));
+        assert!(sets_efer_svme(WRMSR, 0xffff_ffff_0000_0000 | MSR_EFER, EFER_SVME));
+        assert!(!sets_efer_svme(WRMSR, MSR_EFER, 0x0d01), "SVME clear");
+        assert!(!sets_efer_svme(WRMSR, 0x10, EFER_SVME), "another MSR");
+        assert!(!sets_efer_svme([0x0f, 0x32], MSR_EFER, EFER_SVME), "RDMSR");
+    }
 
     #[test]
     fn a_failed_entry_is_explained_by_the_rules_the_state_breaks() {
