@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use event_manager::{MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
-use carve_virtio::mmio::MmioTransport;
-use carve_virtio::nsm::{NsmBackend, NsmDevice};
 use carve_nsm::pki::CertificateAuthority;
 use carve_snapshot::Persist;
+use carve_virtio::mmio::MmioTransport;
+use carve_virtio::nsm::{NsmBackend, NsmDevice};
 use carve_virtio::state::{self, DeviceState, RestoreError, VirtioState};
-use serde::{Deserialize, Serialize};
 use carve_virtio::vsock::{Vsock, VsockBackend};
 use carve_virtio::VirtioDevice;
+use serde::{Deserialize, Serialize};
 
 use crate::devices::bus::Bus;
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
@@ -214,8 +214,9 @@ impl DeviceManager {
         let invalid = |what: &str, e: &dyn std::fmt::Display| VmError::SnapshotState(format!("{what}: {e}"));
         let interrupts = InterruptManager::restore(args.vm.clone(), &state.interrupts)
             .map_err(|e| invalid("interrupt routes", &e))?;
-        let serial = SerialPort::restore((interrupts.legacy_line(SERIAL_IRQ)?, args.serial_output), &state.serial)
-            .map_err(|e| invalid("serial port", &e))?;
+        let serial =
+            SerialPort::restore((interrupts.legacy_line(SERIAL_IRQ)?, args.serial_output), &state.serial)
+                .map_err(|e| invalid("serial port", &e))?;
         let fw_cfg = FwCfg::restore(state.fw_cfg_config, &state.fw_cfg).map_err(|e| invalid("fw_cfg", &e))?;
         let i8042 = match I8042::restore(args.exit.clone(), &state.i8042) {
             Ok(i8042) => i8042,
@@ -225,22 +226,26 @@ impl DeviceManager {
             Some((testdev, msi)) => {
                 let host = Box::new(crate::vm::VmTestdevHost { vm: args.vm.clone(), mem: args.mem.clone() });
                 let testdev = Testdev::restore(host, testdev).map_err(|e| invalid("pc-testdev", &e))?;
-                let msi =
-                    MsiTestdev::restore(interrupts.clone(), msi).map_err(|e| invalid("MSI test device", &e))?;
+                let msi = MsiTestdev::restore(interrupts.clone(), msi)
+                    .map_err(|e| invalid("MSI test device", &e))?;
                 Some((testdev, msi))
             }
             None => None,
         };
         let unclaimed = interrupts.unclaimed_msi_stores();
         if !unclaimed.is_empty() {
-            return Err(invalid("interrupt routes", &format_args!("MSI stores {unclaimed:?} belong to no device")));
+            return Err(invalid(
+                "interrupt routes",
+                &format_args!("MSI stores {unclaimed:?} belong to no device"),
+            ));
         }
         let platform = PlatformDevices { serial, i8042, fw_cfg, test_devices };
         let vsock = match (&state.vsock, args.vsock) {
             (Some(_), Some(configured)) => Some(configured),
             (saved, _) => saved.clone(),
         };
-        let mut devices = DeviceManager::new(interrupts, args.exit, platform, state.fw_cfg_config, vsock.clone())?;
+        let mut devices =
+            DeviceManager::new(interrupts, args.exit, platform, state.fw_cfg_config, vsock.clone())?;
         let mut nsm_ca = args.nsm_ca;
         for saved in &state.virtio {
             let slot = devices.next_virtio_slot()?;
@@ -250,16 +255,26 @@ impl DeviceManager {
             let (transport, backend) = match &saved.device {
                 DeviceState::Vsock(_) => {
                     let Some(vsock) = &vsock else {
-                        return Err(VmError::SnapshotState("vsock device comes without its configuration".into()));
+                        return Err(VmError::SnapshotState(
+                            "vsock device comes without its configuration".into(),
+                        ));
                     };
-                    let (transport, backend) =
-                        state::restore_vsock(saved, vsock.cid, vsock.uds.clone(), vsock.shared_listeners.clone(), mem, line)
-                            .map_err(restored)?;
+                    let (transport, backend) = state::restore_vsock(
+                        saved,
+                        vsock.cid,
+                        vsock.uds.clone(),
+                        vsock.shared_listeners.clone(),
+                        mem,
+                        line,
+                    )
+                    .map_err(restored)?;
                     (transport, Backend::Vsock(Arc::new(Mutex::new(backend))))
                 }
                 DeviceState::Nsm(_) => {
                     let Some(ca) = nsm_ca.take() else {
-                        return Err(VmError::SnapshotState("NSM has no CA to sign for it (one per NSM)".into()));
+                        return Err(VmError::SnapshotState(
+                            "NSM has no CA to sign for it (one per NSM)".into(),
+                        ));
                     };
                     let (transport, backend) = state::restore_nsm(saved, ca, mem, line).map_err(restored)?;
                     (transport, Backend::Nsm(Arc::new(Mutex::new(backend))))

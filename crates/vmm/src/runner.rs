@@ -264,7 +264,9 @@ impl Runner {
         let caps = match &self.caps {
             Some(caps) => caps.clone(),
             None => {
-                let caps = Arc::new(HostCaps::read(&self.kvm, &self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?);
+                let caps = Arc::new(
+                    HostCaps::read(&self.kvm, &self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?,
+                );
                 self.caps.insert(caps).clone()
             }
         };
@@ -278,7 +280,9 @@ impl Runner {
             match saved {
                 Some(Ok(state)) => vcpus.push(*state),
                 Some(Err(e)) => return Err(crate::snapshot::SaveError::Kvm(e).into()),
-                None => return Err(VmError::Host(format!("vCPU {} has stopped; the VM is ending", vcpu.index))),
+                None => {
+                    return Err(VmError::Host(format!("vCPU {} has stopped; the VM is ending", vcpu.index)))
+                }
             }
         }
         let vm = kvm_state::save_vm(&self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?;

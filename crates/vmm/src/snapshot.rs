@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use carve_nsm::pki::CertificateAuthority;
 use carve_virtio::state::DeviceState;
@@ -32,8 +32,6 @@ use crate::vm::{self, SerialSink, Vm, VmError, VsockConfig};
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
-/// Pages are compared and written in chunks of this size.
-const CHUNK: usize = 2 << 20;
 const PAGE: usize = 4096;
 
 /// Everything a VM is apart from its memory's contents.
@@ -114,40 +112,40 @@ pub fn save(dir: &Path, snapshot: &VmSnapshot, mem: &GuestRam) -> Result<(), Sav
 /// Guest RAM into a sparse file: pages of zeros stay holes.
 fn write_memory(path: &Path, mem: &GuestRam) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    let layout = memory::layout(mem);
-    file.set_len(layout.iter().map(|r| r.size).sum())?;
-    let mut buffer = vec![0u8; CHUNK];
+    file.set_len(memory::total_size(mem))?;
     let mut offset = 0u64;
-    for range in layout {
-        let mut done = 0u64;
-        while done < range.size {
-            let len = (range.size - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buffer[..len];
-            mem.read_slice(chunk, GuestAddress(range.base + done)).map_err(std::io::Error::other)?;
-            write_nonzero_pages(&file, chunk, offset + done)?;
-            done += len as u64;
-        }
-        offset += range.size;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let slice = region.get_slice(MemoryRegionAddress(0), len).map_err(std::io::Error::other)?;
+        let guard = slice.ptr_guard();
+        // SAFETY: the slice covers the whole mapped region, which `mem` keeps mapped for the
+        // call; the VM is paused and its device backends are off the event loop, so nothing
+        // writes guest memory while it is read here.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
+        write_nonzero_pages(&file, bytes, offset)?;
+        offset += len as u64;
     }
     file.sync_all()
 }
 
-/// Writes the runs of pages of `chunk` that hold anything but zeros, at `at` in the file.
-fn write_nonzero_pages(file: &File, chunk: &[u8], at: u64) -> std::io::Result<()> {
+/// Writes the runs of pages of `memory` that hold anything but zeros, at `at` in the file.
+fn write_nonzero_pages(file: &File, memory: &[u8], at: u64) -> std::io::Result<()> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
     let mut run: Option<usize> = None;
-    for (index, page) in chunk.chunks(PAGE).enumerate() {
-        let zero = page.iter().all(|&b| b == 0);
+    for (index, page) in memory.chunks(PAGE).enumerate() {
+        // A slice comparison is one memcmp, fast even in debug builds.
+        let zero = page == &ZERO[..page.len()];
         match (run, zero) {
             (None, false) => run = Some(index * PAGE),
             (Some(start), true) => {
-                file.write_all_at(&chunk[start..index * PAGE], at + start as u64)?;
+                file.write_all_at(&memory[start..index * PAGE], at + start as u64)?;
                 run = None;
             }
             _ => {}
         }
     }
     if let Some(start) = run {
-        file.write_all_at(&chunk[start..], at + start as u64)?;
+        file.write_all_at(&memory[start..], at + start as u64)?;
     }
     Ok(())
 }

@@ -449,7 +449,9 @@ impl Vcpu {
                          set up its nested state: KVM_RUN failed with {e}"
                     ),
                 ),
-                false => Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
+                false => {
+                    Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index)))
+                }
             },
         }
     }

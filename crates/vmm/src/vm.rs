@@ -285,8 +285,11 @@ impl Vm {
 
         let interrupts = InterruptManager::new(vm_fd.clone())?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
-        let fw_cfg_config =
-            FwCfgConfig { cpus: vcpu_count.into(), max_cpus: max_vcpus as u16, ram_bytes: config.memory_mib << 20 };
+        let fw_cfg_config = FwCfgConfig {
+            cpus: vcpu_count.into(),
+            max_cpus: max_vcpus as u16,
+            ram_bytes: config.memory_mib << 20,
+        };
         let platform_devices = PlatformDevices {
             serial: SerialPort::new(interrupts.legacy_line(SERIAL_IRQ)?, serial_output),
             i8042: I8042::new(exit.clone()),
@@ -296,8 +299,13 @@ impl Vm {
                 (Testdev::new(host), MsiTestdev::new(interrupts.msi_store(), interrupts.msi_capacity()))
             }),
         };
-        let mut devices =
-            DeviceManager::new(interrupts, exit.clone(), platform_devices, fw_cfg_config, config.vsock.clone())?;
+        let mut devices = DeviceManager::new(
+            interrupts,
+            exit.clone(),
+            platform_devices,
+            fw_cfg_config,
+            config.vsock.clone(),
+        )?;
 
         let mut cmdline = config.cmdline.clone();
         let mut image_measurements = None;

@@ -22,6 +22,11 @@ pub enum StateError {
     #[error("KVM could not {} vCPU {vcpu}'s nested virtualisation state ({ioctl}): {}", action(ioctl), nested_reason(*errno))]
     NestedState { vcpu: usize, ioctl: &'static str, errno: i32 },
     #[error(
+        "vCPU {vcpu} uses nested virtualisation (EFER.SVME or CR4.VMXE is set) and this host's KVM \
+         cannot save nested state (no KVM_CAP_NESTED_STATE): a snapshot would not restore it"
+    )]
+    NestedNotSaveable { vcpu: usize },
+    #[error(
         "the snapshot's guest TSC runs at {saved_khz} kHz, this host's at {host_khz} kHz, and this host's \
          KVM cannot scale TSCs (no KVM_CAP_TSC_CONTROL)"
     )]

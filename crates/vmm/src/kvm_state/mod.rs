@@ -55,6 +55,7 @@ const XSAVE_REGION_WORDS: usize = std::mem::size_of::<kvm_xsave>() / 4;
 /// `struct kvm_nested_state` without data: flags, format, size and the 120-byte header union.
 const NESTED_HEADER: usize = std::mem::size_of::<kvm_nested_state>();
 const EFER_SVME: u64 = 1 << 12;
+const CR4_VMXE: u64 = 1 << 13;
 const APIC_ISR: usize = 0x100;
 const APIC_IRR: usize = 0x200;
 const APIC_LVTT: usize = 0x320;
@@ -302,7 +303,7 @@ pub fn save_vcpu(
         ),
         false => None,
     };
-    let nested = get_nested(fd, vcpu, caps)?;
+    let nested = get_nested(fd, vcpu, caps, &sregs)?;
     // Events last: the reads above may still move pending events (Firecracker's order).
     let events = fd.get_vcpu_events().map_err(vcpu_ioctl(vcpu, "KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
@@ -538,8 +539,18 @@ fn set_xsave(fd: &VcpuFd, vcpu: usize, words: &[u32], caps: &HostCaps) -> Result
     unsafe { fd.set_xsave2(&xsave) }.map_err(vcpu_ioctl(vcpu, "KVM_SET_XSAVE"))
 }
 
-fn get_nested(fd: &VcpuFd, vcpu: usize, caps: &HostCaps) -> Result<Option<Vec<u8>>, StateError> {
+fn get_nested(
+    fd: &VcpuFd,
+    vcpu: usize,
+    caps: &HostCaps,
+    sregs: &kvm_sregs,
+) -> Result<Option<Vec<u8>>, StateError> {
     if caps.nested_state_size == 0 {
+        // Without KVM_CAP_NESTED_STATE a guest using SVM or VMX would be saved without the
+        // nested guest's state and restored wrong; refuse instead.
+        if sregs.efer & EFER_SVME != 0 || sregs.cr4 & CR4_VMXE != 0 {
+            return Err(StateError::NestedNotSaveable { vcpu });
+        }
         return Ok(None);
     }
     let mut buffer = KvmNestedStateBuffer::empty();
