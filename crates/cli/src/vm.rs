@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use carve_enclave::nsm::EnclaveNsm;
 use carve_nsm::pcr::ParentIdentity;
 use carve_vmm::control::{ControlError, ControlRequest};
+use carve_vmm::cpu_features::CpuFeatures;
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
@@ -72,6 +73,13 @@ pub struct RunArgs {
     /// CPU template masking guest CPUID (see `carve vm cpu-templates`).
     #[arg(long, value_name = "NAME", default_value = "host")]
     cpu_template: String,
+    /// CPU features beyond the template, comma-separated: cet, nested (see `carve host`). Each is
+    /// refused, before the VM starts, on a host whose KVM cannot give it.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpu_features: Vec<String>,
+    /// Expose SVM (AMD) or VMX (Intel) to the guest: the same as --cpu-features nested.
+    #[arg(long)]
+    nested: bool,
     /// Serial console destination: stdout (the default), file:PATH or none.
     #[arg(long, value_name = "SINK", value_parser = parse_serial)]
     serial: Option<SerialArg>,
@@ -246,6 +254,12 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Ok(template) => template,
         Err(e) => return fail(e),
     };
+    let mut cpu_features = CpuFeatures { nested: args.nested, ..CpuFeatures::default() };
+    for name in &args.cpu_features {
+        if let Err(e) = cpu_features.enable(name.trim()) {
+            return fail(e);
+        }
+    }
     let kernel = match (args.kernel, &args.eif) {
         (Some(path), _) => KernelSpec::Path(path),
         (None, Some(eif)) => KernelSpec::Eif(eif.clone()),
@@ -293,6 +307,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
         memory_mib: args.memory,
         vcpus: args.vcpus,
         cpu_template,
+        cpu_features,
         serial: match serial {
             SerialArg::Stdout => SerialSink::Stdout,
             SerialArg::File(path) => SerialSink::File(path),

@@ -12,6 +12,7 @@ pub mod acpi;
 pub mod boot;
 pub mod breakpoint;
 pub mod control;
+pub mod cpu_features;
 pub mod cpuid;
 pub mod device_manager;
 pub mod devices;

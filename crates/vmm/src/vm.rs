@@ -13,6 +13,7 @@ use carve_eif::Measurements;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
+use crate::cpu_features::{self, sgx::PlacedSection, CpuFeatures, FeatureRefused, HostFeatures, HostProbe};
 use crate::cpuid::{self, CpuTemplate};
 use crate::device_manager::{DeviceManager, PlatformDevices, VirtioKind, VirtioParts};
 use crate::devices::bus::BusError;
@@ -56,6 +57,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("cannot open the serial output {path}: {source}")]
     SerialOutput { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    FeatureRefused(#[from] FeatureRefused),
     #[error("cannot start the VM's threads or event loop: {0}")]
     Host(String),
     #[error("cannot load the vCPU state: {0}")]
@@ -203,6 +206,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub cpu_template: CpuTemplate,
+    /// CET, SGX and nested virtualisation: off unless asked for, refused where the host lacks them.
+    pub cpu_features: CpuFeatures,
     pub serial: SerialSink,
     /// Forward the process's standard input to the serial port.
     pub serial_input: bool,
@@ -226,6 +231,7 @@ impl VmConfig {
             memory_mib: 128,
             vcpus: 1,
             cpu_template: CpuTemplate::named("host").expect("the host template is built in"),
+            cpu_features: CpuFeatures::default(),
             serial: SerialSink::Stdout,
             serial_input: false,
             testdev: false,
@@ -267,6 +273,11 @@ impl Vm {
             _ => {}
         }
         let vcpu_count = config.vcpus as u8;
+        let supported = supported_cpuid(&kvm)?;
+        cpu_features::check(
+            &config.cpu_features,
+            &HostFeatures::from_probe(&HostProbe::this_host(&kvm, &supported)),
+        )?;
 
         let mut kernel = open_kernel(&config.kernel)?;
         let mut initrd = match &config.initrd {
@@ -352,9 +363,6 @@ impl Vm {
         mptable::write(&mem, vcpu_count)?;
         acpi::write(&mem, vcpu_count, &slots)?;
 
-        let mut supported =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
-        cpuid::announce_emulated(&mut supported, kvm.check_extension(Cap::TscDeadlineTimer));
         let platform = Platform::host(&supported);
         let (pio, mmio) = devices.buses();
         let context =
@@ -363,7 +371,9 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(vcpu_count.into());
         for index in 0..vcpu_count {
             let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
-            let cpuid = configure_vcpu(&fd, &supported, &config.cpu_template, index, vcpu_count)?;
+            let features =
+                VcpuFeatures { template: &config.cpu_template, extra: &config.cpu_features, epc: &[] };
+            let cpuid = configure_vcpu(&fd, &supported, &features, index, vcpu_count)?;
             if index == 0 {
                 boot::cpu_state::apply(&fd, &mem, boot.entry)?;
                 if let Some(state) = &config.load_state {
@@ -457,17 +467,33 @@ pub(crate) fn create_irqchip(vm_fd: &VmFd) -> Result<(), VmError> {
     Ok(())
 }
 
+/// KVM's supported CPUID with what KVM emulates but leaves to user space to announce.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
+    let mut supported =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+    cpuid::announce_emulated(&mut supported, kvm.check_extension(Cap::TscDeadlineTimer));
+    Ok(supported)
+}
+
+/// What shapes a vCPU's CPUID beyond KVM's offer and the topology.
+struct VcpuFeatures<'a> {
+    template: &'a CpuTemplate,
+    extra: &'a CpuFeatures,
+    epc: &'a [PlacedSection],
+}
+
 fn configure_vcpu(
     fd: &VcpuFd,
     supported: &kvm_bindings::CpuId,
-    template: &CpuTemplate,
+    features: &VcpuFeatures<'_>,
     index: u8,
     count: u8,
 ) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmError> {
     let mut cpuid = supported.clone();
     let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
     cpuid::normalize(&mut cpuid, index, count, tsc_khz);
-    template.apply(&mut cpuid);
+    cpu_features::shape(&mut cpuid, features.extra, features.epc);
+    features.template.apply(&mut cpuid);
     fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
     vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;
