@@ -4,6 +4,7 @@
 
 mod attestation;
 mod enclave;
+mod host;
 mod image;
 mod logger;
 mod nitro_cli;
@@ -66,6 +67,8 @@ enum Command {
     PcrDiff(pcr_diff::PcrDiffArgs),
     /// Relay every enclave's connections to a vsock port to a TCP server (AWS's vsock-proxy).
     VsockProxy(vsock_proxy::ProxyArgs),
+    /// What this host's KVM can give a guest: CET, SGX, nested virtualisation (carve's own).
+    Host(host::HostArgs),
     /// Explain a nitro-cli error code (Exx).
     Explain {
         #[arg(long, value_name = "Exx")]
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         Command::Wait(args) => enclave::wait(args),
         Command::Vm(command) => return vm::run(command),
         Command::Attestation(command) => return attestation::run(command),
+        Command::Host(args) => return host::run(args),
         Command::Explain { error_code } => return nitro_error::explain(&error_code),
         Command::VsockProxy(args) => return vsock_proxy::run(args),
         Command::PcrDiff(args) => return pcr_diff::run(args),
