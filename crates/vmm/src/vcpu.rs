@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
-use crate::guest_state::{self, GuestState, Platform};
+use crate::guest_state::{self, CetState, GuestState, Platform};
 use crate::kvm_state::{self, HostCaps, StateError, VcpuState};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -507,8 +507,12 @@ impl Vcpu {
 
     /// The VM-entry rules the vCPU's current state breaks, as one clause.
     fn broken_entry_rules(&self) -> String {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(regs), Ok(sregs)) => broken_entry_rules(&sregs, regs.rflags, &self.context.platform),
+        match (self.fd.get_regs(), self.fd.get_sregs(), CetState::read(&self.fd, &self.cpuid)) {
+            (Ok(regs), Ok(sregs), Ok(cet)) => {
+                let state =
+                    GuestState { cet, ..GuestState::from_kvm(&sregs, regs.rflags, &self.context.platform) };
+                broken_entry_rules(&state, &self.context.platform)
+            }
             _ => "the registers could not be read to check them".into(),
         }
     }
@@ -604,8 +608,8 @@ fn sets_efer_svme(code: [u8; 2], rcx: u64, rax: u64) -> bool {
 }
 
 /// What carve's guest-state checks say about a state KVM failed to enter.
-fn broken_entry_rules(sregs: &kvm_sregs, rflags: u64, platform: &Platform) -> String {
-    let violations = guest_state::check(&GuestState::from_kvm(sregs, rflags, platform), platform);
+fn broken_entry_rules(state: &GuestState, platform: &Platform) -> String {
+    let violations = guest_state::check(state, platform);
     if violations.is_empty() {
         return "carve's guest-state checks find no broken rule (on Intel, load kvm_intel with \
                 dump_invalid_vmcs=1 for the hardware's VMCS dump)"
@@ -650,10 +654,16 @@ mod tests {
         let entry = crate::boot::cpu_state::EntryState::Long64 { rip: 0x100200, rsi: 0x7000 };
         let mut sregs = crate::boot::cpu_state::boot_sregs(&mem, entry, Default::default()).unwrap();
         let platform = Platform::intel(true);
-        assert!(broken_entry_rules(&sregs, 2, &platform).contains("find no broken rule"));
+        let rules = |sregs: &kvm_sregs, cet| {
+            broken_entry_rules(&GuestState { cet, ..GuestState::from_kvm(sregs, 2, &platform) }, &platform)
+        };
+        assert!(rules(&sregs, None).contains("find no broken rule"));
+        let shadow_stack = CetState { s_cet: 1, ssp: 0x7000, interrupt_ssp_table: 0 };
+        assert!(rules(&sregs, Some(shadow_stack)).contains("find no broken rule"));
+        let suppressed_and_tracked = CetState { s_cet: 3 << 10, ..shadow_stack };
+        assert!(rules(&sregs, Some(suppressed_and_tracked)).contains("[C9"), "the CET state is checked");
         sregs.tr.selector |= 4;
-        let text =
-            format!("{}; {}", describe_entry_failure(0x8000_0021), broken_entry_rules(&sregs, 2, &platform));
+        let text = format!("{}; {}", describe_entry_failure(0x8000_0021), rules(&sregs, None));
         assert!(text.starts_with("the hardware found invalid guest state"), "{text}");
         assert!(text.contains("tr.selector = 0x24: the TI flag (bit 2) must be 0 [S1"), "{text}");
         assert!(describe_entry_failure(u64::MAX).contains("AMD SVM"));

@@ -18,6 +18,12 @@ pub const XSS_CET_S: u32 = 12;
 /// Sizes of the CET XSAVE components: CET_U = {U_CET, PL3_SSP}, CET_S = {PL0..PL2_SSP}.
 pub const CET_U_SIZE: u32 = 16;
 pub const CET_S_SIZE: u32 = 24;
+/// The supervisor CET MSRs VM entry checks (the others only move with snapshots).
+pub(crate) const MSR_IA32_S_CET: u32 = 0x6a2;
+pub(crate) const MSR_IA32_INT_SSP_TAB: u32 = 0x6a8;
+/// The current shadow-stack pointer is no MSR: KVM_GET/SET_ONE_REG's KVM_REG_GUEST_SSP
+/// (0x2030_0003_0000_0000, Linux 6.18), which KVM refuses (EINVAL) without SHSTK in CPUID.
+pub(crate) const GUEST_SSP_REG: u64 = kvm_bindings::kvm_x86_reg_kvm(kvm_bindings::KVM_REG_GUEST_SSP);
 
 const LEAF_XSAVE: u32 = 0xd;
 

@@ -1,11 +1,12 @@
 //! The JSON state file of `carve vm check-state`, `--dump-state` and `--load-state`: segment
-//! registers with kvm_segment's field names, `gdt`/`idt`, and cr0, cr3, cr4, efer, rflags.
-//! Numbers may be JSON integers or `"0x…"` strings; carve writes integers.
+//! registers with kvm_segment's field names, `gdt`/`idt`, and cr0, cr3, cr4, efer, rflags; for a
+//! CET guest also `cet` (`s_cet`, `ssp`, `interrupt_ssp_table`), optional so that files without
+//! it still parse. Numbers may be JSON integers or `"0x…"` strings; carve writes integers.
 
 use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{DescriptorTable, GuestState, Platform};
+use super::{CetState, DescriptorTable, GuestState, Platform};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateFileError {
@@ -55,6 +56,31 @@ pub struct TableFile {
     pub limit: u32,
 }
 
+/// The CET state VM entry loads for a CET guest ([`CetState`]). Checked, not loaded: KVM takes
+/// it with KVM_SET_MSRS and KVM_SET_ONE_REG, not KVM_SET_SREGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CetFile {
+    #[serde(deserialize_with = "number")]
+    pub s_cet: u64,
+    #[serde(deserialize_with = "number")]
+    pub ssp: u64,
+    #[serde(deserialize_with = "number")]
+    pub interrupt_ssp_table: u64,
+}
+
+impl From<CetState> for CetFile {
+    fn from(cet: CetState) -> Self {
+        CetFile { s_cet: cet.s_cet, ssp: cet.ssp, interrupt_ssp_table: cet.interrupt_ssp_table }
+    }
+}
+
+impl From<CetFile> for CetState {
+    fn from(cet: CetFile) -> Self {
+        CetState { s_cet: cet.s_cet, ssp: cet.ssp, interrupt_ssp_table: cet.interrupt_ssp_table }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
@@ -78,6 +104,9 @@ pub struct StateFile {
     pub efer: u64,
     #[serde(deserialize_with = "number")]
     pub rflags: u64,
+    /// Only for a CET guest; absent from older files and from those of other guests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cet: Option<CetFile>,
 }
 
 /// A JSON integer or a `"0x…"`/decimal string, narrowed to the field's type.
@@ -220,6 +249,7 @@ impl StateFile {
         ]
     }
 
+    /// A file without CET state: set `cet` from [`CetState::read`] for a CET guest.
     pub fn from_kvm(sregs: &kvm_sregs, rflags: u64) -> StateFile {
         let table = |t: &kvm_dtable| TableFile { base: t.base, limit: t.limit.into() };
         StateFile {
@@ -238,11 +268,12 @@ impl StateFile {
             cr4: sregs.cr4,
             efer: sregs.efer,
             rflags,
+            cet: None,
         }
     }
 
     /// `base` with this file's registers in it (CR2, CR8, APIC base and interrupt bitmap are
-    /// kept), and RFLAGS. Fails when a descriptor-table limit does not fit KVM's 16 bits.
+    /// kept), and RFLAGS; `cet` is not among them. Fails when a descriptor-table limit does not fit KVM's 16 bits.
     pub fn to_kvm(&self, base: &kvm_sregs) -> Result<(kvm_sregs, u64), StateFileError> {
         let table = |name: &str, t: &TableFile| {
             let limit = u16::try_from(t.limit).map_err(|_| StateFileError::Field {
@@ -290,6 +321,7 @@ impl StateFile {
         let mut state = GuestState::from_kvm(&sregs, self.rflags, platform);
         state.gdt = DescriptorTable { base: self.gdt.base, limit: self.gdt.limit };
         state.idt = DescriptorTable { base: self.idt.base, limit: self.idt.limit };
+        state.cet = self.cet.map(CetState::from);
         state
     }
 }
@@ -355,6 +387,32 @@ mod tests {
             "{}",
             error(&unknown)
         );
+    }
+
+    #[test]
+    fn cet_state_is_optional() {
+        let old = sample();
+        assert!(!old.to_json().contains("cet"), "no CET state, no field: older carves read it");
+        assert_eq!(StateFile::parse(&old.to_json()).unwrap().cet, None);
+        assert_eq!(old.guest_state(&Platform::intel(true)).cet, None);
+
+        let cet = CetFile { s_cet: 1 << 2, ssp: 0x7fff_f000, interrupt_ssp_table: 0xffff_8000_0000_1000 };
+        let state = StateFile { cet: Some(cet), ..sample() };
+        assert_eq!(StateFile::parse(&state.to_json()).unwrap(), state);
+        let json = state.to_json().replace("\"ssp\": 2147479552", "\"ssp\": \"0x7fff_f000\"");
+        assert_eq!(error(&json), "field cet.ssp: \"0x7fff_f000\" is not a number");
+        let json = state.to_json().replace("\"ssp\": 2147479552", "\"ssp\": \"0x7ffff000\"");
+        assert_eq!(StateFile::parse(&json).unwrap(), state);
+        let expected = CetState { s_cet: 4, ssp: 0x7fff_f000, interrupt_ssp_table: 0xffff_8000_0000_1000 };
+        assert_eq!(state.guest_state(&Platform::intel(true)).cet, Some(expected));
+        let unknown = state.to_json().replace("\"ssp\"", "\"pl0_ssp\": 0, \"ssp\"");
+        assert!(
+            error(&unknown).starts_with("field cet.pl0_ssp: unknown field `pl0_ssp`"),
+            "{}",
+            error(&unknown)
+        );
+        let missing = state.to_json().replace("\"s_cet\": 4,", "");
+        assert!(error(&missing).starts_with("field cet: missing field `s_cet`"), "{}", error(&missing));
     }
 
     #[test]

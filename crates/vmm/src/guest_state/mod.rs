@@ -2,14 +2,18 @@
 //! refuses it with nothing more than "invalid guest state" (exit reason 0x80000021).
 //!
 //! [`GuestState`] holds the fields as the hardware sees them (VMCS-format access rights);
-//! [`GuestState::from_kvm`] builds it from `kvm_sregs` the way KVM writes the VMCS.
+//! [`GuestState::from_kvm`] builds it from `kvm_sregs` the way KVM writes the VMCS, and
+//! [`CetState::read`] adds a live CET guest's supervisor CET state.
 //! [`check`] returns every violated rule; [`file`] reads and writes the JSON state files of
 //! `carve vm check-state` and `--dump-state`.
 
 pub mod file;
 mod rules;
 
-use kvm_bindings::{kvm_dtable, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_dtable, kvm_msr_entry, kvm_segment, kvm_sregs, Msrs};
+use kvm_ioctls::VcpuFd;
+
+use crate::cpu_features::{cet, Leaves};
 
 pub use rules::{check, Violation};
 
@@ -105,7 +109,51 @@ impl From<&kvm_dtable> for DescriptorTable {
     }
 }
 
-/// The guest state VM entry checks (segment, descriptor-table and control registers, RFLAGS).
+/// The CET state VM entry loads when its "load CET state" control is 1, as KVM sets it for a
+/// guest with SHSTK or IBT. Registers the guest lacks (the SSP and the interrupt SSP table
+/// without SHSTK) are 0, as KVM leaves their VMCS fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CetState {
+    pub s_cet: u64,
+    pub ssp: u64,
+    pub interrupt_ssp_table: u64,
+}
+
+impl CetState {
+    /// A live vCPU's CET state, when `cpuid` (what KVM_SET_CPUID2 gave it) has SHSTK or IBT:
+    /// IA32_S_CET and IA32_INT_SSP_TAB by KVM_GET_MSRS, the SSP by KVM_GET_ONE_REG (both need
+    /// SHSTK). An MSR KVM will not read is reported as EINVAL.
+    pub fn read(fd: &VcpuFd, cpuid: &[kvm_cpuid_entry2]) -> Result<Option<CetState>, kvm_ioctls::Error> {
+        let has = |(function, index, register, bit)| Leaves(cpuid).bit(function, index, register, bit);
+        let shstk = has(cet::SHSTK);
+        if !shstk && !has(cet::IBT) {
+            return Ok(None);
+        }
+        let indices: &[u32] = match shstk {
+            true => &[cet::MSR_IA32_S_CET, cet::MSR_IA32_INT_SSP_TAB],
+            false => &[cet::MSR_IA32_S_CET],
+        };
+        let entries: Vec<kvm_msr_entry> =
+            indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).expect("two MSRs fit kvm_msrs");
+        if fd.get_msrs(&mut msrs)? != indices.len() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        let value = |index| msrs.as_slice().iter().find(|e| e.index == index).map_or(0, |e| e.data);
+        let mut ssp = [0u8; 8];
+        if shstk {
+            fd.get_one_reg(cet::GUEST_SSP_REG, &mut ssp)?;
+        }
+        Ok(Some(CetState {
+            s_cet: value(cet::MSR_IA32_S_CET),
+            ssp: u64::from_le_bytes(ssp),
+            interrupt_ssp_table: value(cet::MSR_IA32_INT_SSP_TAB),
+        }))
+    }
+}
+
+/// The guest state VM entry checks (segment, descriptor-table and control registers, RFLAGS,
+/// and CET state for a CET guest).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuestState {
     pub cs: Segment,
@@ -123,10 +171,13 @@ pub struct GuestState {
     pub cr4: u64,
     pub efer: u64,
     pub rflags: u64,
+    /// `None`: "load CET state" is 0 (a guest without SHSTK and IBT), no CET rule applies.
+    pub cet: Option<CetState>,
 }
 
 impl GuestState {
-    /// The state KVM enters for these special registers and RFLAGS on `platform`.
+    /// The state KVM enters for these special registers and RFLAGS on `platform`, without CET
+    /// state (add [`CetState::read`]'s for a CET guest).
     pub fn from_kvm(sregs: &kvm_sregs, rflags: u64, platform: &Platform) -> GuestState {
         let fixup = platform.unrestricted_guest && platform.vendor == CpuVendor::Intel;
         let seg = |s: &kvm_segment| Segment::from_kvm(s, fixup);
@@ -146,6 +197,7 @@ impl GuestState {
             cr4: sregs.cr4,
             efer: sregs.efer,
             rflags,
+            cet: None,
         }
     }
 }

@@ -1,11 +1,17 @@
-//! The SDM Vol. 3C guest-state checks (and the two KVM_SET_SREGS adds), one function per
-//! group. Rule ids follow docs/guest-state.md: S selectors, B bases, L limits, A access
-//! rights, T TR, D LDTR, C control registers, E EFER, R RFLAGS, G GDTR/IDTR, K KVM.
+//! The SDM Vol. 3C guest-state checks (and what KVM_SET_SREGS and KVM_SET_ONE_REG add), one
+//! function per group. Rule ids follow docs/guest-state.md: S selectors, B bases, L limits, A
+//! access rights, T TR, D LDTR, C control registers and MSRs, E EFER, R RFLAGS and SSP, G
+//! GDTR/IDTR, K KVM.
 
 use std::fmt;
 
-use super::{ar, CpuVendor, DescriptorTable, GuestState, Platform, Segment};
+use super::{ar, CetState, CpuVendor, DescriptorTable, GuestState, Platform, Segment};
 use crate::x86::*;
+
+/// IA32_S_CET (and IA32_U_CET): bits 9:6 reserved, bit 10 SUPPRESS, bit 11 TRACKER (WAIT_ENDBR).
+const CET_RESERVED: u64 = 0xf << 6;
+const CET_SUPPRESS: u64 = 1 << 10;
+const CET_TRACKER: u64 = 1 << 11;
 
 /// One broken rule: which register and field, what it holds, and what the SDM requires.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,11 +29,13 @@ pub struct Violation {
 impl Violation {
     /// Where the rule comes from.
     pub fn source(&self) -> &'static str {
-        match self.rule.as_bytes()[0] {
-            b'C' | b'E' => "SDM 3C: checks on guest control registers and MSRs",
-            b'R' => "SDM 3C: checks on guest RFLAGS",
-            b'G' => "SDM 3C: checks on guest descriptor-table registers",
-            b'K' => "KVM_SET_SREGS",
+        match (self.rule, self.rule.as_bytes()[0]) {
+            ("R3", _) => "SDM 3C: checks on guest RIP, RFLAGS and SSP",
+            ("K3", _) => "KVM_SET_ONE_REG",
+            (_, b'C' | b'E') => "SDM 3C: checks on guest control registers and MSRs",
+            (_, b'R') => "SDM 3C: checks on guest RFLAGS",
+            (_, b'G') => "SDM 3C: checks on guest descriptor-table registers",
+            (_, b'K') => "KVM_SET_SREGS",
             _ => "SDM 3C: checks on guest segment registers",
         }
     }
@@ -49,7 +57,7 @@ impl fmt::Display for Violation {
 }
 
 /// Every rule `state` breaks on `platform`, in a fixed order (selectors, bases, limits and
-/// access rights, TR, LDTR, descriptor tables, control registers, RFLAGS).
+/// access rights, TR, LDTR, descriptor tables, control registers, RFLAGS, CET state).
 pub fn check(state: &GuestState, platform: &Platform) -> Vec<Violation> {
     let mut checker = Checker {
         state,
@@ -67,6 +75,9 @@ pub fn check(state: &GuestState, platform: &Platform) -> Vec<Violation> {
     checker.descriptor_tables();
     checker.control_registers();
     checker.rflags();
+    if let Some(cet) = state.cet {
+        checker.cet(cet);
+    }
     checker.violations
 }
 
@@ -92,8 +103,7 @@ impl Checker<'_> {
     }
 
     fn canonical(&self, address: u64) -> bool {
-        let unused = 64 - u32::from(self.platform.linear_addr_bits.clamp(32, 64));
-        (((address << unused) as i64) >> unused) as u64 == address
+        sign_extended(address, self.platform.linear_addr_bits.into())
     }
 
     /// CS, SS, DS, ES, FS and GS with their state-file names.
@@ -465,4 +475,61 @@ impl Checker<'_> {
             self.fail("R2", "rflags", "vm", 1u64, "RFLAGS.VM must be 0 in IA-32e mode or when CR0.PE = 0");
         }
     }
+
+    /// The checks "load CET state" adds (KVM sets it for every guest with SHSTK or IBT). CR4.CET
+    /// needing CR0.WP is C6, among the control registers.
+    fn cet(&mut self, cet: CetState) {
+        if cet.s_cet & CET_RESERVED != 0 {
+            self.fail("C8", "cet", "s_cet", cet.s_cet, "IA32_S_CET bits 9:6 are reserved and must be 0");
+        }
+        if cet.s_cet & (CET_SUPPRESS | CET_TRACKER) == CET_SUPPRESS | CET_TRACKER {
+            self.fail(
+                "C9",
+                "cet",
+                "s_cet",
+                cet.s_cet,
+                "IA32_S_CET bits 10 (SUPPRESS) and 11 (TRACKER) must not both be 1",
+            );
+        }
+        if !self.canonical(cet.interrupt_ssp_table) {
+            self.fail(
+                "C10",
+                "cet",
+                "interrupt_ssp_table",
+                cet.interrupt_ssp_table,
+                "IA32_INTERRUPT_SSP_TABLE_ADDR must be canonical",
+            );
+        }
+        // As for RIP: in 64-bit mode bits 63:N identical (N the linear-address width, one bit
+        // looser than canonical), elsewhere bits 63:32 clear.
+        let width = u32::from(self.platform.linear_addr_bits.clamp(32, 64));
+        if !(self.ia32e && self.state.cs.l()) {
+            if cet.ssp >> 32 != 0 {
+                let requirement = "outside 64-bit mode (IA-32e mode with CS.L = 1), SSP bits 63:32 must be 0";
+                self.fail("R3", "cet", "ssp", cet.ssp, requirement);
+            }
+        } else if !sign_extended(cet.ssp, width + 1) {
+            let requirement = format!(
+                "in 64-bit mode, SSP bits 63:{width} must be identical ({width} being the linear-address \
+                 width)"
+            );
+            self.fail("R3", "cet", "ssp", cet.ssp, requirement);
+        }
+        if cet.ssp & 3 != 0 {
+            self.fail(
+                "K3",
+                "cet",
+                "ssp",
+                cet.ssp,
+                "SSP bits 1:0 must be 0 (KVM takes only a 4-byte aligned SSP)",
+            );
+        }
+    }
+}
+
+/// Whether `address` is the sign extension of its low `bits` bits (canonical for `bits` = the
+/// linear-address width).
+fn sign_extended(address: u64, bits: u32) -> bool {
+    let unused = 64 - bits.clamp(32, 64);
+    (((address << unused) as i64) >> unused) as u64 == address
 }

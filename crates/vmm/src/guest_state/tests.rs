@@ -78,6 +78,28 @@ fn real() -> GuestState {
     state
 }
 
+/// A CET guest in long mode: CR4.CET with CR0.WP, supervisor IBT (ENDBR_EN), SSP in its stack.
+fn cet64() -> GuestState {
+    let mut state = long64();
+    state.cr0 |= 1 << 16;
+    state.cr4 |= 1 << 23;
+    state.cet =
+        Some(CetState { s_cet: 1 << 2, ssp: 0x7fff_ffff_eff8, interrupt_ssp_table: 0xffff_8880_0001_0000 });
+    state
+}
+
+/// A CET guest in 32-bit protected mode, paging off.
+fn cet32() -> GuestState {
+    let mut state = prot32();
+    state.cr0 |= 1 << 16;
+    state.cet = Some(CetState { s_cet: 1, ssp: 0xffff_fff8, interrupt_ssp_table: 0 });
+    state
+}
+
+fn cet(state: &mut GuestState) -> &mut CetState {
+    state.cet.as_mut().expect("a CET state")
+}
+
 fn v8086() -> GuestState {
     let mut state = with_segments(
         seg(0x1000, 0x10000, 0xffff, V86),
@@ -250,6 +272,38 @@ const CASES: &[Case] = &[
         &[],
     ),
     case("CR3 beyond the physical-address width", long64, |s| s.cr3 = 1 << 52, &["C7"], &["C7"]),
+    // CET state ("load CET state"): IA32_S_CET, IA32_INTERRUPT_SSP_TABLE_ADDR, SSP.
+    case("CET guest, long mode", cet64, |_| {}, &[], &[]),
+    case("CET guest, protected mode", cet32, |_| {}, &[], &["C2"]),
+    case("CET guest without CR0.WP", cet64, |s| s.cr0 &= !(1 << 16), &["C6"], &["C6"]),
+    case("S_CET reserved bit 6", cet64, |s| cet(s).s_cet |= 1 << 6, &["C8"], &["C8"]),
+    case("S_CET reserved bit 9", cet64, |s| cet(s).s_cet |= 1 << 9, &["C8"], &["C8"]),
+    case("S_CET SUPPRESS and TRACKER", cet64, |s| cet(s).s_cet |= 3 << 10, &["C9"], &["C9"]),
+    case("S_CET SUPPRESS alone", cet64, |s| cet(s).s_cet |= 1 << 10, &[], &[]),
+    case("S_CET TRACKER alone", cet64, |s| cet(s).s_cet |= 1 << 11, &[], &[]),
+    case(
+        "interrupt SSP table not canonical",
+        cet64,
+        |s| cet(s).interrupt_ssp_table = NONCANONICAL,
+        &["C10"],
+        &["C10"],
+    ),
+    case("SSP with bit 48 in 64-bit mode", cet64, |s| cet(s).ssp = 1 << 48, &["R3"], &["R3"]),
+    case("SSP with bit 47 in 64-bit mode", cet64, |s| cet(s).ssp = NONCANONICAL, &[], &[]),
+    case("SSP in the high half in 64-bit mode", cet64, |s| cet(s).ssp = 0xffff_8000_0000_0000, &[], &[]),
+    case(
+        "SSP above 4 GiB in compatibility mode",
+        cet64,
+        |s| {
+            s.cs.access_rights = CODE32;
+            cet(s).ssp = 1 << 32;
+        },
+        &["R3"],
+        &["R3"],
+    ),
+    case("SSP above 4 GiB in protected mode", cet32, |s| cet(s).ssp = 1 << 32, &["R3"], &["C2", "R3"]),
+    case("SSP not 4-byte aligned", cet64, |s| cet(s).ssp |= 2, &["K3"], &["K3"]),
+    case("broken CET state without \"load CET state\"", long64, |s| s.cet = None, &[], &[]),
     case("EFER.SVME on Intel", long64, |s| s.efer |= 1 << 12, &["E1"], &["E1"]),
     case("EFER.LMA without EFER.LME", long64, |s| s.efer = 0x400, &["E2"], &["E2"]),
     case("EFER.LME without EFER.LMA, paging on", v8086, |s| s.efer = 0x100, &["E2"], &["E2"]),
@@ -291,7 +345,7 @@ fn every_rule_fails_somewhere_in_each_mode_it_applies_to() {
     const ALL: &[&str] = &[
         "S1", "S2", "S3", "B1", "B2", "B3", "B4", "B5", "L1", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8",
         "A9", "A10", "A11", "A12", "A13", "T1", "T2", "T3", "T4", "D1", "G1", "G2", "C1", "C2", "C3", "C4",
-        "C5", "C6", "C7", "E1", "E2", "K1", "K2", "R1", "R2",
+        "C5", "C6", "C7", "C8", "C9", "C10", "E1", "E2", "K1", "K2", "K3", "R1", "R2", "R3",
     ];
     // Rules that exist only without unrestricted guest.
     const RESTRICTED_ONLY: &[&str] = &["S3", "A8", "C2"];
@@ -354,4 +408,51 @@ fn kvm_segments_convert_as_kvm_writes_the_vmcs() {
     let sregs = kvm_sregs { ldt: data, ..Default::default() };
     let state = GuestState::from_kvm(&sregs, 2, &Platform::intel(true));
     assert_eq!(state.ldt.type_(), 2);
+}
+
+#[test]
+fn cet_violations_say_what_the_sdm_requires() {
+    let text = |state: &GuestState| -> Vec<String> {
+        check(state, &Platform::intel(true)).iter().map(ToString::to_string).collect()
+    };
+    let mut state = cet64();
+    state.cr0 &= !(1 << 16);
+    let broken = cet(&mut state);
+    broken.s_cet = 0xc40;
+    broken.interrupt_ssp_table = NONCANONICAL;
+    broken.ssp = 0x0001_0000_0000_0002;
+    assert_eq!(
+        text(&state),
+        [
+            "cr4.cet = 0x1: CR4.CET = 1 requires CR0.WP = 1 [C6 SDM 3C: checks on guest control \
+             registers and MSRs]",
+            "cet.s_cet = 0xc40: IA32_S_CET bits 9:6 are reserved and must be 0 [C8 SDM 3C: checks on \
+             guest control registers and MSRs]",
+            "cet.s_cet = 0xc40: IA32_S_CET bits 10 (SUPPRESS) and 11 (TRACKER) must not both be 1 [C9 \
+             SDM 3C: checks on guest control registers and MSRs]",
+            "cet.interrupt_ssp_table = 0x800000000000: IA32_INTERRUPT_SSP_TABLE_ADDR must be canonical \
+             [C10 SDM 3C: checks on guest control registers and MSRs]",
+            "cet.ssp = 0x1000000000002: in 64-bit mode, SSP bits 63:48 must be identical (48 being the \
+             linear-address width) [R3 SDM 3C: checks on guest RIP, RFLAGS and SSP]",
+            "cet.ssp = 0x1000000000002: SSP bits 1:0 must be 0 (KVM takes only a 4-byte aligned SSP) [K3 \
+             KVM_SET_ONE_REG]",
+        ]
+    );
+    let mut state = cet32();
+    cet(&mut state).ssp = 0x1_0000_0000;
+    assert_eq!(
+        text(&state),
+        ["cet.ssp = 0x100000000: outside 64-bit mode (IA-32e mode with CS.L = 1), SSP bits 63:32 must be \
+          0 [R3 SDM 3C: checks on guest RIP, RFLAGS and SSP]"]
+    );
+}
+
+#[test]
+fn ssp_in_64_bit_mode_follows_the_linear_address_width() {
+    let mut state = cet64();
+    cet(&mut state).ssp = 1 << 56;
+    let la57 = Platform { linear_addr_bits: 57, ..Platform::intel(true) };
+    assert!(check(&state, &la57).is_empty());
+    cet(&mut state).ssp = 1 << 57;
+    assert_eq!(broken_rules(&state, &la57), ["R3"]);
 }

@@ -145,17 +145,22 @@ pub(super) fn feature_name(leaf: u32, subleaf: Option<u32>, register: Register, 
     })
 }
 
+/// CPUID.(7,0):ECX bit 7, as [`check_host`] names a missing CPUID bit.
+const SHSTK: Missing = Missing::Cpuid { leaf: 0x7, subleaf: Some(0), register: Register::Ecx, bit: 7 };
+
 fn find(cpuid: &[CpuidEntry], leaf: u32, subleaf: Option<u32>) -> Option<&CpuidEntry> {
     cpuid.iter().find(|e| e.function == leaf && subleaf.is_none_or(|s| e.index == s))
 }
 
 /// Everything the snapshot's vCPUs use that this host's KVM lacks: CPUID feature bits (leaves 1
 /// ECX/EDX, 7.0 EBX/ECX/EDX, 0x80000001 ECX/EDX, 0xD.1 EAX) outside KVM_GET_SUPPORTED_CPUID and
-/// KVM_GET_EMULATED_CPUID, MSRs outside KVM_GET_MSR_INDEX_LIST, nested state without
+/// KVM_GET_EMULATED_CPUID, shadow stacks for a saved SSP, MSRs outside KVM_GET_MSR_INDEX_LIST
+/// (the CET MSRs among them: KVM lists them only where it offers CET), nested state without
 /// KVM_CAP_NESTED_STATE (or larger than it), XSAVE state beyond KVM_CAP_XSAVE2's area. All of
 /// them in one error, checked before anything is restored.
 pub fn check_host(caps: &HostCaps, state: &[VcpuState]) -> Result<(), Incompatible> {
     let mut missing = BTreeSet::new();
+    let host_shstk = find(&caps.offered_cpuid, 0x7, Some(0)).is_some_and(|e| e.ecx & (1 << 7) != 0);
     for vcpu in state {
         for &(leaf, subleaf, registers) in CHECKED {
             let Some(entry) = find(&vcpu.cpuid, leaf, subleaf) else { continue };
@@ -187,6 +192,11 @@ pub fn check_host(caps: &HostCaps, state: &[VcpuState]) -> Result<(), Incompatib
         if vcpu.xsave.iter().skip(host_words).any(|&w| w != 0) {
             missing.insert(Missing::Xsave { saved_bytes: vcpu.xsave.len() * 4, host_bytes: caps.xsave_size });
         }
+    }
+    // A saved SSP needs SHSTK here (KVM refuses its ONE_REG otherwise): named as the feature.
+    if state.iter().any(|vcpu| vcpu.ssp.is_some()) && !host_shstk {
+        missing.remove(&SHSTK);
+        missing.insert(Missing::ShadowStack);
     }
     if missing.is_empty() {
         Ok(())

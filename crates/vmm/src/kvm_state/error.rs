@@ -19,6 +19,14 @@ pub enum StateError {
         msr_label(*index)
     )]
     MsrRefused { vcpu: usize, index: u32, data: u64, written: usize, count: usize },
+    #[error(
+        "KVM could not {} vCPU {vcpu}'s shadow-stack pointer ({ioctl}, register KVM_REG_GUEST_SSP \
+         {:#x}): {}",
+        action(ioctl),
+        crate::cpu_features::cet::GUEST_SSP_REG,
+        ssp_reason(source)
+    )]
+    OneReg { vcpu: usize, ioctl: &'static str, source: kvm_ioctls::Error },
     #[error("KVM could not {} vCPU {vcpu}'s nested virtualisation state ({ioctl}): {}", action(ioctl), nested_reason(*errno))]
     NestedState { vcpu: usize, ioctl: &'static str, errno: i32 },
     #[error(
@@ -49,6 +57,17 @@ fn action(ioctl: &str) -> &'static str {
     }
 }
 
+/// EINVAL from the SSP's ONE_REG means KVM has no such register for this vCPU.
+fn ssp_reason(source: &kvm_ioctls::Error) -> String {
+    match source.errno() {
+        libc::EINVAL => "EINVAL: this KVM has no SSP for the vCPU (x86 KVM_GET/SET_ONE_REG needs \
+                         Linux 6.18, and the SSP needs SHSTK in the vCPU's CPUID) or refuses the \
+                         value"
+            .into(),
+        _ => source.to_string(),
+    }
+}
+
 /// What the errors KVM's nested-state paths return mean (seed (g): SVM allocates nested state on
 /// demand, so ENOMEM reaches user space from KVM_SET_NESTED_STATE and from setting EFER.SVME).
 pub(super) fn nested_reason(errno: i32) -> String {
@@ -71,6 +90,8 @@ pub(super) fn nested_reason(errno: i32) -> String {
 pub enum Missing {
     /// A CPUID feature bit KVM_GET_SUPPORTED_CPUID (and KVM_GET_EMULATED_CPUID) does not offer.
     Cpuid { leaf: u32, subleaf: Option<u32>, register: Register, bit: u8 },
+    /// SHSTK, for a saved shadow-stack pointer (named so instead of as its CPUID bit).
+    ShadowStack,
     /// An MSR missing from KVM_GET_MSR_INDEX_LIST.
     Msr(u32),
     /// Nested virtualisation state, on a host without KVM_CAP_NESTED_STATE.
@@ -94,6 +115,7 @@ impl fmt::Display for Missing {
                     None => Ok(()),
                 }
             }
+            Missing::ShadowStack => write!(f, "CET shadow stacks (CPUID 7.0 ECX bit 7)"),
             Missing::Msr(index) => write!(f, "MSR {}", msr_label(*index)),
             Missing::NestedState => write!(f, "nested virtualisation state (no KVM_CAP_NESTED_STATE)"),
             Missing::NestedStateSize { saved, host } => {

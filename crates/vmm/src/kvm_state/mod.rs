@@ -9,8 +9,11 @@
 //! 1. Validate everything, check the host, check TSC frequencies: refuse before writing anything.
 //! 2. KVM_SET_CLOCK (`TimePolicy`): first, so the vCPUs' TSCs can advance by what the clock did.
 //! 3. Each vCPU ([`restore_vcpu`]): TSC frequency, CPUID, MP state, regs, sregs, XSAVE, XCRs,
-//!    debug registers, LAPIC, MSRs (IA32_TSC first, IA32_TSC_DEADLINE last), nested state,
-//!    vCPU events (reasons at each step there).
+//!    debug registers, LAPIC, MSRs (IA32_TSC first, then IA32_XSS, IA32_TSC_DEADLINE last), the
+//!    shadow-stack pointer (KVM_SET_ONE_REG, CET guests), nested state, vCPU events (reasons at
+//!    each step there). CET needs this order: CPUID before all (KVM checks the CET MSRs and the
+//!    SSP against the guest's SHSTK/IBT), SREGS before the MSRs (CR4.CET with CR0.WP), XCRs and
+//!    IA32_XSS before the CET MSRs (supervisor XSAVE state), the SSP after them.
 //! 4. TSC offsets made identical across vCPUs ([`sync_tsc_offsets`]), so KVM's master clock can
 //!    engage.
 //! 5. PIC master, PIC slave, IOAPIC, then the PIT: after the LAPICs, because restoring the IOAPIC
@@ -42,6 +45,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::cpu_features::{cet, Leaves, Reg};
+
 pub use compat::{check_host, Register};
 pub use error::{Incompatible, Missing, StateError};
 pub use time::{sync_tsc_offsets, ClockApplied, ClockRestored, TimePolicy, TscSync};
@@ -59,6 +64,8 @@ const CR4_VMXE: u64 = 1 << 13;
 const APIC_ISR: usize = 0x100;
 const APIC_IRR: usize = 0x200;
 const APIC_LVTT: usize = 0x320;
+/// CPUID.(7,0):ECX bit 16: 57-bit linear addresses.
+const CPUID_7_ECX_LA57: u32 = 16;
 
 /// One CPUID entry as KVM_SET_CPUID2 takes it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +153,10 @@ pub struct VcpuState {
     /// L1's TSC offset (KVM_VCPU_TSC_OFFSET), where the vCPU has that attribute: on restore the
     /// vCPUs keep the differences they had (none, normally).
     pub tsc_offset: Option<u64>,
+    /// The current shadow-stack pointer (KVM_GET_ONE_REG's KVM_REG_GUEST_SSP), saved when the
+    /// vCPU's CPUID has SHSTK; the CET MSRs travel in `msrs`. Absent from files of older carves.
+    #[serde(default)]
+    pub ssp: Option<u64>,
 }
 
 /// KVM's VM-wide state: the in-kernel PIC pair, IOAPIC and PIT, and kvmclock.
@@ -297,6 +308,11 @@ pub fn save_vcpu(
     let lapic = fd.get_lapic().map_err(vcpu_ioctl(vcpu, "KVM_GET_LAPIC"))?;
     let mut msrs = msrs::read(fd, vcpu, &caps.msr_index_list)?;
     fix_zero_tsc_deadline(&mut msrs, &lapic);
+    // KVM has an SSP only for a guest with SHSTK (EINVAL otherwise).
+    let ssp = match has_shstk(cpuid) {
+        true => Some(get_ssp(fd, vcpu)?),
+        false => None,
+    };
     let tsc_offset = match time::has_tsc_offset(fd) {
         true => Some(
             time::get_tsc_offset(fd).map_err(vcpu_ioctl(vcpu, "KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)"))?,
@@ -320,6 +336,7 @@ pub fn save_vcpu(
         nested,
         tsc_khz: time::host_tsc_khz(fd),
         tsc_offset,
+        ssp,
     })
 }
 
@@ -452,6 +469,15 @@ pub fn restore_vcpu(
     let khz = state.tsc_khz.or(host_khz).unwrap_or(0);
     let order = msrs::restore_order(&state.msrs, time::ticks(tsc_advance_ns, khz));
     let skipped = msrs::write(fd, vcpu, &order)?;
+    // The SSP after the CET MSRs, as QEMU puts it, and before nested state, as REGS go: entering
+    // L2 takes L2's SSP from VMCS12 when L1 loads CET state, else keeps this one.
+    if let Some(ssp) = state.ssp {
+        fd.set_one_reg(cet::GUEST_SSP_REG, &ssp.to_le_bytes()).map_err(|source| StateError::OneReg {
+            vcpu,
+            ioctl: "KVM_SET_ONE_REG",
+            source,
+        })?;
+    }
     // Nested state after SREGS and MSRs, before events: KVM_SET_NESTED_STATE enters guest mode
     // and takes L2's registers from what SREGS/REGS put in place (SVM); pending events then
     // apply to the level the vCPU is in.
@@ -575,6 +601,22 @@ fn get_nested(
     Ok(nested_in_use(&bytes).then_some(bytes))
 }
 
+/// Whether a CPUID table gives the guest shadow stacks (CPUID.(7,0):ECX bit 7).
+fn has_shstk(cpuid: &[kvm_cpuid_entry2]) -> bool {
+    let (function, index, register, bit) = cet::SHSTK;
+    Leaves(cpuid).bit(function, index, register, bit)
+}
+
+fn get_ssp(fd: &VcpuFd, vcpu: usize) -> Result<u64, StateError> {
+    let mut bytes = [0u8; 8];
+    fd.get_one_reg(cet::GUEST_SSP_REG, &mut bytes).map_err(|source| StateError::OneReg {
+        vcpu,
+        ioctl: "KVM_GET_ONE_REG",
+        source,
+    })?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
 fn set_nested(fd: &VcpuFd, vcpu: usize, bytes: &[u8]) -> Result<(), StateError> {
     // Zero-padded to the buffer's size; KVM reads as many bytes as the header's `size`.
     let buffer = KvmNestedStateBuffer::deserialize(serde::de::value::BytesDeserializer::<
@@ -679,6 +721,31 @@ pub fn validate_vcpu(vcpu: usize, state: &VcpuState) -> Result<(), StateError> {
     }
     if let Some(nested) = &state.nested {
         validate_nested(nested).or_else(|what| invalid(format!("its nested state {what}")))?;
+    }
+    if let Some(ssp) = state.ssp {
+        validate_ssp(ssp, &state.cpuid)
+            .or_else(|what| invalid(format!("its shadow-stack pointer {what}")))?;
+    }
+    Ok(())
+}
+
+/// The SSP as KVM_SET_ONE_REG takes it: a guest with SHSTK, 4-byte aligned, canonical for the
+/// vCPU's linear-address width (57 bits with LA57 in its CPUID, else 48).
+fn validate_ssp(ssp: u64, cpuid: &[CpuidEntry]) -> Result<(), String> {
+    let entries: Vec<kvm_cpuid_entry2> = cpuid.iter().map(kvm_cpuid_entry2::from).collect();
+    if !has_shstk(&entries) {
+        return Err(format!(
+            "{ssp:#x} is saved but its CPUID lacks CET shadow stacks (CPUID 7.0 ECX bit 7), so KVM has \
+             no SSP to restore"
+        ));
+    }
+    if ssp & 3 != 0 {
+        return Err(format!("{ssp:#x} is not 4-byte aligned"));
+    }
+    let bits = if Leaves(&entries).bit(7, 0, Reg::Ecx, CPUID_7_ECX_LA57) { 57 } else { 48 };
+    let unused = 64 - bits;
+    if (((ssp << unused) as i64) >> unused) as u64 != ssp {
+        return Err(format!("{ssp:#x} is not canonical for {bits}-bit linear addresses"));
     }
     Ok(())
 }

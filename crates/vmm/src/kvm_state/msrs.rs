@@ -9,6 +9,7 @@ use super::Msr;
 
 pub(super) const MSR_IA32_TSC: u32 = 0x10;
 pub(super) const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+pub(super) const MSR_IA32_XSS: u32 = 0xda0;
 
 /// Entries per KVM_GET_MSRS/KVM_SET_MSRS call: KVM refuses 256 or more (MAX_IO_MSRS).
 const BATCH: usize = 128;
@@ -20,6 +21,10 @@ const NAMES: &[(u32, &str)] = &[
     (0x3b, "IA32_TSC_ADJUST"),
     (0x48, "IA32_SPEC_CTRL"),
     (0x8b, "IA32_UCODE_REV"),
+    (0x8c, "IA32_SGXLEPUBKEYHASH0"),
+    (0x8d, "IA32_SGXLEPUBKEYHASH1"),
+    (0x8e, "IA32_SGXLEPUBKEYHASH2"),
+    (0x8f, "IA32_SGXLEPUBKEYHASH3"),
     (0x10a, "IA32_ARCH_CAPABILITIES"),
     (0x122, "IA32_TSX_CTRL"),
     (0x174, "IA32_SYSENTER_CS"),
@@ -124,7 +129,9 @@ pub(super) fn read(fd: &VcpuFd, vcpu: usize, indices: &[u32]) -> Result<Vec<Msr>
 }
 
 /// The order MSRs go back in: IA32_TSC first, so that everything KVM computes from the guest
-/// TSC sees the restored one; IA32_TSC_DEADLINE last, because KVM arms the LAPIC timer from the
+/// TSC sees the restored one; IA32_XSS next, before the CET MSRs (0x6a0-0x6a8) among the rest:
+/// they are supervisor XSAVE state that IA32_XSS enables, judged against the guest's XSS (QEMU
+/// writes XSS first too); IA32_TSC_DEADLINE last, because KVM arms the LAPIC timer from the
 /// deadline *relative to the current guest TSC* when it is written (Firecracker defers it the
 /// same way; written before the TSC, the deadline is judged against the fresh vCPU's TSC and the
 /// timer fires at the wrong time or never). `tsc_advance` ticks are added to the saved TSC (the
@@ -134,10 +141,13 @@ pub(super) fn restore_order(saved: &[Msr], tsc_advance: u64) -> Vec<Msr> {
         .iter()
         .filter(|m| m.index == MSR_IA32_TSC)
         .map(|m| Msr { index: m.index, data: m.data.wrapping_add(tsc_advance) });
-    let middle =
-        saved.iter().filter(|m| m.index != MSR_IA32_TSC && m.index != MSR_IA32_TSC_DEADLINE).copied();
+    let xss = saved.iter().filter(|m| m.index == MSR_IA32_XSS).copied();
+    let middle = saved
+        .iter()
+        .filter(|m| ![MSR_IA32_TSC, MSR_IA32_XSS, MSR_IA32_TSC_DEADLINE].contains(&m.index))
+        .copied();
     let deadline = saved.iter().filter(|m| m.index == MSR_IA32_TSC_DEADLINE).copied();
-    tsc.chain(middle).chain(deadline).collect()
+    tsc.chain(xss).chain(middle).chain(deadline).collect()
 }
 
 /// Writes `msrs` in order. Returns the performance-monitoring MSRs KVM refused (see

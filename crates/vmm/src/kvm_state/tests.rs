@@ -48,7 +48,36 @@ fn vcpu_state() -> VcpuState {
         nested: None,
         tsc_khz: Some(2_000_000),
         tsc_offset: None,
+        ssp: None,
     }
+}
+
+/// CPUID.(7,0):ECX: bit 7 SHSTK, bit 16 LA57.
+const SHSTK: u32 = 1 << 7;
+const LA57: u32 = 1 << 16;
+const CET_MSRS: [u32; 7] = [0x6a0, 0x6a2, 0x6a4, 0x6a5, 0x6a6, 0x6a7, 0x6a8];
+const SGX_LE_HASHES: [u32; 4] = [0x8c, 0x8d, 0x8e, 0x8f];
+
+/// A CET guest (SHSTK; XSS with CET_U and CET_S) that also has SGX launch control: its MSRs in
+/// KVM_GET_MSR_INDEX_LIST's order (XSS after the CET MSRs) and its SSP.
+fn cet_vcpu_state() -> VcpuState {
+    let mut state = vcpu_state();
+    state.cpuid.push(entry(7, 0, 0, 0, SHSTK, 0));
+    state.msrs = vec![msr(0x10, 1000)];
+    state.msrs.extend(SGX_LE_HASHES.iter().map(|&i| msr(i, 0x1111_2222_3333_0000 | u64::from(i))));
+    state.msrs.extend([
+        msr(0x6a0, 1),                     // U_CET: SH_STK_EN
+        msr(0x6a2, 1 << 2 | 1 << 10),      // S_CET: ENDBR_EN, SUPPRESS
+        msr(0x6a4, 0xffff_8880_0000_8000), // PL0_SSP
+        msr(0x6a5, 0),
+        msr(0x6a6, 0),
+        msr(0x6a7, 0x7fff_ffff_e000), // PL3_SSP
+        msr(0x6a8, 0xffff_8880_0001_0000),
+        msr(0x6e0, 5000),
+        msr(0xda0, 1 << 11 | 1 << 12), // XSS: CET_U, CET_S
+    ]);
+    state.ssp = Some(0x7fff_ffff_dff8);
+    state
 }
 
 fn invalid(state: &VcpuState) -> String {
@@ -71,6 +100,18 @@ fn msr_restore_writes_the_tsc_first_and_the_deadline_last() {
     let order = restore_order(&saved, 7);
     assert_eq!(order, [msr(0x10, 107), msr(0x174, 1), msr(0x3b, 0), msr(0x6e0, 5000)]);
     assert_eq!(restore_order(&saved, 0)[0], msr(0x10, 100), "no advance: the saved TSC exactly");
+}
+
+#[test]
+fn msr_restore_writes_xss_before_the_cet_msrs() {
+    let order: Vec<u32> = restore_order(&cet_vcpu_state().msrs, 0).iter().map(|m| m.index).collect();
+    let mut expected = vec![0x10, 0xda0];
+    expected.extend(SGX_LE_HASHES);
+    expected.extend(CET_MSRS);
+    expected.push(0x6e0);
+    assert_eq!(order, expected, "TSC, XSS, the rest as saved (SGX hashes, CET), the deadline");
+    let without_xss = [msr(0x6a2, 4), msr(0x10, 1)];
+    assert_eq!(restore_order(&without_xss, 0), [msr(0x10, 1), msr(0x6a2, 4)]);
 }
 
 #[test]
@@ -368,4 +409,165 @@ fn an_expired_deadline_timer_fires_again_after_restore() {
     let mut msrs = saved();
     fix_zero_tsc_deadline(&mut msrs, &lapic);
     assert_eq!(msrs[1], msr(0x6e0, 0), "the interrupt is already pending in the LAPIC");
+}
+
+fn vm_state() -> VmState {
+    let chip = |chip_id| kvm_irqchip { chip_id, ..Default::default() };
+    VmState {
+        pic_master: chip(0),
+        pic_slave: chip(1),
+        ioapic: chip(2),
+        pit: Default::default(),
+        clock: Default::default(),
+        saved_at_realtime_ns: Some(1),
+    }
+}
+
+#[test]
+fn cet_and_sgx_state_round_trips_through_the_snapshot_file() {
+    let state = KvmState { vm: vm_state(), vcpus: vec![cet_vcpu_state(), vcpu_state()] };
+    let bytes = carve_snapshot::file::encode(&state).unwrap();
+    let back: KvmState = carve_snapshot::file::decode(&bytes).unwrap();
+    for (back, saved) in back.vcpus.iter().zip(&state.vcpus) {
+        assert_eq!(back.msrs, saved.msrs);
+        assert_eq!(back.ssp, saved.ssp);
+        assert_eq!(back.cpuid, saved.cpuid);
+    }
+    assert_eq!(carve_snapshot::file::encode(&back).unwrap(), bytes, "nothing else changed either");
+    validate_vcpu(0, &back.vcpus[0]).unwrap();
+}
+
+/// `VcpuState` as carve wrote it before the SSP was saved.
+#[derive(Serialize)]
+struct VcpuStateWithoutSsp<'a> {
+    cpuid: &'a [CpuidEntry],
+    regs: &'a kvm_regs,
+    sregs: &'a kvm_sregs,
+    xsave: &'a [u32],
+    xcrs: &'a kvm_xcrs,
+    debug_regs: &'a kvm_debugregs,
+    lapic: &'a kvm_lapic_state,
+    mp_state: &'a kvm_mp_state,
+    events: &'a kvm_vcpu_events,
+    msrs: &'a [Msr],
+    nested: &'a Option<Vec<u8>>,
+    tsc_khz: Option<u32>,
+    tsc_offset: Option<u64>,
+}
+
+#[test]
+fn a_state_file_from_before_the_ssp_still_decodes() {
+    #[derive(Serialize)]
+    struct KvmStateWithoutSsp<'a> {
+        vm: &'a VmState,
+        vcpus: Vec<VcpuStateWithoutSsp<'a>>,
+    }
+    let (vm, vcpu) = (vm_state(), cet_vcpu_state());
+    let old = KvmStateWithoutSsp {
+        vm: &vm,
+        vcpus: vec![VcpuStateWithoutSsp {
+            cpuid: &vcpu.cpuid,
+            regs: &vcpu.regs,
+            sregs: &vcpu.sregs,
+            xsave: &vcpu.xsave,
+            xcrs: &vcpu.xcrs,
+            debug_regs: &vcpu.debug_regs,
+            lapic: &vcpu.lapic,
+            mp_state: &vcpu.mp_state,
+            events: &vcpu.events,
+            msrs: &vcpu.msrs,
+            nested: &vcpu.nested,
+            tsc_khz: vcpu.tsc_khz,
+            tsc_offset: vcpu.tsc_offset,
+        }],
+    };
+    let back: KvmState = carve_snapshot::file::decode(&carve_snapshot::file::encode(&old).unwrap()).unwrap();
+    assert_eq!(back.vcpus[0].ssp, None);
+    assert_eq!(back.vcpus[0].msrs, vcpu.msrs);
+    validate_vcpu(0, &back.vcpus[0]).unwrap();
+}
+
+#[test]
+fn a_saved_ssp_must_be_one_kvm_takes() {
+    validate_vcpu(0, &cet_vcpu_state()).unwrap();
+    let mut state = cet_vcpu_state();
+    state.ssp = Some(0xffff_8880_0000_7ff8);
+    validate_vcpu(0, &state).unwrap();
+
+    state.ssp = Some(0x7fff_ffff_dffa);
+    assert_eq!(
+        invalid(&state),
+        "the saved state of vCPU 3 is invalid: its shadow-stack pointer 0x7fffffffdffa is not 4-byte \
+         aligned"
+    );
+    state.ssp = Some(0x0000_8000_0000_0000);
+    assert_eq!(
+        invalid(&state),
+        "the saved state of vCPU 3 is invalid: its shadow-stack pointer 0x800000000000 is not \
+         canonical for 48-bit linear addresses"
+    );
+    state.cpuid[1].ecx |= LA57;
+    validate_vcpu(0, &state).unwrap();
+    state.ssp = Some(0x0100_0000_0000_0000);
+    assert!(invalid(&state).contains("is not canonical for 57-bit linear addresses"));
+
+    let mut state = cet_vcpu_state();
+    state.cpuid[1].ecx &= !SHSTK;
+    assert_eq!(
+        invalid(&state),
+        "the saved state of vCPU 3 is invalid: its shadow-stack pointer 0x7fffffffdff8 is saved but \
+         its CPUID lacks CET shadow stacks (CPUID 7.0 ECX bit 7), so KVM has no SSP to restore"
+    );
+}
+
+#[test]
+fn the_ssp_is_kvm_reg_guest_ssp() {
+    assert_eq!(cet::GUEST_SSP_REG, 0x2030_0003_0000_0000);
+    let error = StateError::OneReg {
+        vcpu: 1,
+        ioctl: "KVM_GET_ONE_REG",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    };
+    assert_eq!(
+        error.to_string(),
+        "KVM could not read vCPU 1's shadow-stack pointer (KVM_GET_ONE_REG, register KVM_REG_GUEST_SSP \
+         0x2030000300000000): EINVAL: this KVM has no SSP for the vCPU (x86 KVM_GET/SET_ONE_REG needs \
+         Linux 6.18, and the SSP needs SHSTK in the vCPU's CPUID) or refuses the value"
+    );
+    let error =
+        StateError::OneReg { vcpu: 0, ioctl: "KVM_SET_ONE_REG", source: kvm_ioctls::Error::new(libc::EIO) };
+    assert!(error.to_string().starts_with("KVM could not restore vCPU 0's shadow-stack pointer"));
+    assert!(has_shstk(&[kvm_cpuid_entry2 { function: 7, ecx: SHSTK, ..Default::default() }]));
+    assert!(!has_shstk(&[kvm_cpuid_entry2 { function: 7, index: 1, ecx: SHSTK, ..Default::default() }]));
+}
+
+#[test]
+fn compatibility_names_cet_a_host_lacks() {
+    let state = cet_vcpu_state();
+    let error = check_host(&caps(), &[state.clone(), state.clone()]).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "this host's KVM lacks what the snapshot's guest uses: CET shadow stacks (CPUID 7.0 ECX bit 7), \
+         MSR 0x8c (IA32_SGXLEPUBKEYHASH0), MSR 0x8d (IA32_SGXLEPUBKEYHASH1), MSR 0x8e \
+         (IA32_SGXLEPUBKEYHASH2), MSR 0x8f (IA32_SGXLEPUBKEYHASH3), MSR 0x6a0 (IA32_U_CET), MSR 0x6a2 \
+         (IA32_S_CET), MSR 0x6a4 (IA32_PL0_SSP), MSR 0x6a5 (IA32_PL1_SSP), MSR 0x6a6 (IA32_PL2_SSP), \
+         MSR 0x6a7 (IA32_PL3_SSP), MSR 0x6a8 (IA32_INT_SSP_TAB), MSR 0xda0 (IA32_XSS)"
+    );
+
+    // Without a saved SSP (an older carve's file) the bit is named as any other.
+    let mut older = state.clone();
+    older.ssp = None;
+    let error = check_host(&caps(), &[older]).unwrap_err();
+    assert_eq!(
+        error.missing[0],
+        Missing::Cpuid { leaf: 7, subleaf: Some(0), register: Register::Ecx, bit: 7 }
+    );
+    assert!(error.to_string().contains("CPUID 7.0 ECX bit 7 (cet_ss)"), "{error}");
+
+    let mut cet_host = caps();
+    cet_host.offered_cpuid[1].ecx |= SHSTK;
+    cet_host.msr_index_list.extend(SGX_LE_HASHES.iter().chain(&CET_MSRS).chain(&[0xda0]));
+    check_host(&cet_host, std::slice::from_ref(&state)).unwrap();
+    cet_host.msr_index_list.retain(|&i| i != 0x6a8);
+    assert_eq!(check_host(&cet_host, &[state]).unwrap_err().missing, [Missing::Msr(0x6a8)]);
 }
