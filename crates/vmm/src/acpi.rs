@@ -1,8 +1,10 @@
 //! ACPI tables (acpi_tables crate): RSDP → XSDT → FADT (→ DSDT), MADT. The DSDT describes each
 //! virtio-mmio device as `LNRO0005` with its window and interrupt, so kernels find them without
-//! `virtio_mmio.device=` on the command line (which needs VIRTIO_MMIO_CMDLINE_DEVICES).
+//! `virtio_mmio.device=` on the command line (which needs VIRTIO_MMIO_CMDLINE_DEVICES). A VM
+//! with a virtual EPC also gets `\_SB.EPC_` (INT0E0C) with the whole EPC region, as QEMU and
+//! Cloud Hypervisor describe it.
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamRange};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -30,11 +32,17 @@ pub enum AcpiError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Writes every table and returns the RSDP's address (also found by the BIOS-area scan).
-pub fn write(mem: &GuestRam, vcpus: u8, virtio: &[VirtioSlot]) -> Result<GuestAddress, AcpiError> {
+/// Writes every table and returns the RSDP's address (also found by the BIOS-area scan). `epc`
+/// is the virtual EPC region, if the VM has one.
+pub fn write(
+    mem: &GuestRam,
+    vcpus: u8,
+    virtio: &[VirtioSlot],
+    epc: Option<RamRange>,
+) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter { mem, next: ACPI_START + Rsdp::len() as u64 };
 
-    let dsdt = writer.put(dsdt(virtio).as_slice())?;
+    let dsdt = writer.put(dsdt(virtio, epc).as_slice())?;
     let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt.0)
         .flag(Flags::HwReducedAcpi)
@@ -68,7 +76,7 @@ fn madt(vcpus: u8) -> MADT {
     madt
 }
 
-fn dsdt(virtio: &[VirtioSlot]) -> Sdt {
+fn dsdt(virtio: &[VirtioSlot], epc: Option<RamRange>) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     for (index, slot) in virtio.iter().enumerate() {
@@ -82,9 +90,30 @@ fn dsdt(virtio: &[VirtioSlot]) -> Sdt {
         let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
         device.to_aml_bytes(&mut body);
     }
+    if let Some(epc) = epc {
+        body.extend(epc_device(epc));
+    }
     let scope = aml::Scope::raw("_SB_".into(), body);
     dsdt.append_slice(&scope);
     dsdt
+}
+
+/// `\_SB.EPC_`: the guest's SGX driver finds EPC sections in CPUID; this device (the
+/// INT0E0C ID QEMU gives it) tells the OS the region is taken.
+fn epc_device(epc: RamRange) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("INT0E0C"));
+    let region = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        epc.base,
+        epc.end() - 1,
+        None,
+    );
+    let resources = aml::ResourceTemplate::new(vec![&region]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let present = aml::Return::new(&0xfu8);
+    let sta = aml::Method::new("_STA".into(), 0, false, vec![&present]);
+    bytes_of(&aml::Device::new("EPC_".into(), vec![&hid, &crs, &sta]))
 }
 
 fn bytes_of(table: &dyn Aml) -> Vec<u8> {
@@ -139,7 +168,7 @@ mod tests {
             VirtioSlot { base: 0xd000_0000, len: 0x1000, irq: 5 },
             VirtioSlot { base: 0xd000_1000, len: 0x1000, irq: 6 },
         ];
-        let rsdp = write(&mem, 2, &slots).unwrap();
+        let rsdp = write(&mem, 2, &slots, None).unwrap();
         let mut raw = [0u8; 36];
         mem.read_slice(&mut raw, rsdp).unwrap();
         assert_eq!(&raw[..8], b"RSD PTR ");
@@ -174,5 +203,51 @@ mod tests {
             assert!(dsdt.windows(irq.len()).any(|w| w == irq), "interrupt {}", slot.irq);
         }
         assert!(mem.address_in_range(GuestAddress(ACPI_END - 1)));
+    }
+
+    /// The DSDT `write` put in `mem`, found from the RSDP.
+    fn written_dsdt(mem: &GuestRam, rsdp: GuestAddress) -> Vec<u8> {
+        let mut raw = [0u8; 36];
+        mem.read_slice(&mut raw, rsdp).unwrap();
+        let xsdt = table_at(mem, u64::from_le_bytes(raw[24..32].try_into().unwrap()));
+        let fadt = xsdt[36..]
+            .chunks(8)
+            .map(|c| table_at(mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .find(|t| &t[..4] == b"FACP")
+            .expect("FADT");
+        table_at(mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()))
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn only_a_vm_with_an_epc_has_the_epc_device_over_its_whole_region() {
+        // DWordPrefix, then EISAID("INT0E0C") = 0x0c0ed425 little-endian.
+        const INT0E0C: [u8; 5] = [0x0c, 0x25, 0xd4, 0x0e, 0x0c];
+        let slots = [VirtioSlot { base: 0xd000_0000, len: 0x1000, irq: 5 }];
+
+        let mem = crate::memory::create(128, crate::memory::MemoryBacking::Anonymous).unwrap();
+        let plain = written_dsdt(&mem, write(&mem, 1, &slots, None).unwrap());
+        assert!(!contains(&plain, &INT0E0C) && !contains(&plain, b"EPC_"));
+        assert_eq!(plain, dsdt(&slots, None).as_slice());
+
+        let epc = RamRange { base: 0x1_0000_0000, size: 96 << 20 };
+        let mem = crate::memory::create(128, crate::memory::MemoryBacking::Anonymous).unwrap();
+        let with_epc = written_dsdt(&mem, write(&mem, 1, &slots, Some(epc)).unwrap());
+        assert!(contains(&with_epc, &[b"EPC_".as_slice(), &[0x08], b"_HID", &INT0E0C].concat()));
+        assert_eq!(with_epc.windows(INT0E0C.len()).filter(|w| *w == INT0E0C).count(), 1);
+        // QWord address space descriptor: memory, min and max fixed, read-write, not cacheable;
+        // granularity 0, min, max, translation 0, length.
+        let mut qword = vec![0x8a, 43, 0, 0, 0b1100, 1];
+        for value in [0, epc.base, epc.end() - 1, 0, epc.size] {
+            qword.extend_from_slice(&u64::to_le_bytes(value));
+        }
+        assert!(contains(&with_epc, &qword), "the EPC's QWord memory range");
+        // Method (_STA, 0) { Return (0x0F) }
+        assert!(contains(&with_epc, &[b"_STA".as_slice(), &[0, 0xa4, 0x0a, 0x0f]].concat()));
+        // The virtio device is described as before.
+        assert_eq!(with_epc.windows(8).filter(|w| *w == b"LNRO0005").count(), 1);
     }
 }

@@ -88,6 +88,29 @@ pub fn e820_map(size: u64) -> Vec<RamRange> {
     map
 }
 
+/// e820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// One entry of the memory map a boot protocol hands the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    pub base: u64,
+    pub size: u64,
+    /// [`E820_RAM`] or [`E820_RESERVED`].
+    pub kind: u32,
+}
+
+/// The whole memory map: usable RAM as [`e820_map`] gives it, and `reserved` ranges beside it
+/// (a virtual EPC), in address order. Without reserved ranges it is exactly [`e820_map`].
+pub fn e820_entries(size: u64, reserved: &[RamRange]) -> Vec<E820Entry> {
+    let ram = e820_map(size).into_iter().map(|r| E820Entry { base: r.base, size: r.size, kind: E820_RAM });
+    let reserved = reserved.iter().map(|r| E820Entry { base: r.base, size: r.size, kind: E820_RESERVED });
+    let mut map: Vec<E820Entry> = ram.chain(reserved).collect();
+    map.sort_by_key(|e| e.base);
+    map
+}
+
 /// The end of RAM below the MMIO gap: where 32-bit boot structures and initrds may go.
 pub fn low_ram_end(mem: &GuestRam) -> u64 {
     mem.iter()
@@ -214,6 +237,16 @@ pub fn total_size(mem: &GuestRam) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
+/// The first KVM memory slot [`register`] leaves free (it gives region `i` slot `i`).
+pub fn first_free_slot(mem: &GuestRam) -> u32 {
+    mem.num_regions() as u32
+}
+
+/// Where guest RAM ends: the end of its highest region.
+pub fn ram_end(mem: &GuestRam) -> u64 {
+    mem.iter().map(|r| r.start_addr().raw_value() + r.len()).max().unwrap_or(0)
+}
+
 pub fn register(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
@@ -255,6 +288,34 @@ mod tests {
         let regions = ram_regions(4 << 30);
         assert_eq!(regions[0], RamRange { base: 0, size: MMIO_GAP_START });
         assert_eq!(regions[1], RamRange { base: MMIO_GAP_END, size: (4 << 30) - MMIO_GAP_START });
+    }
+
+    #[test]
+    fn reserved_ranges_join_the_map_in_address_order_and_nothing_changes_without_them() {
+        for size in [128 << 20, 5 << 30] {
+            let plain: Vec<E820Entry> = e820_map(size)
+                .into_iter()
+                .map(|r| E820Entry { base: r.base, size: r.size, kind: E820_RAM })
+                .collect();
+            assert_eq!(e820_entries(size, &[]), plain);
+        }
+        let epc = RamRange { base: 0x1_8000_0000, size: 96 << 20 };
+        let map = e820_entries(5 << 30, &[epc]);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[3], E820Entry { base: 0x1_8000_0000, size: 96 << 20, kind: E820_RESERVED });
+        assert!(map[..3].iter().all(|e| e.kind == E820_RAM));
+        assert!(map.windows(2).all(|w| w[0].base + w[0].size <= w[1].base));
+    }
+
+    #[test]
+    fn slots_after_ram_and_its_end_follow_the_regions() {
+        let small = create(128, MemoryBacking::Anonymous).unwrap();
+        assert_eq!((first_free_slot(&small), ram_end(&small)), (1, 128 << 20));
+        let big = GuestRam::from_ranges(
+            &ram_regions(4 << 30).iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!((first_free_slot(&big), ram_end(&big)), (2, MMIO_GAP_END + (1 << 30)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{self, ControlReply, ControlRequest, VmDescription};
+use crate::cpu_features::sgx::Epc;
 use crate::device_manager::DeviceManager;
 use crate::devices::serial::SerialPort;
 use crate::exit::{ExitSignal, VmExit};
@@ -37,6 +38,8 @@ pub(crate) struct Parts {
     pub vcpu_affinity: Vec<usize>,
     pub vm_fd: Arc<VmFd>,
     pub kvm: kvm_ioctls::Kvm,
+    /// The virtual EPC's mappings, kept as long as the VM runs.
+    pub epc: Option<Epc>,
 }
 
 /// Work an event handler asks the loop for.
@@ -103,6 +106,7 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         paused_total: Duration::ZERO,
         started: Instant::now(),
         halt_check_sent: false,
+        epc: parts.epc,
     };
     runner.devices.start_backends(&mut events);
     for vcpu in parts.vcpus {
@@ -166,6 +170,8 @@ struct Runner {
     started: Instant,
     /// A halt check went out last period; its answers decide this period.
     halt_check_sent: bool,
+    /// The virtual EPC, if any: it lives until the VM has ended.
+    epc: Option<Epc>,
 }
 
 type Loop = EventManager<Box<dyn MutEventSubscriber>>;
@@ -251,6 +257,11 @@ impl Runner {
 
     /// Saves the VM to `dir`: paused for the time it takes, then running again if it ran.
     fn snapshot(&mut self, dir: &Path, events: &mut Loop) -> Result<(), String> {
+        if self.epc.is_some() {
+            return Err("a VM with SGX EPC sections cannot be snapshotted: EPC contents cannot be read \
+                        out of the enclave page cache"
+                .into());
+        }
         let was_running = self.paused_since.is_none();
         self.pause(events)?;
         let saved = self.save_to(dir).map_err(|e| e.to_string());

@@ -247,6 +247,8 @@ impl Vm {
             vcpu_affinity: Vec::new(),
             vm_fd,
             kvm,
+            // A VM with an EPC is never saved (runner.rs refuses), so none is restored.
+            epc: None,
         }))
     }
 }

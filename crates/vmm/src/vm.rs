@@ -13,7 +13,8 @@ use carve_eif::Measurements;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootSetup, BootSource, KernelImage};
-use crate::cpu_features::{self, sgx::PlacedSection, CpuFeatures, FeatureRefused, HostFeatures, HostProbe};
+use crate::cpu_features::sgx::{Epc, EpcError, SgxGuest};
+use crate::cpu_features::{self, CpuFeatures, FeatureRefused, HostFeatures, HostProbe};
 use crate::cpuid::{self, CpuTemplate};
 use crate::device_manager::{DeviceManager, PlatformDevices, VirtioKind, VirtioParts};
 use crate::devices::bus::BusError;
@@ -24,7 +25,7 @@ use crate::devices::serial::{SerialOutput, SerialPort};
 use crate::devices::testdev::{Testdev, TestdevHost};
 use crate::exit::{ExitSignal, VmExit};
 use crate::guest_state::file::{StateFile, StateFileError};
-use crate::guest_state::{self, GuestState, Platform, Violation};
+use crate::guest_state::{self, CetState, GuestState, Platform, Violation};
 use crate::interrupts::{InterruptError, InterruptManager};
 use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_MMIO_SLOTS};
 use crate::memory::{self, GuestRam, MemoryBacking, MemoryError};
@@ -59,6 +60,10 @@ pub enum VmError {
     SerialOutput { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     FeatureRefused(#[from] FeatureRefused),
+    #[error(transparent)]
+    Sgx(#[from] EpcError),
+    #[error("the state file holds CET state, but the VM has no CET (add --cpu-features cet)")]
+    CetStateWithoutCet,
     #[error("cannot start the VM's threads or event loop: {0}")]
     Host(String),
     #[error("cannot load the vCPU state: {0}")]
@@ -274,10 +279,8 @@ impl Vm {
         }
         let vcpu_count = config.vcpus as u8;
         let supported = supported_cpuid(&kvm)?;
-        cpu_features::check(
-            &config.cpu_features,
-            &HostFeatures::from_probe(&HostProbe::this_host(&kvm, &supported)),
-        )?;
+        let host = HostFeatures::from_probe(&HostProbe::this_host(&kvm, &supported));
+        cpu_features::check(&config.cpu_features, &host)?;
 
         let mut kernel = open_kernel(&config.kernel)?;
         let mut initrd = match &config.initrd {
@@ -292,6 +295,19 @@ impl Vm {
         // Memory first: registering slots once the irqchip exists costs KVM far more.
         let mem = memory::create(config.memory_mib, config.memory_backing)?;
         memory::register(&vm_fd, &mem)?;
+        // The virtual EPC after RAM, in the slots after RAM's (before the irqchip, as RAM).
+        let epc = match config.cpu_features.sgx_epc.as_slice() {
+            [] => None,
+            sections => Some(Epc::new(
+                &vm_fd,
+                sections,
+                memory::ram_end(&mem),
+                memory::first_free_slot(&mem),
+                host.sgx_provision_key.available,
+            )?),
+        };
+        let sgx = epc.as_ref().map(Epc::guest).cloned().unwrap_or_default();
+        let epc_region = sgx.region();
         create_irqchip(&vm_fd)?;
 
         let interrupts = InterruptManager::new(vm_fd.clone())?;
@@ -351,7 +367,7 @@ impl Vm {
 
         let kernel_name = kernel_name(&config.kernel);
         let mut kernel = kernel.expect("a kernel file, an embedded kernel or an enclave image's");
-        let boot = boot::load(
+        let boot = boot::load_with_reserved(
             &mem,
             BootSource {
                 kernel: &mut kernel,
@@ -359,9 +375,10 @@ impl Vm {
                 cmdline: &cmdline,
                 initrd: initrd.as_mut(),
             },
+            epc_region.as_slice(),
         )?;
         mptable::write(&mem, vcpu_count)?;
-        acpi::write(&mem, vcpu_count, &slots)?;
+        acpi::write(&mem, vcpu_count, &slots, epc_region)?;
 
         let platform = Platform::host(&supported);
         let (pio, mmio) = devices.buses();
@@ -372,12 +389,12 @@ impl Vm {
         for index in 0..vcpu_count {
             let fd = vm_fd.create_vcpu(index.into()).map_err(kvm_error("create a vCPU"))?;
             let features =
-                VcpuFeatures { template: &config.cpu_template, extra: &config.cpu_features, epc: &[] };
+                VcpuFeatures { template: &config.cpu_template, extra: &config.cpu_features, sgx: &sgx };
             let cpuid = configure_vcpu(&fd, &supported, &features, index, vcpu_count)?;
             if index == 0 {
                 boot::cpu_state::apply(&fd, &mem, boot.entry)?;
                 if let Some(state) = &config.load_state {
-                    load_state(&fd, state, &platform, config.entry_check)?;
+                    load_state(&fd, &cpuid, state, &platform, config.entry_check)?;
                 }
             }
             vcpus.push(Vcpu { index: index.into(), fd, cpuid, context: context.clone() });
@@ -394,6 +411,7 @@ impl Vm {
                 vcpu_affinity: config.vcpu_affinity,
                 vm_fd,
                 kvm,
+                epc,
             },
             boot: Some(boot),
             entry_warnings,
@@ -434,6 +452,11 @@ impl Vm {
     /// The boot vCPU, before the VM runs (for inspecting or checking its state).
     pub fn boot_vcpu(&self) -> &VcpuFd {
         &self.parts.vcpus[0].fd
+    }
+
+    /// The boot vCPU's CET state, `None` unless its CPUID has CET.
+    pub fn boot_vcpu_cet(&self) -> Result<Option<CetState>, kvm_ioctls::Error> {
+        CetState::read(&self.parts.vcpus[0].fd, &self.parts.vcpus[0].cpuid)
     }
 
     /// Runs every vCPU on its own thread until the guest or carve ends the VM, answering a
@@ -479,7 +502,8 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
 struct VcpuFeatures<'a> {
     template: &'a CpuTemplate,
     extra: &'a CpuFeatures,
-    epc: &'a [PlacedSection],
+    /// The EPC sections and what KVM granted the VM of SGX.
+    sgx: &'a SgxGuest,
 }
 
 fn configure_vcpu(
@@ -492,7 +516,7 @@ fn configure_vcpu(
     let mut cpuid = supported.clone();
     let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
     cpuid::normalize(&mut cpuid, index, count, tsc_khz);
-    cpu_features::shape(&mut cpuid, features.extra, features.epc);
+    cpu_features::shape(&mut cpuid, features.extra, features.sgx)?;
     features.template.apply(&mut cpuid);
     fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
@@ -530,7 +554,9 @@ fn check_entry_states(
         }
         let sregs = vcpu.fd.get_sregs().map_err(kvm_error("read a vCPU's special registers"))?;
         let regs = vcpu.fd.get_regs().map_err(kvm_error("read a vCPU's registers"))?;
-        let violations = guest_state::check(&GuestState::from_kvm(&sregs, regs.rflags, platform), platform);
+        let cet = CetState::read(&vcpu.fd, &vcpu.cpuid).map_err(kvm_error("read a vCPU's CET state"))?;
+        let state = GuestState { cet, ..GuestState::from_kvm(&sregs, regs.rflags, platform) };
+        let violations = guest_state::check(&state, platform);
         if violations.is_empty() {
             continue;
         }
@@ -547,6 +573,7 @@ fn check_entry_states(
 /// Replaces vCPU 0's registers with a state file's, checking it first.
 fn load_state(
     fd: &VcpuFd,
+    cpuid: &[kvm_bindings::kvm_cpuid_entry2],
     state: &StateFile,
     platform: &Platform,
     policy: EntryCheck,
@@ -561,6 +588,12 @@ fn load_state(
     let mut regs = fd.get_regs().map_err(kvm_error("read vCPU 0's registers"))?;
     regs.rflags = rflags;
     fd.set_regs(&regs).map_err(kvm_error("set vCPU 0's registers"))?;
+    if let Some(cet) = state.cet {
+        if CetState::read(fd, cpuid).map_err(kvm_error("read vCPU 0's CET state"))?.is_none() {
+            return Err(VmError::CetStateWithoutCet);
+        }
+        CetState::from(cet).write(fd, cpuid).map_err(kvm_error("set vCPU 0's CET state"))?;
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use vm_memory::{GuestAddress, ReadVolatile};
 pub use cpu_state::EntryState;
 
 use crate::layout::{CMDLINE_MAX_SIZE, HIMEM_START};
-use crate::memory::low_ram_end;
+use crate::memory::{low_ram_end, RamRange};
 
 pub(super) const PAGE_SIZE: u64 = 4096;
 
@@ -178,6 +178,15 @@ pub fn load<K: Image, I: Image>(
     mem: &GuestRam,
     source: BootSource<'_, K, I>,
 ) -> Result<BootSetup, BootError> {
+    load_with_reserved(mem, source, &[])
+}
+
+/// [`load`], with `reserved` ranges (a virtual EPC) in the memory map every protocol hands over.
+pub fn load_with_reserved<K: Image, I: Image>(
+    mem: &GuestRam,
+    source: BootSource<'_, K, I>,
+    reserved: &[RamRange],
+) -> Result<BootSetup, BootError> {
     if source.cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
     }
@@ -193,7 +202,7 @@ pub fn load<K: Image, I: Image>(
 
     let initrd = source.initrd;
     match sniff(&header) {
-        Some("bzimage") => linux::load_bzimage(mem, kernel, source.cmdline, initrd),
+        Some("bzimage") => linux::load_bzimage(mem, kernel, source.cmdline, initrd, reserved),
         Some("elf") => {
             let multiboot_header = multiboot::find_header(&header);
             let is_elf64 = header.get(4) == Some(&2);
@@ -201,11 +210,11 @@ pub fn load<K: Image, I: Image>(
                 let loaded = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)));
                 if let Ok(result) = &loaded {
                     if let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap {
-                        return pvh::configure(mem, result, entry, source.cmdline, initrd);
+                        return pvh::configure(mem, result, entry, source.cmdline, initrd, reserved);
                     }
                 }
                 if multiboot_header.is_none() {
-                    return linux::configure_elf(mem, &loaded?, source.cmdline, initrd);
+                    return linux::configure_elf(mem, &loaded?, source.cmdline, initrd, reserved);
                 }
             }
             match multiboot_header {
@@ -214,7 +223,7 @@ pub fn load<K: Image, I: Image>(
                         "" => source.kernel_name.to_string(),
                         text => format!("{} {}", source.kernel_name, text),
                     };
-                    multiboot::load(mem, kernel, size, mb, &cmdline, initrd)
+                    multiboot::load(mem, kernel, size, mb, &cmdline, initrd, reserved)
                 }
                 None => Err(BootError::UnknownFormat),
             }

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat, PAGE_SIZE};
 use crate::layout::{BOOT_TABLES_END, CMDLINE_MAX_SIZE, EBDA_START, GDT_START, HIMEM_START, MMIO_GAP_START};
-use crate::memory::{e820_map, low_ram_end};
+use crate::memory::{e820_entries, low_ram_end, RamRange};
 
 /// The header must lie entirely within the image's first 8192 bytes, 32-bit aligned.
 pub(super) const SEARCH_LIMIT: usize = 8192;
@@ -103,6 +103,7 @@ pub(super) fn load<K: Image, I: Image>(
     header: MultibootHeader,
     cmdline: &str,
     initrd: Option<&mut I>,
+    reserved: &[RamRange],
 ) -> Result<BootSetup, BootError> {
     let required = header.flags & 0xffff;
     if required & HEADER_VIDEO_MODE != 0 {
@@ -135,7 +136,7 @@ pub(super) fn load<K: Image, I: Image>(
     mem.write_obj(0u8, GuestAddress(info + CMDLINE_OFFSET + cmdline.len() as u64))?;
     // (never below 1 MiB, where carve's MP and ACPI tables go)
     let initrd = load_initrd(mem, initrd, info_end.max(HIMEM_START), MMIO_GAP_START)?;
-    write_info(mem, info, initrd)?;
+    write_info(mem, info, initrd, reserved)?;
     Ok(BootSetup {
         format: KernelFormat::Multiboot,
         entry: EntryState::Protected32 { eip: loaded.entry, eax: BOOTLOADER_MAGIC, ebx: info as u32 },
@@ -145,15 +146,20 @@ pub(super) fn load<K: Image, I: Image>(
 }
 
 /// Writes the information block at `info` (below the MMIO gap, so its 32-bit pointers hold).
-fn write_info(mem: &GuestRam, info: u64, module: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_info(
+    mem: &GuestRam,
+    info: u64,
+    module: Option<(u64, u64)>,
+    reserved: &[RamRange],
+) -> Result<(), BootError> {
     let put32 = |offset: u64, value: u32| mem.write_obj(value, GuestAddress(info + offset));
-    let map = e820_map(super::mem_size(mem));
+    let map = e820_entries(super::mem_size(mem), reserved);
     for (i, range) in map.iter().enumerate() {
         let entry = info + MMAP_OFFSET + i as u64 * 24;
         mem.write_obj(20u32, GuestAddress(entry))?;
         mem.write_obj(range.base, GuestAddress(entry + 4))?;
         mem.write_obj(range.size, GuestAddress(entry + 12))?;
-        mem.write_obj(1u32, GuestAddress(entry + 20))?;
+        mem.write_obj(range.kind, GuestAddress(entry + 20))?;
     }
     let mut flags = INFO_MEMORY | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME;
     put32(4, (EBDA_START / 1024) as u32)?;
@@ -206,12 +212,54 @@ mod tests {
     }
 
     fn boot(paddr: u32, data: &[u8], memsz: u32) -> (GuestRam, Result<BootSetup, BootError>) {
+        boot_reserving(paddr, data, memsz, &[])
+    }
+
+    fn boot_reserving(
+        paddr: u32,
+        data: &[u8],
+        memsz: u32,
+        reserved: &[RamRange],
+    ) -> (GuestRam, Result<BootSetup, BootError>) {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let mut kernel = elf32(paddr, data, memsz);
         let size = kernel.get_ref().len() as u64;
-        let result =
-            load::<_, Cursor<&[u8]>>(&mem, &mut kernel, size, MultibootHeader { flags: 0 }, "k x=1", None);
+        let header = MultibootHeader { flags: 0 };
+        let result = load::<_, Cursor<&[u8]>>(&mem, &mut kernel, size, header, "k x=1", None, reserved);
         (mem, result)
+    }
+
+    /// The memory map a multiboot kernel reads: (base, length, type) per entry.
+    fn memory_map(mem: &GuestRam, info: u64) -> Vec<(u64, u64, u32)> {
+        let length: u32 = mem.read_obj(GuestAddress(info + 44)).unwrap();
+        let addr: u32 = mem.read_obj(GuestAddress(info + 48)).unwrap();
+        (0..u64::from(length) / 24)
+            .map(|i| {
+                let entry = u64::from(addr) + i * 24;
+                assert_eq!(mem.read_obj::<u32>(GuestAddress(entry)).unwrap(), 20);
+                (
+                    mem.read_obj(GuestAddress(entry + 4)).unwrap(),
+                    mem.read_obj(GuestAddress(entry + 12)).unwrap(),
+                    mem.read_obj(GuestAddress(entry + 20)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_memory_map_marks_an_epc_reserved_and_is_unchanged_without_one() {
+        use crate::memory::{e820_map, E820_RAM, E820_RESERVED};
+        let ram: Vec<_> = e820_map(16 << 20).iter().map(|r| (r.base, r.size, E820_RAM)).collect();
+        let (mem, setup) = boot(0x20_0000, &[0x90; 16], 0x1000);
+        let EntryState::Protected32 { ebx, .. } = setup.unwrap().entry else { panic!("32-bit entry") };
+        assert_eq!(memory_map(&mem, ebx.into()), ram);
+
+        let epc = RamRange { base: 0x1_0000_0000, size: 64 << 20 };
+        let (mem, setup) = boot_reserving(0x20_0000, &[0x90; 16], 0x1000, &[epc]);
+        let EntryState::Protected32 { ebx, .. } = setup.unwrap().entry else { panic!("32-bit entry") };
+        let mut expected = ram;
+        expected.push((epc.base, epc.size, E820_RESERVED));
+        assert_eq!(memory_map(&mem, ebx.into()), expected);
     }
 
     #[test]

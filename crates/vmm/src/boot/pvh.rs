@@ -11,12 +11,11 @@ use vm_memory::GuestAddress;
 use super::linux::write_cmdline;
 use super::{check_cmdline, load_initrd, BootError, BootSetup, EntryState, Image, KernelFormat};
 use crate::layout::{BOOT_INFO_START, CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_GAP_START};
-use crate::memory::e820_map;
+use crate::memory::{e820_entries, RamRange};
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const MODLIST_START: u64 = BOOT_INFO_START + 0x40;
 const MEMMAP_START: u64 = BOOT_INFO_START + 0x100;
-const E820_RAM: u32 = 1;
 
 pub(super) fn configure<I: Image>(
     mem: &GuestRam,
@@ -24,14 +23,15 @@ pub(super) fn configure<I: Image>(
     entry: GuestAddress,
     cmdline: &str,
     initrd: Option<&mut I>,
+    reserved: &[RamRange],
 ) -> Result<BootSetup, BootError> {
     check_cmdline(cmdline, CMDLINE_MAX_SIZE)?;
     write_cmdline(mem, cmdline)?;
     let initrd = load_initrd(mem, initrd, result.kernel_end, MMIO_GAP_START)?;
 
-    let memmap: Vec<_> = e820_map(super::mem_size(mem))
+    let memmap: Vec<_> = e820_entries(super::mem_size(mem), reserved)
         .into_iter()
-        .map(|r| hvm_memmap_table_entry { addr: r.base, size: r.size, type_: E820_RAM, reserved: 0 })
+        .map(|e| hvm_memmap_table_entry { addr: e.base, size: e.size, type_: e.kind, reserved: 0 })
         .collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
@@ -56,4 +56,37 @@ pub(super) fn configure<I: Image>(
         kernel_end: result.kernel_end,
         initrd,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{e820_map, MemoryBacking, E820_RAM, E820_RESERVED};
+    use std::io::Cursor;
+    use vm_memory::Bytes;
+
+    /// The memory map PVH's start_info points at, for a 64 MiB guest.
+    fn memory_map(reserved: &[RamRange]) -> Vec<(u64, u64, u32)> {
+        let mem = crate::memory::create(64, MemoryBacking::Anonymous).unwrap();
+        let result = KernelLoaderResult { kernel_end: 0x20_0000, ..Default::default() };
+        configure::<Cursor<&[u8]>>(&mem, &result, GuestAddress(0x10_0000), "", None, reserved).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(BOOT_INFO_START)).unwrap();
+        (0..u64::from(info.memmap_entries))
+            .map(|i| {
+                let at = GuestAddress(info.memmap_paddr + i * 24);
+                let entry: hvm_memmap_table_entry = mem.read_obj(at).unwrap();
+                (entry.addr, entry.size, entry.type_)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_start_info_map_marks_an_epc_reserved_and_is_unchanged_without_one() {
+        let ram: Vec<_> = e820_map(64 << 20).iter().map(|r| (r.base, r.size, E820_RAM)).collect();
+        assert_eq!(memory_map(&[]), ram);
+        let epc = RamRange { base: 0x1_0000_0000, size: 4 << 20 };
+        let mut expected = ram;
+        expected.push((epc.base, epc.size, E820_RESERVED));
+        assert_eq!(memory_map(&[epc]), expected);
+    }
 }

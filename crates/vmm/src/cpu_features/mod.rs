@@ -162,11 +162,12 @@ pub fn check(request: &CpuFeatures, host: &HostFeatures) -> Result<(), FeatureRe
 
 /// Writes `request` into one vCPU's CPUID (KVM's supported CPUID, normalised): what is asked
 /// for stays as KVM offers it (and is completed where KVM leaves that to user space), the rest
-/// of each feature is hidden. `epc` is where the EPC sections were placed.
-pub fn shape(cpuid: &mut CpuId, request: &CpuFeatures, epc: &[sgx::PlacedSection]) {
+/// of each feature is hidden. `sgx` is where the EPC sections were placed and whether KVM
+/// granted the VM PROVISIONKEY; a table with no room left for the sections' sub-leaves fails.
+pub fn shape(cpuid: &mut CpuId, request: &CpuFeatures, sgx: &sgx::SgxGuest) -> Result<(), sgx::EpcError> {
     cet::shape(cpuid, request.cet);
     nested::shape(cpuid, request.nested);
-    sgx::shape(cpuid, epc);
+    sgx::shape(cpuid, sgx)
 }
 
 /// Lookups in a CPUID table.

@@ -90,7 +90,7 @@ fn a_host_without_cet_or_nesting_refuses_them_naming_the_cpuid_bits() {
 fn by_default_the_guest_sees_no_cet_sgx_or_nesting() {
     for fixture in [INTEL, AMD] {
         let mut cpuid = table(fixture);
-        shape(&mut cpuid, &CpuFeatures::default(), &[]);
+        shape(&mut cpuid, &CpuFeatures::default(), &sgx::SgxGuest::default()).unwrap();
         let l7 = leaf(&cpuid, 7, 0).unwrap();
         assert_eq!(l7.ecx & (1 << 7 | 1 << 30), 0, "SHSTK, SGX_LC hidden");
         assert_eq!(l7.edx & (1 << 20), 0, "IBT hidden");
@@ -109,7 +109,12 @@ fn by_default_the_guest_sees_no_cet_sgx_or_nesting() {
 #[test]
 fn asked_for_the_guest_sees_what_the_host_offers() {
     let mut intel = table(INTEL);
-    shape(&mut intel, &CpuFeatures { cet: true, nested: true, ..Default::default() }, &[]);
+    shape(
+        &mut intel,
+        &CpuFeatures { cet: true, nested: true, ..Default::default() },
+        &sgx::SgxGuest::default(),
+    )
+    .unwrap();
     let l7 = leaf(&intel, 7, 0).unwrap();
     assert_ne!(l7.ecx & (1 << 7), 0, "SHSTK");
     assert_ne!(l7.edx & (1 << 20), 0, "IBT");
@@ -119,7 +124,12 @@ fn asked_for_the_guest_sees_what_the_host_offers() {
     assert_ne!(leaf(&intel, 1, 0).unwrap().ecx & (1 << 5), 0, "VMX");
 
     let mut amd = table(AMD);
-    shape(&mut amd, &CpuFeatures { cet: true, nested: true, ..Default::default() }, &[]);
+    shape(
+        &mut amd,
+        &CpuFeatures { cet: true, nested: true, ..Default::default() },
+        &sgx::SgxGuest::default(),
+    )
+    .unwrap();
     let l7 = leaf(&amd, 7, 0).unwrap();
     assert_ne!(l7.ecx & (1 << 7), 0, "SHSTK");
     assert_eq!(l7.edx & (1 << 20), 0, "no IBT where KVM offers none");
@@ -132,7 +142,7 @@ fn cet_sub_leaves_are_completed_where_kvm_leaves_them_out() {
     let mut supported = parse_cpuid_table(INTEL).unwrap();
     supported.retain(|e| !(e.function == 0xd && e.index >= 11));
     let mut cpuid = CpuId::from_entries(&supported).unwrap();
-    shape(&mut cpuid, &CpuFeatures { cet: true, ..Default::default() }, &[]);
+    shape(&mut cpuid, &CpuFeatures { cet: true, ..Default::default() }, &sgx::SgxGuest::default()).unwrap();
     assert_eq!(leaf(&cpuid, 0xd, 11).map(|e| (e.eax, e.ecx, e.flags)), Some((16, 1, 1)));
     assert_eq!(leaf(&cpuid, 0xd, 12).map(|e| (e.eax, e.ecx, e.flags)), Some((24, 1, 1)));
 }
