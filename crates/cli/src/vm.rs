@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use carve_enclave::nsm::EnclaveNsm;
 use carve_nsm::pcr::ParentIdentity;
 use carve_vmm::control::{ControlError, ControlRequest};
-use carve_vmm::cpu_features::CpuFeatures;
+use carve_vmm::cpu_features::{sgx, CpuFeatures};
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// Expose SVM (AMD) or VMX (Intel) to the guest: the same as --cpu-features nested.
     #[arg(long)]
     nested: bool,
+    /// Give the guest SGX with a virtual EPC section of SIZE (64M, 32MiB, 1G or bytes; whole
+    /// 4 KiB pages), populated at start with `,prefault`. Repeat for more sections. Refused on a
+    /// host whose KVM offers no SGX (see `carve host`); such a VM cannot be snapshotted.
+    #[arg(long, value_name = "SIZE[,prefault]", action = clap::ArgAction::Append, value_parser = sgx::parse_section)]
+    sgx_epc: Vec<sgx::EpcSection>,
     /// Serial console destination: stdout (the default), file:PATH or none.
     #[arg(long, value_name = "SINK", value_parser = parse_serial)]
     serial: Option<SerialArg>,
@@ -226,27 +231,37 @@ pub fn run(command: VmCommand) -> ExitCode {
         }
         VmCommand::Restore(args) => restore(args),
         VmCommand::CpuTemplates { json } => {
-            for template in CpuTemplate::all() {
-                if json {
-                    println!("{}", template_json(&template));
-                } else {
-                    println!("{:<10} {}", template.name, template.description);
-                }
+            if json {
+                println!("{}", templates_json());
+                return ExitCode::SUCCESS;
             }
+            for template in CpuTemplate::all() {
+                println!("{:<10} {}", template.name, template.description);
+            }
+            println!("(CET, SGX and nested virtualisation are asked for apart from templates: `carve host`)");
             ExitCode::SUCCESS
         }
     }
 }
 
-fn template_json(template: &CpuTemplate) -> String {
-    let bits: Vec<String> = template.clear_bits.iter().map(|c| format!("\"{}\"", c.feature)).collect();
-    let leaves: Vec<String> = template.remove_leaves.iter().map(|r| format!("\"{:#x}\"", r.leaf)).collect();
-    format!(
-        "{{\"name\": \"{}\", \"clears\": [{}], \"removes_leaves\": [{}]}}",
-        template.name,
-        bits.join(", "),
-        leaves.join(", ")
-    )
+/// The templates carve applies, with what this host's KVM offers beyond them (`carve host`).
+fn templates_json() -> String {
+    let templates: Vec<serde_json::Value> = CpuTemplate::all()
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name,
+                "clears": t.clear_bits.iter().map(|c| c.feature.as_str()).collect::<Vec<_>>(),
+                "removes_leaves": t.remove_leaves.iter().map(|r| format!("{:#x}", r.leaf)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let host = match crate::host::features() {
+        Ok(host) => serde_json::json!({ "features": host }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    serde_json::to_string_pretty(&serde_json::json!({ "templates": templates, "host": host }))
+        .expect("the templates serialise")
 }
 
 fn run_vm(args: RunArgs) -> ExitCode {
@@ -254,7 +269,8 @@ fn run_vm(args: RunArgs) -> ExitCode {
         Ok(template) => template,
         Err(e) => return fail(e),
     };
-    let mut cpu_features = CpuFeatures { nested: args.nested, ..CpuFeatures::default() };
+    let mut cpu_features =
+        CpuFeatures { nested: args.nested, sgx_epc: args.sgx_epc, ..CpuFeatures::default() };
     for name in &args.cpu_features {
         if let Err(e) = cpu_features.enable(name.trim()) {
             return fail(e);
@@ -426,7 +442,9 @@ fn dump_state(vm: &Vm, path: &Path) -> Result<(), String> {
     let read_failed = |e: kvm_ioctls::Error| format!("cannot read vCPU 0's state: {e}");
     let sregs = vcpu.get_sregs().map_err(read_failed)?;
     let regs = vcpu.get_regs().map_err(read_failed)?;
-    std::fs::write(path, StateFile::from_kvm(&sregs, regs.rflags).to_json())
+    let cet = vm.boot_vcpu_cet().map_err(read_failed)?;
+    let state = StateFile { cet: cet.map(Into::into), ..StateFile::from_kvm(&sregs, regs.rflags) };
+    std::fs::write(path, state.to_json())
         .map_err(|e| format!("cannot write state file {}: {e}", path.display()))
 }
 

@@ -162,3 +162,23 @@ fn bad_state_files_name_the_field() {
     let out = carve(&["vm", "check-state", "--state", "x.json", "--unrestricted-guest", "maybe"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// CET state in a state file loads only into a VM with CET: without it, one line says so (on a
+/// host without CET that is every VM, since `--cpu-features cet` is refused there).
+#[test]
+fn cet_state_needs_a_vm_with_cet() {
+    if !kvm_usable("cet_state_needs_a_vm_with_cet") {
+        return;
+    }
+    let (file, text) = dumped_state("cet", Format::BzImage);
+    assert!(!text.contains("\"cet\""), "a VM without CET dumps no CET state: {text}");
+    let with_cet = text.trim_end().trim_end_matches('}').trim_end().to_string()
+        + r#", "cet": {"s_cet": 0, "ssp": 0, "interrupt_ssp_table": 0}}"#;
+    std::fs::write(&file, with_cet).unwrap();
+    let out = run_demo(Format::BzImage, "--load-state", &file);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "carve: error: the state file holds CET state, but the VM has no CET (add --cpu-features cet)\n"
+    );
+}

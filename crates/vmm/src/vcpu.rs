@@ -10,8 +10,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_msr_entry, kvm_run, kvm_sregs, Msrs, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_run, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -638,6 +638,7 @@ fn describe_entry_failure(reason: u64) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::kvm_sregs;
 
     #[test]
     fn a_wrmsr_setting_efer_svme_is_recognised() {

@@ -150,6 +150,30 @@ impl CetState {
             interrupt_ssp_table: value(cet::MSR_IA32_INT_SSP_TAB),
         }))
     }
+
+    /// Loads this state into a vCPU whose `cpuid` has SHSTK or IBT (`--load-state`): the MSRs by
+    /// KVM_SET_MSRS, the SSP by KVM_SET_ONE_REG (both only with SHSTK, as [`CetState::read`]).
+    pub fn write(&self, fd: &VcpuFd, cpuid: &[kvm_cpuid_entry2]) -> Result<(), kvm_ioctls::Error> {
+        let shstk = Leaves(cpuid).bit(cet::SHSTK.0, cet::SHSTK.1, cet::SHSTK.2, cet::SHSTK.3);
+        let mut entries =
+            vec![kvm_msr_entry { index: cet::MSR_IA32_S_CET, data: self.s_cet, ..Default::default() }];
+        if shstk {
+            let table = self.interrupt_ssp_table;
+            entries.push(kvm_msr_entry {
+                index: cet::MSR_IA32_INT_SSP_TAB,
+                data: table,
+                ..Default::default()
+            });
+        }
+        let msrs = Msrs::from_entries(&entries).expect("two MSRs fit kvm_msrs");
+        if fd.set_msrs(&msrs)? != entries.len() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        if shstk {
+            fd.set_one_reg(cet::GUEST_SSP_REG, &self.ssp.to_le_bytes())?;
+        }
+        Ok(())
+    }
 }
 
 /// The guest state VM entry checks (segment, descriptor-table and control registers, RFLAGS,
