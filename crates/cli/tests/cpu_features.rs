@@ -155,6 +155,17 @@ fn nesting_runs_where_the_host_offers_it_and_is_refused_elsewhere() {
             "the real KVM host runs kvm_amd with nested=1"
         );
     }
+    if host_report()["nested"]["available"] == true {
+        // A template that takes the asked-for feature away again is named, not obeyed silently.
+        let out =
+            carve(&["vm", "run", "--demo", "--serial", "none", "--nested", "--cpu-template", "baseline"]);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            "carve: error: CPU template 'baseline' removes nested virtualisation, which the VM asks for: use \
+             another template\n"
+        );
+    }
 }
 
 #[test]

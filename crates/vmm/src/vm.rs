@@ -62,6 +62,8 @@ pub enum VmError {
     FeatureRefused(#[from] FeatureRefused),
     #[error(transparent)]
     Sgx(#[from] EpcError),
+    #[error("CPU template '{template}' removes {features}, which the VM asks for: use another template")]
+    TemplateRemovesFeatures { template: String, features: String },
     #[error("the state file holds CET state, but the VM has no CET (add --cpu-features cet)")]
     CetStateWithoutCet,
     #[error("cannot start the VM's threads or event loop: {0}")]
@@ -517,7 +519,13 @@ fn configure_vcpu(
     let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
     cpuid::normalize(&mut cpuid, index, count, tsc_khz);
     cpu_features::shape(&mut cpuid, features.extra, features.sgx)?;
+    let shaped = cpuid.clone();
     features.template.apply(&mut cpuid);
+    let removed = cpu_features::removed_by_template(features.extra, &shaped, &cpuid);
+    if !removed.is_empty() {
+        let template = features.template.name.clone();
+        return Err(VmError::TemplateRemovesFeatures { template, features: removed.join(", ") });
+    }
     fd.set_cpuid2(&cpuid).map_err(kvm_error("set the vCPU's CPUID"))?;
     fd.set_msrs(&vcpu::boot_msrs()).map_err(kvm_error("set boot MSRs"))?;
     vcpu::configure_lapic(fd).map_err(kvm_error("configure the local APIC"))?;

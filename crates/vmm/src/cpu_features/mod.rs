@@ -170,6 +170,33 @@ pub fn shape(cpuid: &mut CpuId, request: &CpuFeatures, sgx: &sgx::SgxGuest) -> R
     sgx::shape(cpuid, sgx)
 }
 
+/// The features `request` asks for that a CPU template, applied after [`shape`], took away
+/// again: `shaped` is the CPUID before the template, `templated` after it.
+pub fn removed_by_template(request: &CpuFeatures, shaped: &CpuId, templated: &CpuId) -> Vec<&'static str> {
+    let (before, after) = (Leaves(shaped.as_slice()), Leaves(templated.as_slice()));
+    let lost = |bits: &[(u32, u32, Reg, u32)]| {
+        bits.iter().any(|&(function, index, register, bit)| {
+            before.bit(function, index, register, bit) && !after.bit(function, index, register, bit)
+        })
+    };
+    let leaf0 = |(function, register, bit): (u32, Reg, u32)| (function, 0, register, bit);
+    let mut removed = Vec::new();
+    let xss = |bit| (0xd, 1, Reg::Ecx, bit);
+    if request.cet && lost(&[cet::SHSTK, cet::IBT, xss(cet::XSS_CET_U), xss(cet::XSS_CET_S)]) {
+        removed.push("CET");
+    }
+    if request.nested && lost(&[leaf0(nested::VMX), leaf0(nested::SVM)]) {
+        removed.push("nested virtualisation");
+    }
+    // Leaf 0x12.0 EAX bit 0: SGX1.
+    if !request.sgx_epc.is_empty()
+        && lost(&[leaf0(sgx::SGX), leaf0(sgx::SGX_LC), (sgx::LEAF_SGX, 0, Reg::Eax, 0)])
+    {
+        removed.push("SGX");
+    }
+    removed
+}
+
 /// Lookups in a CPUID table.
 pub(crate) struct Leaves<'a>(pub &'a [kvm_cpuid_entry2]);
 

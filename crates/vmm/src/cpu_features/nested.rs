@@ -7,9 +7,9 @@ use kvm_bindings::CpuId;
 use super::{clear_bit, Leaves, Offer, Reg, Vendor};
 
 /// CPUID.1:ECX bit 5.
-const VMX: (u32, Reg, u32) = (0x1, Reg::Ecx, 5);
+pub(crate) const VMX: (u32, Reg, u32) = (0x1, Reg::Ecx, 5);
 /// CPUID.8000_0001:ECX bit 2.
-const SVM: (u32, Reg, u32) = (0x8000_0001, Reg::Ecx, 2);
+pub(crate) const SVM: (u32, Reg, u32) = (0x8000_0001, Reg::Ecx, 2);
 /// SVM's revision, ASIDs and features (NRIPS, nested paging, …): meaningless without SVM.
 const LEAF_SVM_FEATURES: u32 = 0x8000_000a;
 

@@ -35,9 +35,9 @@ pub const SGX_IOC_VEPC_REMOVE_ALL: libc::c_ulong =
     vmm_sys_util::ioctl::ioctl_expr(vmm_sys_util::ioctl::_IOC_NONE, 0xA4, 0x04, 0);
 
 /// CPUID.(7,0):EBX bit 2.
-const SGX: (u32, Reg, u32) = (0x7, Reg::Ebx, 2);
+pub(crate) const SGX: (u32, Reg, u32) = (0x7, Reg::Ebx, 2);
 /// CPUID.(7,0):ECX bit 30: flexible launch control (the guest's own LE hash MSRs).
-const SGX_LC: (u32, Reg, u32) = (0x7, Reg::Ecx, 30);
+pub(crate) const SGX_LC: (u32, Reg, u32) = (0x7, Reg::Ecx, 30);
 pub const LEAF_SGX: u32 = 0x12;
 /// CPUID.(0x12,1):EAX bit 4: ECREATE may set SECS.ATTRIBUTES.PROVISIONKEY.
 const ATTRIBUTE_PROVISIONKEY: u32 = 4;

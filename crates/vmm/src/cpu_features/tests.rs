@@ -164,3 +164,19 @@ fn fixtures_must_be_well_formed() {
         .contains("must start with 0x"));
     assert!(parse_cpuid_table(r#"{"host":"x","entries":[{"function":"0x7","exx":"0x1"}]}"#).is_err());
 }
+
+#[test]
+fn a_template_that_takes_a_requested_feature_away_is_named() {
+    let request = CpuFeatures { cet: true, nested: true, ..Default::default() };
+    for fixture in [INTEL, AMD] {
+        let mut shaped = table(fixture);
+        shape(&mut shaped, &request, &sgx::SgxGuest::default()).unwrap();
+        let mut host = shaped.clone();
+        crate::cpuid::CpuTemplate::named("host").unwrap().apply(&mut host);
+        assert!(removed_by_template(&request, &shaped, &host).is_empty());
+        let mut baseline = shaped.clone();
+        crate::cpuid::CpuTemplate::named("baseline").unwrap().apply(&mut baseline);
+        assert_eq!(removed_by_template(&request, &shaped, &baseline), ["CET", "nested virtualisation"]);
+        assert!(removed_by_template(&CpuFeatures::default(), &shaped, &baseline).is_empty());
+    }
+}
