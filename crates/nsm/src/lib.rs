@@ -156,8 +156,8 @@ impl Persist for Nsm {
     type ConstructorArgs = CertificateAuthority;
     type Error = NsmStateError;
 
-    fn save(&self) -> NsmState {
-        NsmState { module_id: self.module_id.clone(), boot: self.boot.save(), bank: self.bank.save() }
+    fn save(&self) -> Result<NsmState, NsmStateError> {
+        Ok(NsmState { module_id: self.module_id.clone(), boot: self.boot.save(), bank: self.bank.save()? })
     }
 
     fn restore(ca: CertificateAuthority, state: &NsmState) -> Result<Nsm, NsmStateError> {

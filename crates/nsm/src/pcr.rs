@@ -195,14 +195,14 @@ impl Persist for PcrBank {
     type ConstructorArgs = ();
     type Error = NsmStateError;
 
-    fn save(&self) -> PcrBankState {
-        PcrBankState {
+    fn save(&self) -> Result<PcrBankState, NsmStateError> {
+        Ok(PcrBankState {
             digest: DIGEST.into(),
             pcrs: (0..PCR_COUNT)
                 .map(|index| PcrState { index: index as u64, value: self.values[index].to_vec() })
                 .collect(),
             locked: self.locked.into(),
-        }
+        })
     }
 
     fn restore(_: (), state: &PcrBankState) -> Result<PcrBank, NsmStateError> {
@@ -318,16 +318,16 @@ mod tests {
         bank.extend(16, b"abc").unwrap();
         bank.extend(31, b"xyz").unwrap();
         bank.lock(16).unwrap();
-        let state = bank.save();
+        let state = bank.save().unwrap();
         let mut restored = PcrBank::restore((), &state).unwrap();
         assert_eq!(restored, bank);
-        assert_eq!(restored.save(), state);
+        assert_eq!(restored.save().unwrap(), state);
         assert_eq!(restored.extend(16, b"x"), Err(PcrError::ReadOnly(16)));
     }
 
     #[test]
     fn malformed_banks_are_refused_with_one_sentence() {
-        let good = PcrBank::new(&BootMeasurements::default()).save();
+        let good = PcrBank::new(&BootMeasurements::default()).save().unwrap();
         let refused = |change: &dyn Fn(&mut PcrBankState)| {
             let mut state = good.clone();
             change(&mut state);

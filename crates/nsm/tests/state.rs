@@ -44,13 +44,13 @@ fn extended_and_locked_pcrs_survive_a_restore_and_the_leaf_is_reissued() {
         panic!("no document")
     };
 
-    let state = nsm.save();
+    let state = nsm.save().unwrap();
     // Through the snapshot file's encoding, as the VMM stores it.
     let bytes = carve_snapshot::file::encode(&state).unwrap();
     let decoded: NsmState = carve_snapshot::file::decode(&bytes).unwrap();
     assert_eq!(decoded, state);
     let mut restored = Nsm::restore(CertificateAuthority::open(dir.path()).unwrap(), &decoded).unwrap();
-    assert_eq!(restored.save(), state, "save → restore → save is the identity");
+    assert_eq!(restored.save().unwrap(), state, "save → restore → save is the identity");
     assert_eq!(restored.module_id(), "i-0000000000000000-enc5");
     assert_eq!(restored.boot_measurements(), &boot());
     let after: Vec<Response> = (0..32).map(|i| describe(&mut restored, i)).collect();
@@ -95,7 +95,7 @@ fn malformed_states_are_refused() {
     let nsm =
         Nsm::new("i-0000000000000000-enc6".into(), &boot(), CertificateAuthority::open(dir.path()).unwrap())
             .unwrap();
-    let good = nsm.save();
+    let good = nsm.save().unwrap();
     let refused = |change: &dyn Fn(&mut NsmState)| {
         let mut state = good.clone();
         change(&mut state);

@@ -16,8 +16,10 @@ pub trait Persist: Sized {
     type ConstructorArgs;
     type Error: std::error::Error;
 
-    /// The state as it is now; the caller has paused whatever could change it.
-    fn save(&self) -> Self::State;
+    /// The state as it is now; the caller has paused whatever could change it. Fallible, as
+    /// Cloud Hypervisor's `Snapshottable` is: state KVM holds (vCPUs, the VM's irqchip) is read
+    /// by ioctls, which can fail.
+    fn save(&self) -> Result<Self::State, Self::Error>;
 
     /// A new object in `state`, checked: the state may come from an untrusted file.
     fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;

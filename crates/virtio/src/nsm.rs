@@ -169,7 +169,7 @@ impl NsmBackend {
     /// The state a snapshot keeps, and the running queue (with the device's positions in it).
     /// Commands the event loop has not taken yet are applied first; the loop is woken to serve
     /// the queue once it runs.
-    pub(crate) fn save_parts(&mut self) -> (NsmDeviceState, Option<Vec<QueueConfig>>) {
+    pub(crate) fn save_parts(&mut self) -> Result<(NsmDeviceState, Option<Vec<QueueConfig>>), RestoreError> {
         self.apply_commands();
         self.commands.wake();
         let pending = self.pending.as_ref().map(|(head, layout)| PendingRequest {
@@ -179,7 +179,7 @@ impl NsmBackend {
             readable_after_writable: layout.readable_after_writable,
         });
         let queues = self.active.as_ref().map(|a| vec![a.queue.state().into()]);
-        (NsmDeviceState { module: self.nsm.save(), pending }, queues)
+        Ok((NsmDeviceState { module: self.nsm.save()?, pending }, queues))
     }
 
     /// Continues from a snapshot once the restored transport has handed over its queue. A

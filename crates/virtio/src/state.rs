@@ -2,19 +2,20 @@
 //!
 //! # How the VMM holds a device
 //!
-//! Each virtio device is two halves: the transport ([`MmioTransport`], on the MMIO bus as
-//! `Arc<Mutex<MmioTransport>>`) and the backend ([`VsockBackend`], [`NsmBackend`]) that runs on
-//! the event loop as `Arc<Mutex<B>>`, registered with `Box::new(arc.clone())`.
+//! Each virtio device is two halves, held together as an [`MmioDevice`]: the transport
+//! ([`MmioTransport`], on the MMIO bus as `Arc<Mutex<MmioTransport>>`) and the backend
+//! ([`VsockBackend`], [`NsmBackend`]) that runs on the event loop as `Arc<Mutex<B>>`, registered
+//! with `Box::new(arc.clone())`.
 //!
 //! - **Pause**: stop the vCPUs, then `remove_subscriber` each backend. **Resume**:
 //!   `add_subscriber` it again; its `init` registers every descriptor it holds at that moment
 //!   (queue and command eventfds, listeners, timers, every live connection's socket), and what
 //!   arrived meanwhile is served then.
-//! - **Snapshot** (paused): lock each transport and backend and call [`save`], which gives one
-//!   [`VirtioState`] per device.
-//! - **Restore**: with guest memory already holding the snapshot's contents, call
-//!   [`restore_vsock`] or [`restore_nsm`] with the same inputs `Vsock::new` / `NsmDevice::new`
-//!   take today, plus the interrupt line; map the returned transport, bind the ioeventfds of
+//! - **Snapshot** (paused): [`Persist::save`] of each [`MmioDevice`] locks both halves and gives
+//!   one [`VirtioState`].
+//! - **Restore**: with guest memory already holding the snapshot's contents,
+//!   [`Persist::restore`] with [`VsockRestore`] or [`NsmRestore`] (what `Vsock::new` /
+//!   `NsmDevice::new` take, plus the interrupt line); map the transport, bind the ioeventfds of
 //!   `transport.device().queue_notifiers()` and register the backend as above.
 //!
 //! # What the state is
@@ -24,7 +25,7 @@
 //! generation, whether the device runs) and the device's own [`DeviceState`].
 //!
 //! The transport hands its queues to the backend at DRIVER_OK, so while a device runs the
-//! positions that matter (`next_avail`, `next_used`) are the backend's: [`save`] takes them from
+//! positions that matter (`next_avail`, `next_used`) are the backend's: saving takes them from
 //! there, after applying any command the transport sent that the event loop has not taken yet.
 //! A restore of a running device hands the backend queues at exactly those positions. Pending
 //! ioeventfd notifications do not survive (the eventfds are new), so a restored backend looks at
@@ -48,12 +49,12 @@
 //! ## NSM
 //!
 //! The module (`module_id`, boot measurements, digest) and the PCR bank (values, locks) survive
-//! exactly ([`carve_nsm::state`]). The signing leaf does not: the CA passed to [`restore_nsm`]
-//! issues a fresh one. A request that waited for its response buffer (Linux's driver sends the
+//! exactly ([`carve_nsm::state`]). The signing leaf does not: the CA in [`NsmRestore`] issues a
+//! fresh one. A request that waited for its response buffer (Linux's driver sends the
 //! two as separate chains) waits again.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use carve_nsm::pki::CertificateAuthority;
 use carve_nsm::state::{NsmState, NsmStateError};
@@ -121,7 +122,8 @@ pub struct PendingRequest {
     pub readable_after_writable: bool,
 }
 
-/// Why a saved device cannot be restored; each message is one sentence.
+/// Why a saved device cannot be restored (or, through its NSM's module, saved); each message is
+/// one sentence.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("the snapshot holds {found}'s state, not {expected}'s")]
@@ -170,79 +172,129 @@ mod private {
     impl Sealed for crate::nsm::NsmBackend {}
 }
 
-/// A device backend [`save`] takes: [`VsockBackend`] or [`NsmBackend`].
-pub trait Backend: private::Sealed {
+/// A device backend an [`MmioDevice`] holds: [`VsockBackend`] or [`NsmBackend`].
+pub trait Backend: private::Sealed + Sized {
+    /// What restoring the device takes besides its state ([`VsockRestore`], [`NsmRestore`]).
+    type RestoreArgs;
+
     /// The device's own state, and its running queues if it runs.
     #[doc(hidden)]
-    fn save_parts(&mut self) -> (DeviceState, Option<Vec<QueueConfig>>);
+    fn save_parts(&mut self) -> Result<(DeviceState, Option<Vec<QueueConfig>>), RestoreError>;
+
+    /// Both halves rebuilt from `state`.
+    #[doc(hidden)]
+    fn restore_parts(
+        args: Self::RestoreArgs,
+        state: &VirtioState,
+    ) -> Result<(MmioTransport, Self), RestoreError>;
+}
+
+/// What restoring a vsock device takes: the inputs [`Vsock::new`] takes (the guest CID must be
+/// the saved one) and the transport's interrupt line.
+pub struct VsockRestore {
+    pub cid: u64,
+    pub uds: PathBuf,
+    pub shared_listeners: Option<PathBuf>,
+    pub mem: GuestRam,
+    pub line: Arc<dyn InterruptLine>,
+}
+
+/// What restoring an NSM device takes: the CA that issues the restored module's signing leaf,
+/// guest memory and the transport's interrupt line.
+pub struct NsmRestore {
+    pub ca: CertificateAuthority,
+    pub mem: GuestRam,
+    pub line: Arc<dyn InterruptLine>,
 }
 
 impl Backend for VsockBackend {
-    fn save_parts(&mut self) -> (DeviceState, Option<Vec<QueueConfig>>) {
+    type RestoreArgs = VsockRestore;
+
+    fn save_parts(&mut self) -> Result<(DeviceState, Option<Vec<QueueConfig>>), RestoreError> {
         let (state, queues) = VsockBackend::save_parts(self);
-        (DeviceState::Vsock(state), queues)
+        Ok((DeviceState::Vsock(state), queues))
+    }
+
+    /// The backend starts with no connections and, if the device was running, tells the guest
+    /// of a transport reset.
+    fn restore_parts(args: VsockRestore, state: &VirtioState) -> Result<(MmioTransport, Self), RestoreError> {
+        let DeviceState::Vsock(saved) = &state.device else {
+            return Err(RestoreError::WrongDevice { expected: "virtio-vsock", found: state.device.name() });
+        };
+        if saved.cid != args.cid {
+            return Err(RestoreError::Cid { saved: saved.cid, configured: args.cid });
+        }
+        if saved.next_host_port < FIRST_HOST_PORT {
+            return Err(RestoreError::HostPort(saved.next_host_port));
+        }
+        let (device, mut backend) = Vsock::new(args.cid, args.uds, args.shared_listeners, args.mem.clone())?;
+        let transport =
+            MmioTransport::restore_state(Box::new(device), args.mem, args.line, &state.transport)?;
+        backend.restored(saved);
+        Ok((transport, backend))
     }
 }
 
 impl Backend for NsmBackend {
-    fn save_parts(&mut self) -> (DeviceState, Option<Vec<QueueConfig>>) {
-        let (state, queues) = NsmBackend::save_parts(self);
-        (DeviceState::Nsm(state), queues)
+    type RestoreArgs = NsmRestore;
+
+    fn save_parts(&mut self) -> Result<(DeviceState, Option<Vec<QueueConfig>>), RestoreError> {
+        let (state, queues) = NsmBackend::save_parts(self)?;
+        Ok((DeviceState::Nsm(state), queues))
+    }
+
+    fn restore_parts(args: NsmRestore, state: &VirtioState) -> Result<(MmioTransport, Self), RestoreError> {
+        let DeviceState::Nsm(saved) = &state.device else {
+            return Err(RestoreError::WrongDevice { expected: "virtio-nsm", found: state.device.name() });
+        };
+        let nsm = Nsm::restore(args.ca, &saved.module)?;
+        let (device, mut backend) = NsmDevice::new(nsm, args.mem.clone()).map_err(RestoreError::EventFd)?;
+        let transport =
+            MmioTransport::restore_state(Box::new(device), args.mem, args.line, &state.transport)?;
+        backend.restored(saved.pending.as_ref())?;
+        Ok((transport, backend))
     }
 }
 
-/// Saves one device from its two halves, both locked by the caller (the VM paused):
-/// `save(&transport.lock().unwrap(), &mut *backend.lock().unwrap())`. The backend must be the
-/// one created with the transport's device.
-pub fn save<B: Backend>(transport: &MmioTransport, backend: &mut B) -> VirtioState {
-    let (device, queues) = backend.save_parts();
-    debug_assert_eq!(
-        device.name(),
-        transport.device().name(),
-        "a transport saved with another device's backend"
-    );
-    VirtioState { transport: transport.save_state(queues), device }
+/// One virtio device as a VMM holds it: the transport (on the MMIO bus) and the backend (on the
+/// event loop), each shared with what drives it.
+pub struct MmioDevice<B> {
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub backend: Arc<Mutex<B>>,
 }
 
-/// Restores a vsock device saved by [`save`], with the inputs [`Vsock::new`] takes (the guest
-/// CID must be the saved one) and the transport's interrupt line. The backend starts with no
-/// connections and, if the device was running, tells the guest of a transport reset.
-pub fn restore_vsock(
-    state: &VirtioState,
-    cid: u64,
-    uds: PathBuf,
-    shared_listeners: Option<PathBuf>,
-    mem: GuestRam,
-    line: Arc<dyn InterruptLine>,
-) -> Result<(MmioTransport, VsockBackend), RestoreError> {
-    let DeviceState::Vsock(saved) = &state.device else {
-        return Err(RestoreError::WrongDevice { expected: "virtio-vsock", found: state.device.name() });
-    };
-    if saved.cid != cid {
-        return Err(RestoreError::Cid { saved: saved.cid, configured: cid });
+impl<B> MmioDevice<B> {
+    /// The two halves of one device: `transport` drives the device `backend` was created with.
+    pub fn new(transport: MmioTransport, backend: B) -> MmioDevice<B> {
+        MmioDevice { transport: Arc::new(Mutex::new(transport)), backend: Arc::new(Mutex::new(backend)) }
     }
-    if saved.next_host_port < FIRST_HOST_PORT {
-        return Err(RestoreError::HostPort(saved.next_host_port));
-    }
-    let (device, mut backend) = Vsock::new(cid, uds, shared_listeners, mem.clone())?;
-    let transport = MmioTransport::restore_state(Box::new(device), mem, line, &state.transport)?;
-    backend.restored(saved);
-    Ok((transport, backend))
 }
 
-/// Restores an NSM device saved by [`save`]; `ca` issues the restored module's signing leaf.
-pub fn restore_nsm(
-    state: &VirtioState,
-    ca: CertificateAuthority,
-    mem: GuestRam,
-    line: Arc<dyn InterruptLine>,
-) -> Result<(MmioTransport, NsmBackend), RestoreError> {
-    let DeviceState::Nsm(saved) = &state.device else {
-        return Err(RestoreError::WrongDevice { expected: "virtio-nsm", found: state.device.name() });
-    };
-    let nsm = Nsm::restore(ca, &saved.module)?;
-    let (device, mut backend) = NsmDevice::new(nsm, mem.clone()).map_err(RestoreError::EventFd)?;
-    let transport = MmioTransport::restore_state(Box::new(device), mem, line, &state.transport)?;
-    backend.restored(saved.pending.as_ref())?;
-    Ok((transport, backend))
+/// Saving locks both halves (the VM paused, the backend off the event loop); restoring builds
+/// both from the state, at its queue positions, with what the backend's constructor takes.
+impl<B: Backend> Persist for MmioDevice<B> {
+    type State = VirtioState;
+    type ConstructorArgs = B::RestoreArgs;
+    type Error = RestoreError;
+
+    fn save(&self) -> Result<VirtioState, RestoreError> {
+        let transport = lock(&self.transport);
+        let (device, queues) = lock(&self.backend).save_parts()?;
+        debug_assert_eq!(
+            device.name(),
+            transport.device().name(),
+            "a transport saved with another device's backend"
+        );
+        Ok(VirtioState { transport: transport.save_state(queues), device })
+    }
+
+    fn restore(args: B::RestoreArgs, state: &VirtioState) -> Result<MmioDevice<B>, RestoreError> {
+        let (transport, backend) = B::restore_parts(args, state)?;
+        Ok(MmioDevice::new(transport, backend))
+    }
+}
+
+/// A poisoned lock still holds the device: a panic elsewhere does not make its state unreadable.
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

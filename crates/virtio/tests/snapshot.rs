@@ -1,4 +1,5 @@
-//! Saving and restoring virtio devices through `carve_virtio::state`: the device continues where
+//! Saving and restoring virtio devices through `carve_virtio::state`'s `MmioDevice` (its
+//! `Persist` impl, as the VMM saves every device): the device continues where
 //! it was (queue positions, interrupt state, the NSM's PCRs and a half-delivered request), vsock
 //! connections end with a transport reset, and malformed states are refused with one sentence.
 
@@ -15,8 +16,11 @@ use std::time::Duration;
 use carve_eif::Measurements;
 use carve_nsm::pcr::{BootMeasurements, ParentIdentity};
 use carve_nsm::protocol::{ErrorCode, Request, Response};
+use carve_snapshot::Persist;
 use carve_virtio::mmio::status;
-use carve_virtio::state::{self, DeviceState, VirtioState};
+use carve_virtio::nsm::NsmBackend;
+use carve_virtio::state::{self, DeviceState, MmioDevice, NsmRestore, VirtioState, VsockRestore};
+use carve_virtio::vsock::VsockBackend;
 use carve_virtio::vsock::VIRTIO_VSOCK_EVENT_TRANSPORT_RESET;
 use vm_memory::{Bytes, GuestAddress};
 use vsock_driver::{VsockDriver, CID, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW};
@@ -89,7 +93,7 @@ fn a_restored_vsock_device_resets_the_transport_and_new_connections_work() {
     d.restore(&saved).unwrap();
     assert_eq!(d.save(), saved, "save → restore → save gives the same state");
     d.unpark();
-    assert!(d.transport.is_activated());
+    assert!(d.transport().is_activated());
 
     // The guest hears of the reset once, on its event queue, with an interrupt.
     assert_eq!(d.device_events(), [VIRTIO_VSOCK_EVENT_TRANSPORT_RESET]);
@@ -225,9 +229,14 @@ fn vsock_refusal(d: &VsockDriver, saved: &VirtioState, change: impl Fn(&mut Virt
     let mut state = saved.clone();
     change(&mut state);
     let uds = d.dir.path().join("restore.sock");
-    let line = d.line.clone();
-    let error =
-        state::restore_vsock(&state, CID, uds.clone(), None, d.mem.clone(), line).err().expect("refused");
+    let args = VsockRestore {
+        cid: CID,
+        uds: uds.clone(),
+        shared_listeners: None,
+        mem: d.mem.clone(),
+        line: d.line.clone(),
+    };
+    let error = MmioDevice::<VsockBackend>::restore(args, &state).err().expect("refused");
     assert!(!uds.exists(), "a refused restore leaves no socket behind");
     error.to_string()
 }
@@ -292,10 +301,14 @@ fn malformed_vsock_states_are_refused_with_one_sentence() {
         refused(&|s| s.device = DeviceState::Vsock(state::VsockState { cid: CID, next_host_port: 5 })),
         "the saved vsock device's next host port 5 is below 1073741824, where host ports start"
     );
-    let error =
-        state::restore_vsock(&saved, 8, d.dir.path().join("cid.sock"), None, d.mem.clone(), d.line.clone())
-            .err()
-            .unwrap();
+    let args = VsockRestore {
+        cid: 8,
+        uds: d.dir.path().join("cid.sock"),
+        shared_listeners: None,
+        mem: d.mem.clone(),
+        line: d.line.clone(),
+    };
+    let error = MmioDevice::<VsockBackend>::restore(args, &saved).err().unwrap();
     assert_eq!(
         error.to_string(),
         "the snapshot's vsock device has guest CID 7, but this VM is configured with CID 8"
@@ -328,7 +341,8 @@ fn malformed_nsm_states_are_refused_with_one_sentence() {
     let refused = |change: &dyn Fn(&mut VirtioState)| {
         let mut state = saved.clone();
         change(&mut state);
-        state::restore_nsm(&state, d.ca(), d.mem.clone(), d.line.clone()).err().expect("refused").to_string()
+        let args = NsmRestore { ca: d.ca(), mem: d.mem.clone(), line: d.line.clone() };
+        MmioDevice::<NsmBackend>::restore(args, &state).err().expect("refused").to_string()
     };
     assert_eq!(
         refused(&|s| nsm(s).module.bank.pcrs[18].index = 40),

@@ -11,9 +11,8 @@ use carve_nsm::pki::CertificateAuthority;
 use carve_snapshot::Persist;
 use carve_virtio::mmio::MmioTransport;
 use carve_virtio::nsm::{NsmBackend, NsmDevice};
-use carve_virtio::state::{self, DeviceState, RestoreError, VirtioState};
+use carve_virtio::state::{DeviceState, MmioDevice, NsmRestore, RestoreError, VirtioState, VsockRestore};
 use carve_virtio::vsock::{Vsock, VsockBackend};
-use carve_virtio::VirtioDevice;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::bus::Bus;
@@ -28,6 +27,7 @@ use crate::exit::ExitSignal;
 use crate::interrupts::{InterruptManager, InterruptState};
 use crate::layout::{MSI_TESTDEV_START, SERIAL_IRQ, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_SLOTS, VIRTIO_MMIO_START};
 use crate::memory::GuestRam;
+use crate::snapshot::SaveError;
 use crate::vm::{VmError, VsockConfig};
 
 /// What a virtio device is, for saving it and for telling a restore what to rebuild.
@@ -43,34 +43,48 @@ pub enum VirtioParts {
     Nsm(NsmDevice, Box<NsmBackend>),
 }
 
-/// A virtio device's event-loop half, shared between the loop and the manager, typed so a
-/// snapshot can save it.
-#[derive(Clone)]
-pub enum Backend {
-    Vsock(Arc<Mutex<VsockBackend>>),
-    Nsm(Arc<Mutex<NsmBackend>>),
+/// A virtio device's two halves (its transport on the MMIO bus, its backend on the event loop),
+/// typed so a snapshot can save it.
+pub enum Virtio {
+    Vsock(MmioDevice<VsockBackend>),
+    Nsm(MmioDevice<NsmBackend>),
 }
 
-impl Backend {
+impl Virtio {
     pub fn kind(&self) -> VirtioKind {
         match self {
-            Backend::Vsock(_) => VirtioKind::Vsock,
-            Backend::Nsm(_) => VirtioKind::Nsm,
+            Virtio::Vsock(_) => VirtioKind::Vsock,
+            Virtio::Nsm(_) => VirtioKind::Nsm,
+        }
+    }
+
+    /// The device's name, as its errors say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Virtio::Vsock(_) => "virtio-vsock",
+            Virtio::Nsm(_) => "virtio-nsm",
+        }
+    }
+
+    pub fn transport(&self) -> &Arc<Mutex<MmioTransport>> {
+        match self {
+            Virtio::Vsock(device) => &device.transport,
+            Virtio::Nsm(device) => &device.transport,
         }
     }
 
     fn subscriber(&self) -> Box<dyn MutEventSubscriber> {
         match self {
-            Backend::Vsock(backend) => Box::new(backend.clone()),
-            Backend::Nsm(backend) => Box::new(backend.clone()),
+            Virtio::Vsock(device) => Box::new(device.backend.clone()),
+            Virtio::Nsm(device) => Box::new(device.backend.clone()),
         }
     }
 
-    /// Saves the device with its transport; the VM is paused and the backend off the loop.
-    pub fn save(&self, transport: &MmioTransport) -> VirtioState {
+    /// The device's own [`Persist::save`]; the VM is paused and the backend off the loop.
+    pub fn save(&self) -> Result<VirtioState, RestoreError> {
         match self {
-            Backend::Vsock(backend) => state::save(transport, &mut *lock(backend)),
-            Backend::Nsm(backend) => state::save(transport, &mut *lock(backend)),
+            Virtio::Vsock(device) => device.save(),
+            Virtio::Nsm(device) => device.save(),
         }
     }
 }
@@ -79,11 +93,10 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// One virtio-mmio device: where it sits, its transport on the MMIO bus, its backend.
+/// One virtio-mmio device: where it sits, its transport and its backend.
 pub struct VirtioHandle {
     pub slot: VirtioSlot,
-    pub transport: Arc<Mutex<MmioTransport>>,
-    pub backend: Backend,
+    pub device: Virtio,
     /// The backend's place on the event loop while it is registered there.
     subscriber: Option<SubscriberId>,
 }
@@ -126,9 +139,9 @@ pub struct DevicesState {
 }
 
 /// What restoring devices needs besides their state.
-pub struct DeviceRestore<'a> {
-    pub vm: &'a Arc<VmFd>,
-    pub mem: &'a GuestRam,
+pub struct DeviceRestore {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestRam,
     pub exit: Arc<ExitSignal>,
     pub serial_output: SerialOutput,
     /// Replaces the saved vsock host side (its socket paths), keeping the guest's CID.
@@ -193,24 +206,127 @@ impl DeviceManager {
         })
     }
 
-    /// Every device's state; the VM is paused and the backends are off the event loop.
-    pub fn save(&self) -> DevicesState {
-        DevicesState {
-            interrupts: self.interrupts.save(),
-            serial: lock(&self.serial).save(),
-            i8042: lock(&self.i8042).save(),
-            fw_cfg_config: self.fw_cfg_config,
-            fw_cfg: lock(&self.fw_cfg).save(),
-            test_devices: self.test_devices.as_ref().map(|t| (lock(&t.testdev).save(), lock(&t.msi).save())),
-            virtio: self.virtio.iter().map(|h| h.backend.save(&lock(&h.transport))).collect(),
-            vsock: self.vsock.clone(),
+    /// The next virtio-mmio slot, or the error that there is none.
+    pub fn next_virtio_slot(&self) -> Result<VirtioSlot, VmError> {
+        let index = self.virtio.len() as u64;
+        if index >= VIRTIO_MMIO_SLOTS {
+            return Err(VmError::TooManyVirtioDevices);
+        }
+        Ok(VirtioSlot::new(
+            VIRTIO_MMIO_START + index * carve_virtio::mmio::MMIO_WINDOW,
+            VIRTIO_FIRST_IRQ + index as u32,
+        ))
+    }
+
+    /// Maps a virtio device in the next slot: queue notifications on ioeventfds, its interrupt
+    /// on the slot's IOAPIC pin.
+    pub fn attach_virtio(&mut self, vm: &VmFd, mem: &GuestRam, parts: VirtioParts) -> Result<(), VmError> {
+        let slot = self.next_virtio_slot()?;
+        let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
+        let device = match parts {
+            VirtioParts::Vsock(device, backend) => Virtio::Vsock(MmioDevice::new(
+                MmioTransport::new(Box::new(device), mem.clone(), line),
+                *backend,
+            )),
+            VirtioParts::Nsm(device, backend) => Virtio::Nsm(MmioDevice::new(
+                MmioTransport::new(Box::new(device), mem.clone(), line),
+                *backend,
+            )),
+        };
+        self.attach_device(vm, slot, device)
+    }
+
+    /// Maps an already built device (booted or restored) at `slot`.
+    pub fn attach_device(&mut self, vm: &VmFd, slot: VirtioSlot, device: Virtio) -> Result<(), VmError> {
+        let address = IoEventAddress::Mmio(slot.notify_address());
+        let transport = device.transport().clone();
+        for (queue, notifier) in lock(&transport).device().queue_notifiers().iter().enumerate() {
+            // With the ioeventfd a notification costs no exit to user space; the transport
+            // still forwards any that reach it.
+            vm.register_ioevent(notifier, &address, queue as u32).map_err(|source| VmError::Kvm {
+                what: "bind a virtio queue notification to an ioeventfd",
+                source,
+            })?;
+        }
+        self.mmio.insert(transport, slot.base, slot.len)?;
+        self.virtio.push(VirtioHandle { slot, device, subscriber: None });
+        Ok(())
+    }
+
+    pub fn virtio_slots(&self) -> Vec<VirtioSlot> {
+        self.virtio.iter().map(|handle| handle.slot).collect()
+    }
+
+    /// The buses the vCPU threads dispatch port and MMIO exits on.
+    pub fn buses(&self) -> (Bus, Bus) {
+        (self.pio.clone(), self.mmio.clone())
+    }
+
+    /// Puts every backend on the event loop (at start, and on resume).
+    pub fn start_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
+        &mut self,
+        events: &mut S,
+    ) {
+        for handle in &mut self.virtio {
+            if handle.subscriber.is_none() {
+                handle.subscriber = Some(events.add_subscriber(handle.device.subscriber()));
+            }
         }
     }
 
-    /// Rebuilds the devices of a snapshot onto a VM whose irqchip already holds its saved
-    /// state (the serial port may raise its line again at once) and whose memory holds the
-    /// snapshot's contents.
-    pub fn restore(args: DeviceRestore<'_>, state: &DevicesState) -> Result<DeviceManager, VmError> {
+    /// Takes every backend off the event loop, so no device touches guest memory or its queues
+    /// while the VM is paused; their file descriptors stay open and their events wait.
+    pub fn park_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
+        &mut self,
+        events: &mut S,
+    ) {
+        for handle in &mut self.virtio {
+            if let Some(id) = handle.subscriber.take() {
+                // The id came from this loop; an error would mean it is already gone.
+                let _ = events.remove_subscriber(id);
+            }
+        }
+    }
+
+    /// Flushes console output still buffered when the VM ends.
+    pub fn flush_serial(&self) {
+        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
+    }
+}
+
+/// Every device through its own [`Persist`] impl. Restored onto a VM whose irqchip already holds
+/// its saved state (the serial port may raise its line again at once) and whose memory holds
+/// the snapshot's contents.
+impl Persist for DeviceManager {
+    type State = DevicesState;
+    type ConstructorArgs = DeviceRestore;
+    type Error = VmError;
+
+    /// The VM is paused and the backends are off the event loop.
+    fn save(&self) -> Result<DevicesState, VmError> {
+        Ok(DevicesState {
+            interrupts: self.interrupts.save().map_err(unsaved("interrupt routes"))?,
+            serial: lock(&self.serial).save().map_err(unsaved("serial port"))?,
+            i8042: lock(&self.i8042).save().unwrap_or_else(|never| match never {}),
+            fw_cfg_config: self.fw_cfg_config,
+            fw_cfg: lock(&self.fw_cfg).save().map_err(unsaved("fw_cfg"))?,
+            test_devices: match &self.test_devices {
+                Some(t) => Some((
+                    lock(&t.testdev).save().map_err(unsaved("pc-testdev"))?,
+                    lock(&t.msi).save().map_err(unsaved("MSI test device"))?,
+                )),
+                None => None,
+            },
+            virtio: self
+                .virtio
+                .iter()
+                .map(|h| h.device.save().map_err(unsaved(h.device.name())))
+                .collect::<Result<_, _>>()?,
+            vsock: self.vsock.clone(),
+        })
+    }
+
+    fn restore(args: DeviceRestore, state: &DevicesState) -> Result<DeviceManager, VmError> {
         let invalid = |what: &str, e: &dyn std::fmt::Display| VmError::SnapshotState(format!("{what}: {e}"));
         let interrupts = InterruptManager::restore(args.vm.clone(), &state.interrupts)
             .map_err(|e| invalid("interrupt routes", &e))?;
@@ -252,23 +368,21 @@ impl DeviceManager {
             let line = Arc::new(devices.interrupts.legacy_line(slot.irq)?);
             let mem = args.mem.clone();
             let restored = |e: RestoreError| VmError::SnapshotState(format!("{}: {e}", saved.device.name()));
-            let (transport, backend) = match &saved.device {
+            let device = match &saved.device {
                 DeviceState::Vsock(_) => {
                     let Some(vsock) = &vsock else {
                         return Err(VmError::SnapshotState(
                             "vsock device comes without its configuration".into(),
                         ));
                     };
-                    let (transport, backend) = state::restore_vsock(
-                        saved,
-                        vsock.cid,
-                        vsock.uds.clone(),
-                        vsock.shared_listeners.clone(),
+                    let host_side = VsockRestore {
+                        cid: vsock.cid,
+                        uds: vsock.uds.clone(),
+                        shared_listeners: vsock.shared_listeners.clone(),
                         mem,
                         line,
-                    )
-                    .map_err(restored)?;
-                    (transport, Backend::Vsock(Arc::new(Mutex::new(backend))))
+                    };
+                    Virtio::Vsock(MmioDevice::restore(host_side, saved).map_err(restored)?)
                 }
                 DeviceState::Nsm(_) => {
                     let Some(ca) = nsm_ca.take() else {
@@ -276,104 +390,17 @@ impl DeviceManager {
                             "NSM has no CA to sign for it (one per NSM)".into(),
                         ));
                     };
-                    let (transport, backend) = state::restore_nsm(saved, ca, mem, line).map_err(restored)?;
-                    (transport, Backend::Nsm(Arc::new(Mutex::new(backend))))
+                    Virtio::Nsm(MmioDevice::restore(NsmRestore { ca, mem, line }, saved).map_err(restored)?)
                 }
             };
-            devices.attach_transport(args.vm, slot, transport, backend)?;
+            devices.attach_device(&args.vm, slot, device)?;
         }
         Ok(devices)
     }
+}
 
-    /// The next virtio-mmio slot, or the error that there is none.
-    pub fn next_virtio_slot(&self) -> Result<VirtioSlot, VmError> {
-        let index = self.virtio.len() as u64;
-        if index >= VIRTIO_MMIO_SLOTS {
-            return Err(VmError::TooManyVirtioDevices);
-        }
-        Ok(VirtioSlot::new(
-            VIRTIO_MMIO_START + index * carve_virtio::mmio::MMIO_WINDOW,
-            VIRTIO_FIRST_IRQ + index as u32,
-        ))
-    }
-
-    /// Maps a virtio device in the next slot: queue notifications on ioeventfds, its interrupt
-    /// on the slot's IOAPIC pin.
-    pub fn attach_virtio(&mut self, vm: &VmFd, mem: &GuestRam, parts: VirtioParts) -> Result<(), VmError> {
-        let slot = self.next_virtio_slot()?;
-        let line = Arc::new(self.interrupts.legacy_line(slot.irq)?);
-        let (device, backend): (Box<dyn VirtioDevice>, Backend) = match parts {
-            VirtioParts::Vsock(device, backend) => {
-                (Box::new(device), Backend::Vsock(Arc::new(Mutex::new(*backend))))
-            }
-            VirtioParts::Nsm(device, backend) => {
-                (Box::new(device), Backend::Nsm(Arc::new(Mutex::new(*backend))))
-            }
-        };
-        let transport = MmioTransport::new(device, mem.clone(), line);
-        self.attach_transport(vm, slot, transport, backend)
-    }
-
-    /// Maps an already built transport (booted or restored) at `slot`.
-    pub fn attach_transport(
-        &mut self,
-        vm: &VmFd,
-        slot: VirtioSlot,
-        transport: MmioTransport,
-        backend: Backend,
-    ) -> Result<(), VmError> {
-        let address = IoEventAddress::Mmio(slot.notify_address());
-        for (queue, notifier) in transport.device().queue_notifiers().iter().enumerate() {
-            // With the ioeventfd a notification costs no exit to user space; the transport
-            // still forwards any that reach it.
-            vm.register_ioevent(notifier, &address, queue as u32).map_err(|source| VmError::Kvm {
-                what: "bind a virtio queue notification to an ioeventfd",
-                source,
-            })?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        self.mmio.insert(transport.clone(), slot.base, slot.len)?;
-        self.virtio.push(VirtioHandle { slot, transport, backend, subscriber: None });
-        Ok(())
-    }
-
-    pub fn virtio_slots(&self) -> Vec<VirtioSlot> {
-        self.virtio.iter().map(|handle| handle.slot).collect()
-    }
-
-    /// The buses the vCPU threads dispatch port and MMIO exits on.
-    pub fn buses(&self) -> (Bus, Bus) {
-        (self.pio.clone(), self.mmio.clone())
-    }
-
-    /// Puts every backend on the event loop (at start, and on resume).
-    pub fn start_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
-        &mut self,
-        events: &mut S,
-    ) {
-        for handle in &mut self.virtio {
-            if handle.subscriber.is_none() {
-                handle.subscriber = Some(events.add_subscriber(handle.backend.subscriber()));
-            }
-        }
-    }
-
-    /// Takes every backend off the event loop, so no device touches guest memory or its queues
-    /// while the VM is paused; their file descriptors stay open and their events wait.
-    pub fn park_backends<S: SubscriberOps<Subscriber = Box<dyn MutEventSubscriber>>>(
-        &mut self,
-        events: &mut S,
-    ) {
-        for handle in &mut self.virtio {
-            if let Some(id) = handle.subscriber.take() {
-                // The id came from this loop; an error would mean it is already gone.
-                let _ = events.remove_subscriber(id);
-            }
-        }
-    }
-
-    /// Flushes console output still buffered when the VM ends.
-    pub fn flush_serial(&self) {
-        self.serial.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush();
-    }
+/// A device's save error as the VM's: none of carve's devices fails to save today, but the trait
+/// lets any say why it could not.
+fn unsaved<E: std::fmt::Display>(device: &'static str) -> impl FnOnce(E) -> VmError {
+    move |e| SaveError::Device { device, message: e.to_string() }.into()
 }

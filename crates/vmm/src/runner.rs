@@ -23,9 +23,8 @@ use crate::cpu_features::sgx::Epc;
 use crate::device_manager::DeviceManager;
 use crate::devices::serial::SerialPort;
 use crate::exit::{ExitSignal, VmExit};
-use crate::kvm_state::{self, HostCaps, KvmState};
 use crate::memory;
-use crate::snapshot::VmSnapshot;
+use crate::snapshot::{SaveError, VmSnapshot};
 use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
 use crate::vm::{VmError, VmOutcome};
 
@@ -37,7 +36,6 @@ pub(crate) struct Parts {
     pub serial_input: bool,
     pub vcpu_affinity: Vec<usize>,
     pub vm_fd: Arc<VmFd>,
-    pub kvm: kvm_ioctls::Kvm,
     /// The virtual EPC's mappings, kept as long as the VM runs.
     pub epc: Option<Epc>,
 }
@@ -100,8 +98,6 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         devices: parts.devices,
         context: context.clone(),
         vm_fd: parts.vm_fd,
-        kvm: parts.kvm,
-        caps: None,
         paused_since: None,
         paused_total: Duration::ZERO,
         started: Instant::now(),
@@ -111,7 +107,7 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
     runner.devices.start_backends(&mut events);
     for vcpu in parts.vcpus {
         let host_cpu = parts.vcpu_affinity.get(vcpu.index).copied();
-        match VcpuHandle::spawn(vcpu, host_cpu) {
+        match VcpuHandle::spawn(vcpu, context.clone(), host_cpu) {
             Ok(handle) => runner.vcpus.push(handle),
             Err(e) => {
                 context.exit.request(VmExit::VmmFailure(format!("cannot start a vCPU thread: {e}")));
@@ -162,9 +158,6 @@ struct Runner {
     devices: DeviceManager,
     context: Arc<VcpuContext>,
     vm_fd: Arc<VmFd>,
-    kvm: kvm_ioctls::Kvm,
-    /// What this host's KVM offers for saving, read at the first snapshot.
-    caps: Option<Arc<HostCaps>>,
     paused_since: Option<Instant>,
     paused_total: Duration,
     started: Instant,
@@ -258,9 +251,7 @@ impl Runner {
     /// Saves the VM to `dir`: paused for the time it takes, then running again if it ran.
     fn snapshot(&mut self, dir: &Path, events: &mut Loop) -> Result<(), String> {
         if self.epc.is_some() {
-            return Err("a VM with SGX EPC sections cannot be snapshotted: EPC contents cannot be read \
-                        out of the enclave page cache"
-                .into());
+            return Err(SaveError::Epc.to_string());
         }
         let was_running = self.paused_since.is_none();
         self.pause(events)?;
@@ -271,17 +262,10 @@ impl Runner {
         saved
     }
 
+    /// Each vCPU saves itself on its own thread; the rest is [`VmSnapshot::compose`], as for a
+    /// VM that does not run.
     fn save_to(&mut self, dir: &Path) -> Result<(), VmError> {
-        let caps = match &self.caps {
-            Some(caps) => caps.clone(),
-            None => {
-                let caps = Arc::new(
-                    HostCaps::read(&self.kvm, &self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?,
-                );
-                self.caps.insert(caps).clone()
-            }
-        };
-        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Save(caps.clone())));
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Save));
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             let saved = vcpu.wait(|r| match r {
@@ -290,18 +274,13 @@ impl Runner {
             });
             match saved {
                 Some(Ok(state)) => vcpus.push(*state),
-                Some(Err(e)) => return Err(crate::snapshot::SaveError::Kvm(e).into()),
+                Some(Err(e)) => return Err(SaveError::Kvm(e).into()),
                 None => {
                     return Err(VmError::Host(format!("vCPU {} has stopped; the VM is ending", vcpu.index)))
                 }
             }
         }
-        let vm = kvm_state::save_vm(&self.vm_fd).map_err(crate::snapshot::SaveError::Kvm)?;
-        let snapshot = VmSnapshot {
-            memory: memory::layout(&self.context.mem),
-            kvm: KvmState { vm, vcpus },
-            devices: self.devices.save(),
-        };
+        let snapshot = VmSnapshot::compose(vcpus, &self.vm_fd, &self.context.mem, &self.devices)?;
         crate::snapshot::save(dir, &snapshot, &self.context.mem)?;
         Ok(())
     }

@@ -15,18 +15,19 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use carve_nsm::pki::CertificateAuthority;
+use carve_snapshot::Persist;
 use carve_virtio::state::DeviceState;
 
 use crate::device_manager::{DeviceManager, DeviceRestore, DevicesState};
 use crate::exit::ExitSignal;
-use crate::kvm_state::{self, HostCaps, KvmState, TimePolicy};
+use crate::kvm_state::{self, HostCaps, KvmState, TimePolicy, VcpuState};
 use crate::memory::{self, GuestRam, RamRange};
-use crate::vcpu::{Vcpu, VcpuContext};
+use crate::vcpu::{Vcpu, VcpuContext, VcpuRestore};
 use crate::vm::{self, SerialSink, Vm, VmError, VsockConfig};
 
 pub const STATE_FILE: &str = "state";
@@ -71,6 +72,19 @@ impl VmSnapshot {
     pub fn has_nsm(&self) -> bool {
         self.devices.virtio.iter().any(|d| matches!(d.device, DeviceState::Nsm(_)))
     }
+
+    /// The one place a snapshot is put together, from the vCPUs' states (each saved where its
+    /// vCPU is: in place before the VM runs, on its thread while it does), then KVM's VM-wide
+    /// state and every device. The VM is paused.
+    pub(crate) fn compose(
+        vcpus: Vec<VcpuState>,
+        vm_fd: &VmFd,
+        mem: &GuestRam,
+        devices: &DeviceManager,
+    ) -> Result<VmSnapshot, VmError> {
+        let vm = kvm_state::save_vm(vm_fd).map_err(SaveError::Kvm)?;
+        Ok(VmSnapshot { memory: memory::layout(mem), kvm: KvmState { vm, vcpus }, devices: devices.save()? })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +99,13 @@ pub enum SaveError {
     State(#[from] carve_snapshot::file::SnapshotError),
     #[error("cannot save KVM's state: {0}")]
     Kvm(#[from] kvm_state::StateError),
+    #[error("the {device}: {message}")]
+    Device { device: &'static str, message: String },
+    #[error(
+        "a VM with SGX EPC sections cannot be snapshotted: EPC contents cannot be read out of the \
+         enclave page cache"
+    )]
+    Epc,
 }
 
 /// Writes `snapshot` and the contents of `mem` to `dir` (new, or empty). The VM is paused.
@@ -163,9 +184,50 @@ pub struct RestoreConfig {
 }
 
 impl Vm {
-    /// Rebuilds the VM saved in `dir` (whose state was read into `snapshot`), ready to run from
-    /// exactly where it was paused.
+    /// Rebuilds the VM saved in `dir` (whose state was read into `snapshot`): its
+    /// [`Persist::restore`].
     pub fn restore(dir: &Path, snapshot: &VmSnapshot, config: RestoreConfig) -> Result<Vm, VmError> {
+        <Vm as Persist>::restore(VmRestore { dir: dir.to_path_buf(), config }, snapshot)
+    }
+
+    /// Saves the VM, built and not yet run, to the snapshot directory `dir` (new, or empty), as
+    /// a running VM's `snapshot` control request does.
+    pub fn save_to(&self, dir: &Path) -> Result<(), VmError> {
+        let snapshot = Persist::save(self)?;
+        save(dir, &snapshot, &self.parts().context.mem)?;
+        Ok(())
+    }
+}
+
+/// What restoring a VM takes besides its state: the snapshot directory (its memory file) and
+/// how to bring it back.
+pub struct VmRestore {
+    pub dir: PathBuf,
+    pub config: RestoreConfig,
+}
+
+/// Everything a VM is apart from its memory's contents, which stay in their own file
+/// ([`save`] writes both).
+impl Persist for Vm {
+    type State = VmSnapshot;
+    type ConstructorArgs = VmRestore;
+    type Error = VmError;
+
+    /// A built VM that does not run (its vCPUs are here, not on threads); a running VM is saved
+    /// by its event loop, through the same [`VmSnapshot::compose`].
+    fn save(&self) -> Result<VmSnapshot, VmError> {
+        let parts = self.parts();
+        if parts.epc.is_some() {
+            return Err(SaveError::Epc.into());
+        }
+        let vcpus =
+            parts.vcpus.iter().map(Persist::save).collect::<Result<_, _>>().map_err(SaveError::Kvm)?;
+        VmSnapshot::compose(vcpus, &parts.vm_fd, &parts.context.mem, &parts.devices)
+    }
+
+    /// Ready to run from exactly where it was saved.
+    fn restore(args: VmRestore, snapshot: &VmSnapshot) -> Result<Vm, VmError> {
+        let (dir, config) = (&args.dir, args.config);
         let invalid = |what: String| VmError::SnapshotState(what);
         let total = snapshot.validate()?;
         let memory_path = dir.join(MEMORY_FILE);
@@ -188,20 +250,29 @@ impl Vm {
         let mem = memory::map_file(&memory_file, &snapshot.memory)?;
         memory::register(&vm_fd, &mem)?;
         vm::create_irqchip(&vm_fd)?;
-        let caps = HostCaps::read(&kvm, &vm_fd).map_err(|e| VmError::Host(e.to_string()))?;
+        let caps = Arc::new(HostCaps::read(&kvm, &vm_fd).map_err(|e| VmError::Host(e.to_string()))?);
 
+        // KVM's state in kvm_state's documented order, each vCPU restored as a Vcpu in between.
         let mut fds = Vec::with_capacity(count);
         for index in 0..count {
             fds.push(vm_fd.create_vcpu(index as u64).map_err(vm::kvm_error("create a vCPU"))?);
         }
         let refs: Vec<_> = fds.iter().collect();
-        kvm_state::restore(&vm_fd, &refs, &snapshot.kvm, config.time, &caps).map_err(VmError::KvmState)?;
+        let clock = kvm_state::begin_restore(&vm_fd, &refs, &snapshot.kvm, config.time, &caps)
+            .map_err(VmError::KvmState)?;
+        let mut vcpus = Vec::with_capacity(count);
+        for ((index, fd), state) in fds.into_iter().enumerate().zip(&snapshot.kvm.vcpus) {
+            let args = VcpuRestore { fd, index, caps: caps.clone(), tsc_advance_ns: clock.advanced_ns };
+            vcpus.push(Vcpu::restore(args, state).map_err(VmError::KvmState)?);
+        }
+        let refs: Vec<_> = vcpus.iter().map(|v: &Vcpu| &v.fd).collect();
+        kvm_state::finish_restore(&vm_fd, &refs, &snapshot.kvm).map_err(VmError::KvmState)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
         let devices = DeviceManager::restore(
             DeviceRestore {
-                vm: &vm_fd,
-                mem: &mem,
+                vm: vm_fd.clone(),
+                mem: mem.clone(),
                 exit: exit.clone(),
                 serial_output: vm::open_serial(config.serial)?,
                 vsock: config.vsock,
@@ -228,17 +299,6 @@ impl Vm {
             mem,
             platform: crate::guest_state::Platform::host(&supported),
         });
-        let vcpus = fds
-            .into_iter()
-            .zip(&snapshot.kvm.vcpus)
-            .enumerate()
-            .map(|(index, (fd, state))| Vcpu {
-                index,
-                fd,
-                cpuid: state.cpuid.iter().map(Into::into).collect(),
-                context: context.clone(),
-            })
-            .collect();
         Ok(Vm::from_parts(vm::Parts {
             vcpus,
             context,
@@ -246,7 +306,6 @@ impl Vm {
             serial_input: config.serial_input,
             vcpu_affinity: Vec::new(),
             vm_fd,
-            kvm,
             // A VM with an EPC is never saved (runner.rs refuses), so none is restored.
             epc: None,
         }))

@@ -20,6 +20,7 @@ use crate::devices::bus::Bus;
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
 use crate::guest_state::{self, CetState, GuestState, Platform};
 use crate::kvm_state::{self, HostCaps, StateError, VcpuState};
+use carve_snapshot::Persist;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -98,12 +99,59 @@ pub struct VcpuContext {
     pub platform: Platform,
 }
 
+/// One vCPU: what KVM holds of it and what saving it needs. What its thread shares with the
+/// rest of the VM ([`VcpuContext`]) is handed over when the thread starts: a restore rebuilds
+/// the vCPUs before the devices the context's buses reach (those go onto the irqchip, which is
+/// restored after the LAPICs).
 pub struct Vcpu {
     pub index: usize,
     pub fd: VcpuFd,
     /// The CPUID it was given (KVM_SET_CPUID2's input), which a snapshot carries.
     pub cpuid: Vec<kvm_cpuid_entry2>,
-    pub context: Arc<VcpuContext>,
+    /// What this host's KVM offers for saving it, read once per VM and shared by its vCPUs.
+    pub caps: Arc<HostCaps>,
+}
+
+/// What restoring a vCPU takes besides its state.
+pub struct VcpuRestore {
+    /// The vCPU fresh from KVM_CREATE_VCPU. The VM's restore creates every vCPU before it writes
+    /// anything: checking the saved TSC frequencies against this host reads them.
+    pub fd: VcpuFd,
+    pub index: usize,
+    pub caps: Arc<HostCaps>,
+    /// How far the guest TSC moves on from its saved value (what the restored clock advanced).
+    pub tsc_advance_ns: u64,
+}
+
+/// KVM's state of the vCPU. Saved while it does not run: in place before the VM runs, on its
+/// own thread ([`VcpuRequest::Save`]) while it does.
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs = VcpuRestore;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VcpuState, StateError> {
+        kvm_state::save_vcpu(&self.fd, self.index, &self.cpuid, &self.caps)
+    }
+
+    /// Step 3 of the restore order in [`kvm_state`]: the VM's restore checks the host and sets
+    /// the clock before, and lines up TSC offsets and restores the irqchip after, every vCPU.
+    fn restore(args: VcpuRestore, state: &VcpuState) -> Result<Vcpu, StateError> {
+        // Performance-monitoring MSRs KVM would not take are tolerated (kvm_state's msrs.rs).
+        let _skipped = kvm_state::restore_vcpu(&args.fd, args.index, state, &args.caps, args.tsc_advance_ns)?;
+        Ok(Vcpu {
+            index: args.index,
+            fd: args.fd,
+            cpuid: state.cpuid.iter().map(Into::into).collect(),
+            caps: args.caps,
+        })
+    }
+}
+
+/// A vCPU on its thread, with what it shares with the rest of the VM.
+struct VcpuThread {
+    vcpu: Vcpu,
+    context: Arc<VcpuContext>,
 }
 
 /// What the VMM asks of a vCPU thread. A request is sent, then the thread is kicked out of
@@ -114,8 +162,8 @@ pub enum VcpuRequest {
     Pause,
     /// Continue running ([`VcpuResponse::Resumed`]).
     Resume,
-    /// Save KVM's state of the vCPU; only answered while paused.
-    Save(Arc<HostCaps>),
+    /// Save KVM's state of the vCPU ([`Persist::save`]); only answered while paused.
+    Save,
     /// Print the registers to standard error (SIGUSR1), no answer.
     PrintState,
     /// Answer whether only another vCPU could ever wake this one ([`VcpuResponse::Stuck`]).
@@ -155,8 +203,12 @@ pub struct VcpuHandle {
 const KICK_RETRY: Duration = Duration::from_millis(20);
 
 impl VcpuHandle {
-    /// Starts `vcpu` on its own thread, pinned to `host_cpu` when given.
-    pub fn spawn(vcpu: Vcpu, host_cpu: Option<usize>) -> std::io::Result<VcpuHandle> {
+    /// Starts `vcpu` on its own thread with the VM's `context`, pinned to `host_cpu` when given.
+    pub fn spawn(
+        vcpu: Vcpu,
+        context: Arc<VcpuContext>,
+        host_cpu: Option<usize>,
+    ) -> std::io::Result<VcpuHandle> {
         install_kick_handler();
         let (requests, request_rx) = channel();
         let (response_tx, responses) = channel();
@@ -165,11 +217,11 @@ impl VcpuHandle {
             if let Some(cpu) = host_cpu {
                 if let Err(e) = pin_current_thread(cpu) {
                     let message = format!("cannot pin vCPU {index} to host CPU {cpu}: {e}");
-                    vcpu.context.exit.request(VmExit::VmmFailure(message));
+                    context.exit.request(VmExit::VmmFailure(message));
                     return;
                 }
             }
-            vcpu.run(request_rx, response_tx)
+            VcpuThread { vcpu, context }.run(request_rx, response_tx)
         })?;
         Ok(VcpuHandle { index, requests, responses, thread })
     }
@@ -246,7 +298,7 @@ fn install_kick_handler() {
             let run = run.get();
             if !run.is_null() {
                 // SAFETY: the pointer is this thread's own mapped kvm_run, published by
-                // `Vcpu::run` and cleared before its VcpuFd (and the mapping) is dropped; a
+                // `VcpuThread::run` and cleared before its VcpuFd (and the mapping) is dropped; a
                 // signal handler on the same thread cannot race with that.
                 unsafe { (*run).immediate_exit = 1 };
             }
@@ -290,11 +342,11 @@ enum Step {
     InternalError,
 }
 
-impl Vcpu {
+impl VcpuThread {
     /// The thread's life: run the guest, answering requests between exits, until the VM is
     /// asked to end (by this vCPU, another one, or the VMM) or [`VcpuRequest::Exit`] arrives.
-    pub fn run(mut self, requests: Receiver<VcpuRequest>, responses: Sender<VcpuResponse>) {
-        let _published = PublishedRun::publish(&mut self.fd);
+    fn run(mut self, requests: Receiver<VcpuRequest>, responses: Sender<VcpuResponse>) {
+        let _published = PublishedRun::publish(&mut self.vcpu.fd);
         let mut state = RunState::Running;
         while state != RunState::Exiting {
             let request = match state {
@@ -329,16 +381,15 @@ impl Vcpu {
             (VcpuRequest::Exit, _) => (RunState::Exiting, None),
             (VcpuRequest::Pause, _) => (RunState::Paused, Some(VcpuResponse::Paused)),
             (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
-            (VcpuRequest::Save(caps), RunState::Paused) => {
-                let saved = kvm_state::save_vcpu(&self.fd, self.index, &self.cpuid, &caps);
-                (state, Some(VcpuResponse::Saved(saved.map(Box::new))))
+            (VcpuRequest::Save, RunState::Paused) => {
+                (state, Some(VcpuResponse::Saved(self.vcpu.save().map(Box::new))))
             }
-            (VcpuRequest::Save(_), _) => {
+            (VcpuRequest::Save, _) => {
                 (state, Some(VcpuResponse::NotAllowed("a running vCPU cannot be saved")))
             }
             (VcpuRequest::PrintState, _) => {
                 let doing = if state == RunState::Paused { "paused" } else { "running" };
-                eprintln!("carve: vCPU {} is {doing}. {}", self.index, self.describe_state());
+                eprintln!("carve: vCPU {} is {doing}. {}", self.vcpu.index, self.describe_state());
                 (state, None)
             }
             // A paused vCPU is waiting for the VMM, not for the guest.
@@ -380,7 +431,7 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Step {
         let context = &self.context;
-        match self.fd.run() {
+        match self.vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 context.stats.pio_exits.fetch_add(1, Ordering::Relaxed);
                 if !context.pio.read(port.into(), data) {
@@ -436,7 +487,7 @@ impl Vcpu {
                 format!("exited with {other:?}, which carve does not handle"),
             ),
             Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
-                self.fd.set_kvm_immediate_exit(0);
+                self.vcpu.fd.set_kvm_immediate_exit(0);
                 Step::Continue
             }
             Err(e) => match self.enabling_nested() {
@@ -450,7 +501,7 @@ impl Vcpu {
                     ),
                 ),
                 false => {
-                    Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.index)))
+                    Step::Stop(VmExit::VmmFailure(format!("KVM_RUN failed on vCPU {}: {e}", self.vcpu.index)))
                 }
             },
         }
@@ -458,9 +509,9 @@ impl Vcpu {
 
     /// Whether the vCPU stands at a WRMSR that sets EFER.SVME.
     fn enabling_nested(&self) -> bool {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.fd.get_regs(), self.vcpu.fd.get_sregs()) else { return false };
         let mut code = [0u8; 2];
-        let fetched = self.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)).is_ok_and(|t| {
+        let fetched = self.vcpu.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)).is_ok_and(|t| {
             t.valid != 0 && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok()
         });
         fetched && sets_efer_svme(code, regs.rcx, regs.rax)
@@ -470,11 +521,11 @@ impl Vcpu {
     /// #BP itself; true when the guest can go on.
     fn deliver_unemulated_breakpoint(&mut self) -> bool {
         // SAFETY: KVM filled the `internal` member of the union for KVM_EXIT_INTERNAL_ERROR.
-        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let suberror = unsafe { self.vcpu.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
         if suberror != KVM_INTERNAL_ERROR_EMULATION {
             return false;
         }
-        let delivered = crate::breakpoint::deliver(&self.fd, &self.context.mem).is_ok();
+        let delivered = crate::breakpoint::deliver(&self.vcpu.fd, &self.context.mem).is_ok();
         if delivered {
             self.context.stats.breakpoints.fetch_add(1, Ordering::Relaxed);
         }
@@ -483,7 +534,7 @@ impl Vcpu {
 
     fn internal_error_detail(&mut self) -> String {
         // SAFETY: KVM filled the `internal` member of the union for KVM_EXIT_INTERNAL_ERROR.
-        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let internal = unsafe { self.vcpu.fd.get_kvm_run().__bindgen_anon_1.internal };
         let (name, meaning) = match internal.suberror {
             1 => (
                 "emulation failure",
@@ -507,7 +558,8 @@ impl Vcpu {
 
     /// The VM-entry rules the vCPU's current state breaks, as one clause.
     fn broken_entry_rules(&self) -> String {
-        match (self.fd.get_regs(), self.fd.get_sregs(), CetState::read(&self.fd, &self.cpuid)) {
+        let vcpu = &self.vcpu;
+        match (vcpu.fd.get_regs(), vcpu.fd.get_sregs(), CetState::read(&vcpu.fd, &vcpu.cpuid)) {
             (Ok(regs), Ok(sregs), Ok(cet)) => {
                 let state =
                     GuestState { cet, ..GuestState::from_kvm(&sregs, regs.rflags, &self.context.platform) };
@@ -525,13 +577,13 @@ impl Vcpu {
         } else {
             self.describe_state()
         };
-        let explanation = format!("vCPU {} {what}. {state}", self.index);
-        VmExit::Crash(CrashReport { kind, vcpu: self.index, explanation })
+        let explanation = format!("vCPU {} {what}. {state}", self.vcpu.index);
+        VmExit::Crash(CrashReport { kind, vcpu: self.vcpu.index, explanation })
     }
 
     /// Whether the vCPU holds the architectural reset state (real mode at F000:FFF0).
     fn was_reset(&self) -> bool {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.fd.get_regs(), self.vcpu.fd.get_sregs()) else { return false };
         regs.rip == 0xfff0
             && sregs.cs.selector == 0xf000
             && sregs.cs.base == 0xffff_0000
@@ -541,9 +593,9 @@ impl Vcpu {
     /// Halted with interrupts disabled, or an AP never started: only another vCPU could wake it
     /// (with an IPI or a SIPI).
     fn is_stuck(&self) -> bool {
-        match self.fd.get_mp_state().map(|s| s.mp_state) {
+        match self.vcpu.fd.get_mp_state().map(|s| s.mp_state) {
             Ok(kvm_bindings::KVM_MP_STATE_HALTED) => {
-                self.fd.get_regs().is_ok_and(|regs| regs.rflags & crate::x86::RFLAGS_IF == 0)
+                self.vcpu.fd.get_regs().is_ok_and(|regs| regs.rflags & crate::x86::RFLAGS_IF == 0)
             }
             Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => true,
             _ => false,
@@ -552,11 +604,11 @@ impl Vcpu {
 
     /// The registers and, when readable, the bytes at RIP.
     fn describe_state(&self) -> String {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.fd.get_regs(), self.vcpu.fd.get_sregs()) else {
             return "Registers unavailable.".into();
         };
         let mut bytes = String::from("unavailable");
-        if let Ok(t) = self.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)) {
+        if let Ok(t) = self.vcpu.fd.translate_gva(sregs.cs.base.wrapping_add(regs.rip)) {
             let mut code = [0u8; 15];
             if t.valid != 0
                 && self.context.mem.read_slice(&mut code, GuestAddress(t.physical_address)).is_ok()

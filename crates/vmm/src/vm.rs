@@ -27,6 +27,7 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::guest_state::file::{StateFile, StateFileError};
 use crate::guest_state::{self, CetState, GuestState, Platform, Violation};
 use crate::interrupts::{InterruptError, InterruptManager};
+use crate::kvm_state::HostCaps;
 use crate::layout::{KVM_TSS_ADDRESS, SERIAL_IRQ, VIRTIO_MMIO_SLOTS};
 use crate::memory::{self, GuestRam, MemoryBacking, MemoryError};
 use crate::mptable::{self, MpTableError};
@@ -280,7 +281,11 @@ impl Vm {
             _ => {}
         }
         let vcpu_count = config.vcpus as u8;
-        let supported = supported_cpuid(&kvm)?;
+        // KVM's own table (HostCaps takes it) and with what carve announces on top: asked once,
+        // as KVM_GET_SUPPORTED_CPUID costs some 300 µs on nested hosts.
+        let kvm_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+        let supported = with_announced(&kvm, kvm_cpuid.clone());
         let host = HostFeatures::from_probe(&HostProbe::this_host(&kvm, &supported));
         cpu_features::check(&config.cpu_features, &host)?;
 
@@ -311,6 +316,10 @@ impl Vm {
         let sgx = epc.as_ref().map(Epc::guest).cloned().unwrap_or_default();
         let epc_region = sgx.region();
         create_irqchip(&vm_fd)?;
+        // Read once per VM (after any change to the XSTATE the process may use): each vCPU saves
+        // itself with them, without asking anyone.
+        let caps = HostCaps::with_supported(&kvm, &vm_fd, kvm_cpuid.as_slice());
+        let caps = Arc::new(caps.map_err(|e| VmError::Host(e.to_string()))?);
 
         let interrupts = InterruptManager::new(vm_fd.clone())?;
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Host(e.to_string()))?);
@@ -399,7 +408,7 @@ impl Vm {
                     load_state(&fd, &cpuid, state, &platform, config.entry_check)?;
                 }
             }
-            vcpus.push(Vcpu { index: index.into(), fd, cpuid, context: context.clone() });
+            vcpus.push(Vcpu { index: index.into(), fd, cpuid, caps: caps.clone() });
         }
         let entry_warnings = check_entry_states(&vcpus, &platform, config.entry_check)?;
         let template_warning = unenforced_template(&vcpus[0].fd, &config.cpu_template)?;
@@ -412,7 +421,6 @@ impl Vm {
                 serial_input: config.serial_input,
                 vcpu_affinity: config.vcpu_affinity,
                 vm_fd,
-                kvm,
                 epc,
             },
             boot: Some(boot),
@@ -423,6 +431,10 @@ impl Vm {
 
     pub(crate) fn from_parts(parts: Parts) -> Vm {
         Vm { parts, boot: None, entry_warnings: Vec::new(), template_warning: None }
+    }
+
+    pub(crate) fn parts(&self) -> &Parts {
+        &self.parts
     }
 
     /// Rules the starting state breaks, when [`EntryCheck::Warn`] let it start anyway.
@@ -494,10 +506,14 @@ pub(crate) fn create_irqchip(vm_fd: &VmFd) -> Result<(), VmError> {
 
 /// KVM's supported CPUID with what KVM emulates but leaves to user space to announce.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmError> {
-    let mut supported =
+    let supported =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_error("report supported CPUID"))?;
+    Ok(with_announced(kvm, supported))
+}
+
+fn with_announced(kvm: &Kvm, mut supported: kvm_bindings::CpuId) -> kvm_bindings::CpuId {
     cpuid::announce_emulated(&mut supported, kvm.check_extension(Cap::TscDeadlineTimer));
-    Ok(supported)
+    supported
 }
 
 /// What shapes a vCPU's CPUID beyond KVM's offer and the topology.

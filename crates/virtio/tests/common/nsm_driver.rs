@@ -1,19 +1,20 @@
 //! A test driver for the virtio-nsm device: the transport handshake, then requests placed on
 //! the queue as raw descriptor chains, answered by the backend on a real event loop. The
-//! backend is held as the VMM holds it (`Arc<Mutex<NsmBackend>>`), so it can be parked, saved
-//! and restored.
+//! device is held as the VMM holds it (an `MmioDevice`), so it can be parked, saved and
+//! restored.
 #![allow(dead_code)]
 
 use carve_virtio::GuestRam;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, MutexGuard};
 
 use carve_nsm::pcr::BootMeasurements;
 use carve_nsm::pki::CertificateAuthority;
 use carve_nsm::Nsm;
+use carve_snapshot::Persist;
 use carve_virtio::mmio::{reg, status, MmioTransport};
 use carve_virtio::nsm::{NsmBackend, NsmDevice, NsmStats};
-use carve_virtio::state::{self, RestoreError, VirtioState};
+use carve_virtio::state::{MmioDevice, NsmRestore, RestoreError, VirtioState};
 use carve_virtio::InterruptLine;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
@@ -37,11 +38,10 @@ impl InterruptLine for CountingLine {
 }
 
 pub struct Driver {
-    pub transport: MmioTransport,
+    /// As the VMM holds it; `None` only while a restore replaces it.
+    pub device: Option<MmioDevice<NsmBackend>>,
     pub mem: GuestRam,
     pub events: EventManager<Box<dyn MutEventSubscriber>>,
-    /// As the VMM holds it; `None` only while a restore replaces it.
-    pub backend: Option<Arc<Mutex<NsmBackend>>>,
     subscriber: Option<SubscriberId>,
     pub line: Arc<CountingLine>,
     pub stats: Arc<NsmStats>,
@@ -66,10 +66,9 @@ impl Driver {
         let line = Arc::new(CountingLine::default());
         let transport = MmioTransport::new(Box::new(device), mem.clone(), line.clone());
         let mut driver = Driver {
-            transport,
+            device: Some(MmioDevice::new(transport, backend)),
             mem,
             events,
-            backend: Some(Arc::new(Mutex::new(backend))),
             subscriber: None,
             line,
             stats,
@@ -96,16 +95,15 @@ impl Driver {
 
     /// Puts the backend back on the event loop, as the VMM does to resume.
     pub fn unpark(&mut self) {
-        if let (None, Some(backend)) = (self.subscriber, &self.backend) {
-            self.subscriber = Some(self.events.add_subscriber(Box::new(backend.clone())));
+        if let (None, Some(device)) = (self.subscriber, &self.device) {
+            self.subscriber = Some(self.events.add_subscriber(Box::new(device.backend.clone())));
         }
     }
 
     /// Saves the device (parked), as the VMM does for a snapshot.
     pub fn save(&mut self) -> VirtioState {
         self.park();
-        let mut backend = self.backend.as_ref().unwrap().lock().unwrap();
-        state::save(&self.transport, &mut *backend)
+        self.device.as_ref().unwrap().save().unwrap()
     }
 
     /// Replaces the device with one restored from `state` on the same guest memory; the
@@ -113,23 +111,28 @@ impl Driver {
     pub fn restore(&mut self, state: &VirtioState) -> Result<(), RestoreError> {
         self.park();
         self.events = EventManager::new().unwrap();
-        self.backend = None;
-        let (transport, backend) = state::restore_nsm(state, self.ca(), self.mem.clone(), self.line.clone())?;
-        self.stats = backend.stats();
-        self.transport = transport;
-        self.backend = Some(Arc::new(Mutex::new(backend)));
+        self.device = None;
+        let args = NsmRestore { ca: self.ca(), mem: self.mem.clone(), line: self.line.clone() };
+        let device = MmioDevice::<NsmBackend>::restore(args, state)?;
+        self.stats = device.backend.lock().unwrap().stats();
+        self.device = Some(device);
         self.unpark();
         Ok(())
     }
 
+    /// The transport, as the MMIO bus reaches it.
+    pub fn transport(&self) -> MutexGuard<'_, MmioTransport> {
+        self.device.as_ref().expect("a device").transport.lock().unwrap()
+    }
+
     pub fn read(&mut self, offset: u64) -> u32 {
         let mut data = [0u8; 4];
-        self.transport.read(offset, &mut data);
+        self.transport().read(offset, &mut data);
         u32::from_le_bytes(data)
     }
 
     pub fn write(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
+        self.transport().write(offset, &value.to_le_bytes());
     }
 
     fn handshake(&mut self) {

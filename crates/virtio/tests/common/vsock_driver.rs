@@ -1,14 +1,15 @@
 //! A test driver for the virtio-vsock device: the transport handshake, then packets placed on
-//! the queues by hand, with the backend on a real event loop held as the VMM holds it
-//! (`Arc<Mutex<VsockBackend>>`), so it can be parked, saved and restored.
+//! the queues by hand, with the device held as the VMM holds it (an `MmioDevice`, the backend
+//! on a real event loop), so it can be parked, saved and restored.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, MutexGuard};
 
+use carve_snapshot::Persist;
 use carve_virtio::mmio::{reg, status, MmioTransport};
-use carve_virtio::state::{self, RestoreError, VirtioState};
+use carve_virtio::state::{MmioDevice, RestoreError, VirtioState, VsockRestore};
 use carve_virtio::vsock::{Vsock, VsockBackend};
 use carve_virtio::{GuestRam, InterruptLine};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
@@ -65,11 +66,10 @@ struct Ring {
 }
 
 pub struct VsockDriver {
-    pub transport: MmioTransport,
+    /// As the VMM holds it; `None` only while a restore replaces it.
+    pub device: Option<MmioDevice<VsockBackend>>,
     pub mem: GuestRam,
     pub events: EventManager<Box<dyn MutEventSubscriber>>,
-    /// As the VMM holds it; `None` only while a restore replaces it.
-    pub backend: Option<Arc<Mutex<VsockBackend>>>,
     subscriber: Option<SubscriberId>,
     pub line: Arc<CountingLine>,
     pub uds: PathBuf,
@@ -109,10 +109,9 @@ impl VsockDriver {
     ) -> VsockDriver {
         let events = EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
         let mut driver = VsockDriver {
-            transport,
+            device: Some(MmioDevice::new(transport, backend)),
             mem,
             events,
-            backend: Some(Arc::new(Mutex::new(backend))),
             subscriber: None,
             line,
             uds,
@@ -128,13 +127,18 @@ impl VsockDriver {
         PathBuf::from(format!("{}_{port}", self.uds.display()))
     }
 
+    /// The transport, as the MMIO bus reaches it.
+    pub fn transport(&self) -> MutexGuard<'_, MmioTransport> {
+        self.device.as_ref().expect("a device").transport.lock().unwrap()
+    }
+
     pub fn write(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
+        self.transport().write(offset, &value.to_le_bytes());
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {
         let mut data = [0u8; 4];
-        self.transport.read(offset, &mut data);
+        self.transport().read(offset, &mut data);
         u32::from_le_bytes(data)
     }
 
@@ -163,7 +167,7 @@ impl VsockDriver {
     pub fn driver_ok(&mut self) {
         let ready = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
         self.write(reg::STATUS, ready);
-        assert!(self.transport.is_activated());
+        assert!(self.transport().is_activated());
         for id in 0..QUEUE {
             self.give(RX, id, SLOT as u32);
         }
@@ -295,16 +299,15 @@ impl VsockDriver {
 
     /// Puts the backend back on the event loop, as the VMM does to resume.
     pub fn unpark(&mut self) {
-        if let (None, Some(backend)) = (self.subscriber, &self.backend) {
-            self.subscriber = Some(self.events.add_subscriber(Box::new(backend.clone())));
+        if let (None, Some(device)) = (self.subscriber, &self.device) {
+            self.subscriber = Some(self.events.add_subscriber(Box::new(device.backend.clone())));
         }
     }
 
     /// Saves the device (parked), as the VMM does for a snapshot.
     pub fn save(&mut self) -> VirtioState {
         self.park();
-        let mut backend = self.backend.as_ref().unwrap().lock().unwrap();
-        state::save(&self.transport, &mut *backend)
+        self.device.as_ref().unwrap().save().unwrap()
     }
 
     /// Replaces the device with one restored from `state` on the same socket path and guest
@@ -318,11 +321,15 @@ impl VsockDriver {
         self.park();
         self.events = EventManager::new().unwrap();
         // The old process ends: its sockets close and its socket file goes.
-        self.backend = None;
-        let (transport, backend) =
-            state::restore_vsock(state, cid, self.uds.clone(), None, self.mem.clone(), self.line.clone())?;
-        self.transport = transport;
-        self.backend = Some(Arc::new(Mutex::new(backend)));
+        self.device = None;
+        let args = VsockRestore {
+            cid,
+            uds: self.uds.clone(),
+            shared_listeners: None,
+            mem: self.mem.clone(),
+            line: self.line.clone(),
+        };
+        self.device = Some(MmioDevice::restore(args, state)?);
         self.unpark();
         Ok(())
     }

@@ -39,8 +39,8 @@ impl Persist for DebugExit {
     type ConstructorArgs = Arc<ExitSignal>;
     type Error = Infallible;
 
-    fn save(&self) -> DebugExitState {
-        DebugExitState
+    fn save(&self) -> Result<DebugExitState, Infallible> {
+        Ok(DebugExitState)
     }
 
     fn restore(exit: Arc<ExitSignal>, _state: &DebugExitState) -> Result<DebugExit, Infallible> {
@@ -55,10 +55,10 @@ mod tests {
     #[test]
     fn a_restored_device_ends_the_new_vm() {
         let old = Arc::new(ExitSignal::new().unwrap());
-        let state = DebugExit(old.clone()).save();
+        let state = DebugExit(old.clone()).save().unwrap();
         let new = Arc::new(ExitSignal::new().unwrap());
         let mut dev = DebugExit::restore(new.clone(), &state).unwrap();
-        assert_eq!(dev.save(), state);
+        assert_eq!(dev.save().unwrap(), state);
         assert_eq!(serde_json::to_string(&state).unwrap(), "null", "nothing to save");
         dev.write(DEBUG_EXIT_PORT, 0, &[3]);
         assert_eq!(new.take(), Some(VmExit::DebugExit(3)));

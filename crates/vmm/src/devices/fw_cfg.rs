@@ -97,8 +97,8 @@ impl Persist for FwCfg {
     type ConstructorArgs = FwCfgConfig;
     type Error = FwCfgStateError;
 
-    fn save(&self) -> FwCfgState {
-        FwCfgState { selected: self.selected, offset: self.offset as u64 }
+    fn save(&self) -> Result<FwCfgState, FwCfgStateError> {
+        Ok(FwCfgState { selected: self.selected, offset: self.offset as u64 })
     }
 
     fn restore(config: FwCfgConfig, state: &FwCfgState) -> Result<FwCfg, FwCfgStateError> {
@@ -162,22 +162,30 @@ mod tests {
         let mut dev = FwCfg::new(CONFIG.cpus, CONFIG.max_cpus, CONFIG.ram_bytes);
         dev.write(FW_CFG_BASE, 0, &KEY_SIGNATURE.to_le_bytes());
         assert_eq!(read_byte(&mut dev), b'Q');
-        let state = dev.save();
+        let state = dev.save().unwrap();
         assert_eq!(state, FwCfgState { selected: KEY_SIGNATURE, offset: 1 });
         let mut restored = FwCfg::restore(CONFIG, &state).unwrap();
-        assert_eq!(restored.save(), state, "save, restore, save: the same state");
+        assert_eq!(restored.save().unwrap(), state, "save, restore, save: the same state");
         assert_eq!([read_byte(&mut restored), read_byte(&mut restored), read_byte(&mut restored)], *b"EMU");
         assert_eq!(read_byte(&mut restored), 0, "past the end");
-        assert_eq!(restored.save(), FwCfgState { selected: KEY_SIGNATURE, offset: 4 }, "stays at the end");
+        assert_eq!(
+            restored.save().unwrap(),
+            FwCfgState { selected: KEY_SIGNATURE, offset: 4 },
+            "stays at the end"
+        );
         assert_eq!(read_item(&mut restored, KEY_NB_CPUS, 2), [2, 0], "items come from the configuration");
     }
 
     #[test]
     fn positions_outside_the_rebuilt_items_are_refused() {
         let at_end = FwCfgState { selected: KEY_RAM_SIZE, offset: 8 };
-        assert_eq!(FwCfg::restore(CONFIG, &at_end).unwrap().save(), at_end);
+        assert_eq!(FwCfg::restore(CONFIG, &at_end).unwrap().save().unwrap(), at_end);
         let unknown = FwCfgState { selected: 0x4242, offset: 0 };
-        assert_eq!(FwCfg::restore(CONFIG, &unknown).unwrap().save(), unknown, "any key can be selected");
+        assert_eq!(
+            FwCfg::restore(CONFIG, &unknown).unwrap().save().unwrap(),
+            unknown,
+            "any key can be selected"
+        );
 
         let error = FwCfg::restore(CONFIG, &FwCfgState { selected: KEY_RAM_SIZE, offset: 9 }).err().unwrap();
         assert_eq!(

@@ -58,8 +58,8 @@ impl Persist for I8042 {
     type ConstructorArgs = Arc<ExitSignal>;
     type Error = Infallible;
 
-    fn save(&self) -> I8042State {
-        I8042State
+    fn save(&self) -> Result<I8042State, Infallible> {
+        Ok(I8042State)
     }
 
     fn restore(signal: Arc<ExitSignal>, _state: &I8042State) -> Result<I8042, Infallible> {
@@ -74,10 +74,10 @@ mod tests {
     #[test]
     fn a_restored_controller_resets_the_new_vm() {
         let old = Arc::new(ExitSignal::new().unwrap());
-        let state = I8042::new(old.clone()).save();
+        let state = I8042::new(old.clone()).save().unwrap();
         let new = Arc::new(ExitSignal::new().unwrap());
         let mut dev = I8042::restore(new.clone(), &state).unwrap();
-        assert_eq!(dev.save(), state);
+        assert_eq!(dev.save().unwrap(), state);
         dev.write(I8042_BASE, 4, &[RESET_COMMAND]);
         assert_eq!(new.take(), Some(VmExit::Reset));
         assert!(!old.is_requested());

@@ -145,8 +145,8 @@ impl Persist for MsiTestdev {
     type ConstructorArgs = InterruptManager;
     type Error = MsiTestdevStateError;
 
-    fn save(&self) -> MsiTestdevState {
-        MsiTestdevState { store: self.store.id(), capacity: self.capacity, status: self.status }
+    fn save(&self) -> Result<MsiTestdevState, MsiTestdevStateError> {
+        Ok(MsiTestdevState { store: self.store.id(), capacity: self.capacity, status: self.status })
     }
 
     fn restore(
@@ -207,13 +207,17 @@ mod tests {
         write(&mut dev, entry(9, 12), 0);
         dev.status = STATUS_ROUTES_EXHAUSTED;
 
-        let (device_state, interrupt_state) = (dev.save(), interrupts.save());
+        let (device_state, interrupt_state) = (dev.save().unwrap(), interrupts.save().unwrap());
         assert_eq!(device_state.capacity as usize, interrupts.msi_capacity());
         drop((dev, interrupts));
         let new = TestVm::new();
         let interrupts = InterruptManager::restore(new.vm.clone(), &interrupt_state).unwrap();
         let mut dev = MsiTestdev::restore(interrupts.clone(), &device_state).unwrap();
-        assert_eq!((dev.save(), interrupts.save()), (device_state, interrupt_state), "save, restore, save");
+        assert_eq!(
+            (dev.save().unwrap(), interrupts.save().unwrap()),
+            (device_state, interrupt_state),
+            "save, restore, save"
+        );
 
         assert_eq!(read(&mut dev, STATUS), STATUS_ROUTES_EXHAUSTED);
         assert_eq!(read(&mut dev, CAPACITY), device_state.capacity);
@@ -231,7 +235,7 @@ mod tests {
     #[test]
     fn malformed_states_are_refused() {
         let vm = TestVm::new();
-        let limit = InterruptManager::new(vm.vm.clone()).unwrap().save().route_limit;
+        let limit = InterruptManager::new(vm.vm.clone()).unwrap().save().unwrap().route_limit;
         let masked =
             MsiVectorState { message: MsiMessage::default(), masked: true, pending: false, has_gsi: false };
         let stores = vec![
@@ -263,7 +267,7 @@ mod tests {
         );
         assert_eq!(interrupts.unclaimed_msi_stores(), [0, 1], "a refused state claims nothing");
         let dev = MsiTestdev::restore(interrupts.clone(), &good).unwrap();
-        assert_eq!(dev.save(), good);
+        assert_eq!(dev.save().unwrap(), good);
         let error = refuse(good);
         assert!(
             matches!(error, MsiTestdevStateError::Store(InterruptStateError::StoreClaimed(0))),

@@ -125,8 +125,8 @@ impl Persist for SerialPort {
     type ConstructorArgs = (LegacyLine, SerialOutput);
     type Error = SerialStateError;
 
-    fn save(&self) -> SerialPortState {
-        SerialPortState(self.uart.state())
+    fn save(&self) -> Result<SerialPortState, SerialStateError> {
+        Ok(SerialPortState(self.uart.state()))
     }
 
     /// The port in `state`; an interrupt the state says is pending and enabled is raised again
@@ -196,7 +196,7 @@ mod tests {
         port.write(COM1_BASE, IER, &[0x01]); // received data waits: its interrupt is raised
         port.write(COM1_BASE, DATA, b"o");
 
-        let state = port.save();
+        let state = port.save().unwrap();
         assert_eq!(state.0.in_buffer, b"i!");
         assert_eq!(state.0.line_status, LSR_IDLE | LSR_DATA_READY);
         assert_eq!(state.0.interrupt_identification, 0x04);
@@ -204,7 +204,7 @@ mod tests {
         let new_interrupts = InterruptManager::new(new.vm.clone()).unwrap();
         let after = Console::default();
         let mut port = SerialPort::restore((line(&new_interrupts), Box::new(after.clone())), &state).unwrap();
-        assert_eq!(port.save(), state, "save, restore, save: the same state");
+        assert_eq!(port.save().unwrap(), state, "save, restore, save: the same state");
 
         assert_eq!(read(&mut port, SCRATCH), 0x5a);
         assert_eq!(read(&mut port, IER), 0x01);
@@ -221,7 +221,7 @@ mod tests {
     fn malformed_states_are_refused() {
         let vm = TestVm::new();
         let interrupts = InterruptManager::new(vm.vm.clone()).unwrap();
-        let good = SerialPort::new(line(&interrupts), Box::new(std::io::sink())).save();
+        let good = SerialPort::new(line(&interrupts), Box::new(std::io::sink())).save().unwrap();
         let refuse = |state: SerialPortState| {
             SerialPort::restore((line(&interrupts), Box::new(std::io::sink())), &state).err().unwrap()
         };

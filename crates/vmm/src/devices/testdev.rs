@@ -113,8 +113,8 @@ impl Persist for Testdev {
     type ConstructorArgs = Box<dyn TestdevHost>;
     type Error = TestdevStateError;
 
-    fn save(&self) -> TestdevState {
-        TestdevState { latch: self.latch, iomem: self.iomem.clone() }
+    fn save(&self) -> Result<TestdevState, TestdevStateError> {
+        Ok(TestdevState { latch: self.latch, iomem: self.iomem.clone() })
     }
 
     fn restore(host: Box<dyn TestdevHost>, state: &TestdevState) -> Result<Testdev, TestdevStateError> {
@@ -184,10 +184,10 @@ mod tests {
         let mut dev = Testdev::new(Box::new(Recorder::default()));
         dev.write(LATCH_PORT, 0, &0x1234_5678u32.to_le_bytes());
         dev.write(IOMEM_BASE, 0x100, &[9, 8, 7]);
-        let state = dev.save();
+        let state = dev.save().unwrap();
         let recorder = Recorder::default();
         let mut dev = Testdev::restore(Box::new(recorder.clone()), &state).unwrap();
-        assert_eq!(dev.save(), state, "save, restore, save: the same state");
+        assert_eq!(dev.save().unwrap(), state, "save, restore, save: the same state");
         let mut word = [0u8; 4];
         dev.read(LATCH_PORT, 0, &mut word);
         assert_eq!(u32::from_le_bytes(word), 0x1234_5678);

@@ -271,9 +271,9 @@ impl Persist for InterruptManager {
     type ConstructorArgs = Arc<VmFd>;
     type Error = InterruptStateError;
 
-    fn save(&self) -> InterruptState {
+    fn save(&self) -> Result<InterruptState, InterruptStateError> {
         let shared = self.lock();
-        InterruptState {
+        Ok(InterruptState {
             route_limit: shared.table.limit() as u64,
             stores: shared
                 .stores
@@ -283,7 +283,7 @@ impl Persist for InterruptManager {
                     vectors: slot.vectors.iter().map(Vector::save).collect(),
                 })
                 .collect(),
-        }
+        })
     }
 
     fn restore(vm: Arc<VmFd>, state: &InterruptState) -> Result<InterruptManager, InterruptStateError> {
@@ -684,7 +684,7 @@ mod tests {
         second.set_message(0, message(0x44)).unwrap();
         second.trigger(0).unwrap();
 
-        let state = manager.save();
+        let state = manager.save().unwrap();
         let masked_default = vector(MsiMessage::default(), true, false, false);
         assert_eq!(
             state.stores,
@@ -707,7 +707,7 @@ mod tests {
 
         let new = TestVm::new();
         let restored = InterruptManager::restore(new.vm.clone(), &state).unwrap();
-        assert_eq!(restored.save(), state);
+        assert_eq!(restored.save().unwrap(), state);
         assert_eq!(restored.msi_capacity(), manager.msi_capacity());
         assert_eq!(routes(&restored), LEGACY_ROUTES + 1, "only the unmasked vector is routed");
         assert!(!restored.lock().table.changed(), "the restore committed the table to KVM");
@@ -715,7 +715,7 @@ mod tests {
         let mut first = restored.claim_msi_store(0, 16).unwrap();
         let mut second = restored.claim_msi_store(1, 16).unwrap();
         assert!(restored.unclaimed_msi_stores().is_empty());
-        assert_eq!(restored.save(), state, "save, restore, save: the same state");
+        assert_eq!(restored.save().unwrap(), state, "save, restore, save: the same state");
         assert!(first.gsi(0).is_some() && first.gsi(2).is_some() && first.gsi(5).is_none());
 
         assert!(!new.has(0x41), "a masked vector's pending trigger waits");
@@ -758,7 +758,7 @@ mod tests {
         store.unmask(0).unwrap();
         let error = store.unmask(1).unwrap_err();
         assert!(matches!(error, InterruptError::RoutesExhausted { limit: 41, msi: 1 }), "{error}");
-        assert_eq!(manager.save().route_limit, 41);
+        assert_eq!(manager.save().unwrap().route_limit, 41);
     }
 
     #[test]
@@ -772,7 +772,7 @@ mod tests {
         assert_eq!(routes(&manager), LEGACY_ROUTES + 1);
         drop(store);
         assert_eq!(routes(&manager), LEGACY_ROUTES);
-        assert!(manager.save().stores.is_empty());
+        assert!(manager.save().unwrap().stores.is_empty());
         assert_eq!(manager.lock().table.msi_allocated(), 0);
     }
 
@@ -842,7 +842,7 @@ mod tests {
             .collect();
         let state = InterruptState { route_limit: host, stores: vec![MsiStoreState { id: 0, vectors }] };
         let manager = InterruptManager::restore(vm.vm.clone(), &state).unwrap();
-        assert_eq!(manager.save(), state);
+        assert_eq!(manager.save().unwrap(), state);
         assert_eq!(routes(&manager), LEGACY_ROUTES + odd.len());
     }
 }

@@ -5,7 +5,9 @@
 //! counts, headers), [`check_host`] names everything the snapshot needs that this host's KVM
 //! lacks, and every ioctl error names the ioctl and the vCPU.
 //!
-//! Restore order ([`restore`]), and why:
+//! Restore order, and why. [`restore`] takes these steps on raw vCPU fds; a carve VM's restore
+//! (`Persist for Vm`) takes the same: [`begin_restore`] (1, 2), `Persist::restore` of each
+//! `Vcpu` (3), [`finish_restore`] (4, 5).
 //! 1. Validate everything, check the host, check TSC frequencies: refuse before writing anything.
 //! 2. KVM_SET_CLOCK (`TimePolicy`): first, so the vCPUs' TSCs can advance by what the clock did.
 //! 3. Each vCPU ([`restore_vcpu`]): TSC frequency, CPUID, MP state, regs, sregs, XSAVE, XCRs,
@@ -209,11 +211,22 @@ impl HostCaps {
     /// the process may use): read it after any `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)`, which
     /// carve never calls.
     pub fn read(kvm: &Kvm, vm: &VmFd) -> Result<HostCaps, StateError> {
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| StateError::SystemIoctl { ioctl: "KVM_GET_SUPPORTED_CPUID", source })?;
+        HostCaps::with_supported(kvm, vm, supported.as_slice())
+    }
+
+    /// [`HostCaps::read`] with KVM_GET_SUPPORTED_CPUID's answer (as KVM gave it) that the caller
+    /// already has: the ioctl costs some 300 µs on nested hosts, and a VM's build asks once.
+    pub fn with_supported(
+        kvm: &Kvm,
+        vm: &VmFd,
+        supported: &[kvm_cpuid_entry2],
+    ) -> Result<HostCaps, StateError> {
         let system = |ioctl| move |source| StateError::SystemIoctl { ioctl, source };
         let xsave2 = vm.check_extension_int(Cap::Xsave2);
-        let supported =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(system("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut offered: Vec<CpuidEntry> = supported.as_slice().iter().map(CpuidEntry::from).collect();
+        let mut offered: Vec<CpuidEntry> = supported.iter().map(CpuidEntry::from).collect();
         // Emulated features (MOVBE, RDPID) work, if slowly; older kernels have no such list.
         if let Ok(emulated) = kvm.get_emulated_cpuid(KVM_MAX_CPUID_ENTRIES) {
             for e in emulated.as_slice() {
@@ -383,9 +396,9 @@ pub struct Restored {
     pub skipped_msrs: Vec<(usize, u32)>,
 }
 
-/// Restores a whole VM in the order the module documentation gives, refusing (before writing
-/// anything) a state that is invalid, needs what this host lacks, or runs its TSC at a frequency
-/// this host can neither match nor scale to.
+/// Restores a whole VM onto raw vCPU fds in the order the module documentation gives:
+/// [`begin_restore`], [`restore_vcpu`] for each vCPU, [`finish_restore`] (a carve VM's restore
+/// takes the same steps, each vCPU restored as a `Vcpu`).
 pub fn restore(
     vm: &VmFd,
     vcpus: &[&VcpuFd],
@@ -393,6 +406,27 @@ pub fn restore(
     policy: TimePolicy,
     caps: &HostCaps,
 ) -> Result<Restored, StateError> {
+    let clock = begin_restore(vm, vcpus, state, policy, caps)?;
+    let mut skipped_msrs = Vec::new();
+    for (vcpu, (fd, vcpu_state)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+        let skipped = restore_vcpu(fd, vcpu, vcpu_state, caps, clock.advanced_ns)?;
+        skipped_msrs.extend(skipped.into_iter().map(|msr| (vcpu, msr)));
+    }
+    let tsc = finish_restore(vm, vcpus, state)?;
+    Ok(Restored { clock, tsc, skipped_msrs })
+}
+
+/// Steps 1 and 2: refuses, before writing anything, a state that is invalid, needs what this
+/// host lacks, or runs its TSC at a frequency this host can neither match nor scale to (read
+/// from `vcpus`, the fresh vCPUs it goes into); then sets the clock. The vCPUs' TSCs advance
+/// by the returned [`ClockRestored::advanced_ns`].
+pub fn begin_restore(
+    vm: &VmFd,
+    vcpus: &[&VcpuFd],
+    state: &KvmState,
+    policy: TimePolicy,
+    caps: &HostCaps,
+) -> Result<ClockRestored, StateError> {
     if vcpus.len() != state.vcpus.len() {
         return Err(StateError::VcpuCount { saved: state.vcpus.len(), given: vcpus.len() });
     }
@@ -404,19 +438,20 @@ pub fn restore(
     for (vcpu, (fd, vcpu_state)) in vcpus.iter().zip(&state.vcpus).enumerate() {
         time::tsc_khz_to_set(vcpu, vcpu_state.tsc_khz, time::host_tsc_khz(fd), caps.tsc_control)?;
     }
-    let clock = restore_clock(vm, &state.vm, policy, caps)?;
-    let mut skipped_msrs = Vec::new();
-    for (vcpu, (fd, vcpu_state)) in vcpus.iter().zip(&state.vcpus).enumerate() {
-        let skipped = restore_vcpu(fd, vcpu, vcpu_state, caps, clock.advanced_ns)?;
-        skipped_msrs.extend(skipped.into_iter().map(|msr| (vcpu, msr)));
-    }
-    let tsc = sync_tsc_offsets(vcpus, &state.vcpus)?;
-    restore_devices(vm, &state.vm)?;
-    Ok(Restored { clock, tsc, skipped_msrs })
+    restore_clock(vm, &state.vm, policy, caps)
 }
 
-/// Restores vCPU `vcpu` (a fresh one that has not run); call [`check_host`] first, as [`restore`] does. `tsc_advance_ns` is the time the guest
-/// TSC moves on from its saved value ([`ClockRestored::advanced_ns`]; 0 keeps it exact).
+/// Steps 4 and 5, once every vCPU holds its state: TSC offsets made identical, then the PICs,
+/// IOAPIC and PIT.
+pub fn finish_restore(vm: &VmFd, vcpus: &[&VcpuFd], state: &KvmState) -> Result<TscSync, StateError> {
+    let tsc = sync_tsc_offsets(vcpus, &state.vcpus)?;
+    restore_devices(vm, &state.vm)?;
+    Ok(tsc)
+}
+
+/// Step 3 for vCPU `vcpu` (a fresh one that has not run), after [`begin_restore`] checked the
+/// host. `tsc_advance_ns` is the time the guest TSC moves on from its saved value
+/// ([`ClockRestored::advanced_ns`]; 0 keeps it exact).
 /// Returns the performance-monitoring MSRs KVM would not take (tolerated, see the MSR module).
 pub fn restore_vcpu(
     fd: &VcpuFd,
@@ -492,8 +527,8 @@ pub fn restore_vcpu(
 }
 
 /// Restores the VM-wide state: PIC master, PIC slave, IOAPIC, PIT, then kvmclock by `policy`.
-/// When vCPUs are restored too, use [`restore`], which puts the clock first and the interrupt
-/// controllers and PIT after the LAPICs.
+/// When vCPUs are restored too, take [`restore`]'s steps, which put the clock first and the
+/// interrupt controllers and PIT after the LAPICs.
 pub fn restore_vm(
     vm: &VmFd,
     state: &VmState,
