@@ -126,6 +126,21 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("command output always serializes"));
 }
 
+/// nitro-cli's `--memory`, and a clear refusal for `carve vm run`'s KSM option: enclaves never
+/// merge memory (docs/memory.md).
+fn parse_enclave_memory(text: &str) -> Result<u64, Failure> {
+    if text.split(',').skip(1).any(|part| part.trim().starts_with("mergeable")) {
+        return Err(Failure::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!(
+                "`memory` argument asks for mergeable memory: '{text}'; enclaves never merge memory, as \
+                 KSM sharing pages between enclaves would be a cross-enclave side channel"
+            ),
+        ));
+    }
+    parse_memory(text)
+}
+
 /// The flags as nitro-cli's `RunEnclavesArgs`, checked as nitro-cli checks them.
 fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
     let mut run = match &args.config {
@@ -133,7 +148,7 @@ fn run_args(args: &RunArgs) -> Result<(RunEnclaveArgs, CpuRequest), Failure> {
         None => RunEnclaveArgs {
             eif_path: args.eif_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             enclave_cid: args.enclave_cid.as_deref().map(|t| parse_number("enclave-cid", t)).transpose()?,
-            memory_mib: parse_memory(args.memory.as_deref().unwrap_or_default())?,
+            memory_mib: parse_enclave_memory(args.memory.as_deref().unwrap_or_default())?,
             cpu_ids: match &args.cpu_ids {
                 Some(ids) => Some(ids.iter().map(|t| parse_number("cpu-id", t)).collect::<Result<_, _>>()?),
                 None => None,

@@ -13,6 +13,7 @@ use carve_vmm::exit::STATUS_CARVE_ERROR;
 use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
 use carve_vmm::kvm_state::TimePolicy;
+use carve_vmm::memory::MemorySpec;
 use carve_vmm::snapshot::{RestoreConfig, VmSnapshot};
 use carve_vmm::{EntryCheck, ExtraDevice, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
@@ -64,9 +65,16 @@ pub struct RunArgs {
     /// Initial ramdisk (multiboot: module 0; PVH: module 0).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
-    memory: u64,
+    /// Guest memory: SIZE in MiB (or 512M, 2G), then optionally `backing=anonymous` (the
+    /// default), `memfd` (shared, for vhost-user and live upgrade), `hugetlb-2m` or `hugetlb-1g`
+    /// (SIZE a whole number of pages), and `mergeable=on|off` (KSM; anonymous only, never an
+    /// enclave's). See docs/memory.md.
+    #[arg(
+        long,
+        value_name = "SIZE[,backing=anonymous|memfd|hugetlb-2m|hugetlb-1g][,mergeable=on|off]",
+        default_value = "128"
+    )]
+    memory: String,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u32,
@@ -298,6 +306,21 @@ fn run_vm(args: RunArgs) -> ExitCode {
         }
         (serial, false) => serial.unwrap_or(SerialArg::Stdout),
     };
+    // Parsed here rather than by clap, so a bad value is one line (status 2, as clap's).
+    let memory = match MemorySpec::parse(&args.memory) {
+        Ok(memory) => memory,
+        Err(e) => {
+            eprintln!("carve: error: invalid --memory '{}': {e}", args.memory);
+            return ExitCode::from(2);
+        }
+    };
+    if memory.mergeable && args.eif.is_some() {
+        eprintln!(
+            "carve: error: enclaves never merge memory: KSM sharing pages between enclaves would be a \
+             cross-enclave side channel; drop mergeable=on"
+        );
+        return ExitCode::from(2);
+    }
     let load_state = match args.load_state.as_deref().map(read_state).transpose() {
         Ok(state) => state,
         Err(e) => return fail(e),
@@ -320,7 +343,9 @@ fn run_vm(args: RunArgs) -> ExitCode {
     let config = VmConfig {
         cmdline: args.cmdline,
         initrd: args.initrd,
-        memory_mib: args.memory,
+        memory_mib: memory.mib,
+        memory_backing: memory.backing,
+        memory_mergeable: memory.mergeable,
         vcpus: args.vcpus,
         cpu_template,
         cpu_features,

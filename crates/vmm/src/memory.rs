@@ -1,5 +1,5 @@
-//! Guest RAM: anonymous or hugetlb mappings split around the MMIO gap below 4 GiB, registered
-//! with KVM.
+//! Guest RAM: anonymous, shared memfd or hugetlb mappings split around the MMIO gap below
+//! 4 GiB, optionally mergeable by KSM, registered with KVM (docs/memory.md).
 
 pub use carve_virtio::GuestRam;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -35,6 +35,34 @@ pub enum MemoryError {
     MapFile { mib: u64, detail: String },
     #[error("cannot map {mib} MiB of hugepage memory: {source}")]
     MapHugepages { mib: u64, source: vm_memory::mmap::MmapRegionError },
+    #[error("guest memory of {mib} MiB is not a whole number of {page} hugepages (backing={backing})")]
+    NotHugepageMultiple { mib: u64, page: &'static str, backing: &'static str },
+    #[error(
+        "not enough free {page} hugepages for {mib} MiB of guest memory: {needed} needed, {free} free; \
+         reserve more in {pool}"
+    )]
+    HugetlbShort { mib: u64, page: &'static str, needed: u64, free: u64, pool: String },
+    #[error("{}", not_mergeable_reason(*.0))]
+    NotMergeable(MemoryBacking),
+    #[error("cannot back {mib} MiB of guest memory with a memfd: {detail}")]
+    Memfd { mib: u64, detail: String },
+    #[error("cannot make guest memory mergeable (madvise MADV_MERGEABLE): {0}")]
+    Mergeable(std::io::Error),
+}
+
+/// Why `mergeable=on` cannot go with `backing`.
+fn not_mergeable_reason(backing: MemoryBacking) -> String {
+    let why = match backing {
+        MemoryBacking::Memfd => "memfd memory is shared (MAP_SHARED), so it cannot be mergeable",
+        MemoryBacking::Hugetlb2M | MemoryBacking::Hugetlb1G | MemoryBacking::Hugepages => {
+            "hugetlb pages are never merged, so they cannot be mergeable"
+        }
+        MemoryBacking::Anonymous => "anonymous memory can be mergeable",
+    };
+    format!(
+        "backing={} cannot be mergeable=on: KSM merges only private anonymous pages, and {why}",
+        backing.name()
+    )
 }
 
 /// What backs guest RAM.
@@ -46,6 +74,125 @@ pub enum MemoryBacking {
     /// Reserved hugetlb pages, 1 GiB where they fit and are free, else 2 MiB, all faulted in
     /// at start (as Nitro donates hugepages to an enclave). Sizes round up to 2 MiB.
     Hugepages,
+    /// One shared memfd (memfd_create, ftruncate, MAP_SHARED), region after region at their
+    /// offsets: memory another process can map from the descriptor (vhost-user back ends, a
+    /// live upgrade handing the guest to a new carve).
+    Memfd,
+    /// Private hugetlb pages of 2 MiB (MAP_HUGETLB | MAP_HUGE_2MB), reserved at start, faulted
+    /// in as the guest touches them; the size must be a whole number of pages.
+    Hugetlb2M,
+    /// As [`MemoryBacking::Hugetlb2M`] with 1 GiB pages.
+    Hugetlb1G,
+}
+
+impl MemoryBacking {
+    /// The backings `--memory …,backing=NAME` names.
+    pub const NAMED: [MemoryBacking; 4] =
+        [MemoryBacking::Anonymous, MemoryBacking::Memfd, MemoryBacking::Hugetlb2M, MemoryBacking::Hugetlb1G];
+
+    /// The name `--memory` uses (`hugepages` is the enclave pool's, not offered there).
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryBacking::Anonymous => "anonymous",
+            MemoryBacking::Hugepages => "hugepages",
+            MemoryBacking::Memfd => "memfd",
+            MemoryBacking::Hugetlb2M => "hugetlb-2m",
+            MemoryBacking::Hugetlb1G => "hugetlb-1g",
+        }
+    }
+
+    /// The fixed hugetlb page size of an explicit hugetlb backing: bytes, mmap flag, name.
+    fn hugetlb_page(self) -> Option<(u64, i32, &'static str)> {
+        match self {
+            MemoryBacking::Hugetlb2M => Some((2 << 20, libc::MAP_HUGE_2MB, "2 MiB")),
+            MemoryBacking::Hugetlb1G => Some((1 << 30, libc::MAP_HUGE_1GB, "1 GiB")),
+            _ => None,
+        }
+    }
+}
+
+/// Guest memory as `--memory SIZE[,backing=…][,mergeable=on|off]` asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySpec {
+    pub mib: u64,
+    pub backing: MemoryBacking,
+    /// madvise(MADV_MERGEABLE) on every RAM mapping: KSM may merge identical pages.
+    pub mergeable: bool,
+}
+
+impl MemorySpec {
+    /// Parses `SIZE[,backing=anonymous|memfd|hugetlb-2m|hugetlb-1g][,mergeable=on|off]`; SIZE
+    /// is MiB, or a number with `M`/`MiB` or `G`/`GiB`. Combinations no mapping can give are
+    /// refused here (the minimum size is [`create`]'s to check).
+    pub fn parse(text: &str) -> Result<MemorySpec, String> {
+        let mut parts = text.split(',');
+        let size = parts.next().unwrap_or_default().trim();
+        let mib = parse_size_mib(size)?;
+        let mut spec = MemorySpec { mib, backing: MemoryBacking::Anonymous, mergeable: false };
+        let (mut backing_seen, mut mergeable_seen) = (false, false);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("backing", name)) if !backing_seen => {
+                    backing_seen = true;
+                    spec.backing = MemoryBacking::NAMED.into_iter().find(|b| b.name() == name).ok_or_else(|| {
+                        format!("unknown memory backing '{name}' (expected anonymous, memfd, hugetlb-2m or hugetlb-1g)")
+                    })?;
+                }
+                Some(("mergeable", value)) if !mergeable_seen => {
+                    mergeable_seen = true;
+                    spec.mergeable = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("mergeable must be on or off, not '{value}'")),
+                    };
+                }
+                Some(("backing" | "mergeable", _)) => {
+                    return Err(format!("'{part}' is given twice in --memory"))
+                }
+                _ => {
+                    return Err(format!(
+                        "unexpected '{part}' in --memory; expected SIZE[,backing=anonymous|memfd|hugetlb-2m|\
+                         hugetlb-1g][,mergeable=on|off]"
+                    ))
+                }
+            }
+        }
+        spec.check().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
+    /// Refuses what no mapping can give: mergeable memory that is not private anonymous, and
+    /// a hugetlb backing whose size is not a whole number of its pages.
+    pub fn check(&self) -> Result<(), MemoryError> {
+        if self.mergeable && self.backing != MemoryBacking::Anonymous {
+            return Err(MemoryError::NotMergeable(self.backing));
+        }
+        if let Some((page, _, page_name)) = self.backing.hugetlb_page() {
+            if self.mib.checked_mul(1 << 20).is_none_or(|bytes| bytes % page != 0) {
+                return Err(MemoryError::NotHugepageMultiple {
+                    mib: self.mib,
+                    page: page_name,
+                    backing: self.backing.name(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `128` (MiB), `128M`, `128MiB`, `2G`, `2GiB` (units in either case) → MiB.
+fn parse_size_mib(text: &str) -> Result<u64, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("memory size '{text}' is not a number of MiB (or with M or G: 512M, 2G)"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mib" => 1,
+        "g" | "gib" => 1 << 10,
+        _ => return Err(format!("memory size '{text}' has an unknown unit '{unit}' (expected M or G)")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("memory size '{text}' is too large"))
 }
 
 /// Hugepage sizes carve uses, largest first, with their mmap flags.
@@ -121,16 +268,138 @@ pub fn low_ram_end(mem: &GuestRam) -> u64 {
 }
 
 pub fn create(mib: u64, backing: MemoryBacking) -> Result<GuestRam, MemoryError> {
+    create_with(MemorySpec { mib, backing, mergeable: false })
+}
+
+/// Guest RAM as `spec` asks: its backing, and mergeable by KSM if asked (anonymous only).
+pub fn create_with(spec: MemorySpec) -> Result<GuestRam, MemoryError> {
+    let MemorySpec { mib, backing, mergeable } = spec;
     if mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(mib));
     }
     check_bitmap(mib)?;
-    if backing == MemoryBacking::Hugepages {
-        return create_hugepages(mib);
+    spec.check()?;
+    let mem = match backing {
+        MemoryBacking::Hugepages => create_hugepages(mib)?,
+        MemoryBacking::Memfd => create_memfd(mib)?,
+        MemoryBacking::Hugetlb2M | MemoryBacking::Hugetlb1G => create_hugetlb(mib, backing)?,
+        MemoryBacking::Anonymous => {
+            let ranges: Vec<_> =
+                ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
+            GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })?
+        }
+    };
+    if mergeable {
+        advise_mergeable(&mem)?;
     }
-    let ranges: Vec<_> =
-        ram_regions(mib << 20).into_iter().map(|r| (GuestAddress(r.base), r.size as usize)).collect();
-    GuestRam::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+    Ok(mem)
+}
+
+/// madvise(MADV_MERGEABLE) on every region: ksmd may then merge identical pages of this guest
+/// (and of other mergeable memory on the host), copy-on-write.
+fn advise_mergeable(mem: &GuestRam) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's start address is inside guest memory");
+        // SAFETY: `host` and `region.len()` are exactly one of our own live mappings; the
+        // advice changes only how the kernel may share its pages, never their contents.
+        let done = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_MERGEABLE) };
+        if done != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(MemoryError::Mergeable(if e.raw_os_error() == Some(libc::EINVAL) {
+                std::io::Error::other(format!("{e}; this kernel may be built without KSM (CONFIG_KSM)"))
+            } else {
+                e
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Guest RAM in one shared memfd, the regions at consecutive offsets (as a snapshot's memory
+/// file lays them out), MAP_SHARED so another process mapping the descriptor sees the guest's
+/// memory. Pages are allocated as the guest touches them.
+fn create_memfd(mib: u64) -> Result<GuestRam, MemoryError> {
+    let fail = |detail: String| MemoryError::Memfd { mib, detail };
+    // SAFETY: the name is a NUL-terminated C string; the flags ask for nothing unusual.
+    let fd = unsafe { libc::memfd_create(c"carve-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail(format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(mib << 20).map_err(|e| fail(format!("ftruncate to {mib} MiB: {e}")))?;
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for range in ram_regions(mib << 20) {
+        let len = range.size as usize;
+        let file = file.try_clone().map_err(|e| fail(e.to_string()))?;
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_file_offset(vm_memory::FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        regions
+            .push(GuestRegionMmap::new(region, GuestAddress(range.base)).expect("guest ranges do not wrap"));
+        offset += range.size;
+    }
+    GuestRam::from_regions(regions)
+        .map_err(|e| MemoryError::Map { mib, source: vm_memory::mmap::FromRangesError::Collection(e) })
+}
+
+/// A hugetlb pool as sysfs shows it: its directory and the pages free for a new reservation
+/// (free less those already promised to mappings).
+fn hugetlb_pool(page: u64) -> (String, u64) {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
+    let read = |name: &str| -> u64 {
+        std::fs::read_to_string(format!("{dir}/{name}")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    };
+    let available = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    (dir, available)
+}
+
+/// Guest RAM from private hugetlb pages of `backing`'s one size. The kernel reserves the pages
+/// at mmap time, so a short pool is an error here (naming free against needed), never a
+/// SIGBUS when the guest touches its memory.
+fn create_hugetlb(mib: u64, backing: MemoryBacking) -> Result<GuestRam, MemoryError> {
+    let (page, flag, page_name) = backing.hugetlb_page().expect("a hugetlb backing");
+    let size = mib << 20;
+    let short = || {
+        let (dir, free) = hugetlb_pool(page);
+        MemoryError::HugetlbShort {
+            mib,
+            page: page_name,
+            needed: size / page,
+            free,
+            pool: format!("{dir}/nr_hugepages"),
+        }
+    };
+    if hugetlb_pool(page).1 < size / page {
+        return Err(short());
+    }
+    let mut regions = Vec::new();
+    for range in ram_regions(size) {
+        let len = range.size as usize;
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | flag)
+            .with_hugetlbfs(true)
+            .build();
+        let region = match region {
+            Ok(region) => region,
+            // Another process took pages between the count and the mapping.
+            Err(vm_memory::mmap::MmapRegionError::Mmap(e)) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                return Err(short())
+            }
+            Err(source) => return Err(MemoryError::MapHugepages { mib, source }),
+        };
+        regions
+            .push(GuestRegionMmap::new(region, GuestAddress(range.base)).expect("guest ranges do not wrap"));
+    }
+    GuestRam::from_regions(regions)
+        .map_err(|e| MemoryError::Map { mib, source: vm_memory::mmap::FromRangesError::Collection(e) })
 }
 
 /// Each region's dirty bitmap (a bit per page) is allocated before its mapping, and an allocation
@@ -316,6 +585,76 @@ mod tests {
         )
         .unwrap();
         assert_eq!((first_free_slot(&big), ram_end(&big)), (2, MMIO_GAP_END + (1 << 30)));
+    }
+
+    #[test]
+    fn memory_specs_parse_sizes_backings_and_merging() {
+        let spec = |text| MemorySpec::parse(text);
+        let plain = |mib| MemorySpec { mib, backing: MemoryBacking::Anonymous, mergeable: false };
+        assert_eq!(spec("128"), Ok(plain(128)));
+        assert_eq!(spec("128M"), Ok(plain(128)));
+        assert_eq!(spec("128MiB"), Ok(plain(128)));
+        assert_eq!(spec("2G"), Ok(plain(2048)));
+        assert_eq!(spec("1gib"), Ok(plain(1024)));
+        assert_eq!(
+            spec("256,backing=memfd"),
+            Ok(MemorySpec { mib: 256, backing: MemoryBacking::Memfd, mergeable: false })
+        );
+        assert_eq!(
+            spec("1G,backing=hugetlb-1g"),
+            Ok(MemorySpec { mib: 1024, backing: MemoryBacking::Hugetlb1G, mergeable: false })
+        );
+        assert_eq!(
+            spec("64,mergeable=on,backing=anonymous"),
+            Ok(MemorySpec { mib: 64, backing: MemoryBacking::Anonymous, mergeable: true })
+        );
+        assert_eq!(
+            spec("64,backing=hugetlb-2m,mergeable=off"),
+            Ok(MemorySpec { mib: 64, backing: MemoryBacking::Hugetlb2M, mergeable: false })
+        );
+        for (bad, expected) in [
+            ("lots", "not a number"),
+            ("12T", "unknown unit"),
+            ("99999999999999999999", "not a number"),
+            ("18014398509481984G", "too large"),
+            ("128,backing=bogus", "unknown memory backing 'bogus'"),
+            ("128,backing=hugepages", "unknown memory backing"),
+            ("128,mergeable=maybe", "mergeable must be on or off, not 'maybe'"),
+            ("128,mergeable=on,mergeable=off", "given twice"),
+            ("128,size=2", "unexpected 'size=2'"),
+            ("128,backing=memfd,mergeable=on", "KSM merges only private anonymous pages"),
+            ("128,backing=hugetlb-2m,mergeable=on", "hugetlb pages are never merged"),
+            ("127,backing=hugetlb-2m", "not a whole number of 2 MiB hugepages"),
+            ("1536,backing=hugetlb-1g", "not a whole number of 1 GiB hugepages"),
+        ] {
+            let e = spec(bad).unwrap_err();
+            assert!(e.contains(expected), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn memfd_memory_is_shared_and_mergeable_anonymous_memory_maps() {
+        let mem = create(16, MemoryBacking::Memfd).unwrap();
+        let region = mem.iter().next().unwrap();
+        let fd = region.file_offset().expect("a memfd region has its file");
+        assert_eq!(fd.file().metadata().unwrap().len(), 16 << 20);
+        use vm_memory::Bytes;
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x2000)).unwrap();
+        let mut word = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        fd.file().read_exact_at(&mut word, 0x2000).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0x1234_5678, "the memfd sees the guest's writes");
+        // Where the kernel has no KSM, madvise says so; nowhere else may it fail.
+        match create_with(MemorySpec { mib: 16, backing: MemoryBacking::Anonymous, mergeable: true }) {
+            Ok(_) => {}
+            Err(MemoryError::Mergeable(e)) => assert!(e.to_string().contains("CONFIG_KSM"), "{e}"),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(matches!(
+            create_with(MemorySpec { mib: 16, backing: MemoryBacking::Hugepages, mergeable: true }),
+            Err(MemoryError::NotMergeable(MemoryBacking::Hugepages))
+        ));
     }
 
     #[test]

@@ -226,6 +226,8 @@ pub struct VmConfig {
     pub entry_check: EntryCheck,
     pub vsock: Option<VsockConfig>,
     pub memory_backing: MemoryBacking,
+    /// madvise(MADV_MERGEABLE) on guest RAM so KSM may merge it (anonymous backing only).
+    pub memory_mergeable: bool,
     /// Host CPU each vCPU thread is pinned to, by vCPU index; empty leaves them unpinned.
     pub vcpu_affinity: Vec<usize>,
 }
@@ -247,6 +249,7 @@ impl VmConfig {
             entry_check: EntryCheck::default(),
             vsock: None,
             memory_backing: MemoryBacking::Anonymous,
+            memory_mergeable: false,
             vcpu_affinity: Vec::new(),
         }
     }
@@ -300,7 +303,11 @@ impl Vm {
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_error("create a VM"))?);
         // Memory first: registering slots once the irqchip exists costs KVM far more.
-        let mem = memory::create(config.memory_mib, config.memory_backing)?;
+        let mem = memory::create_with(memory::MemorySpec {
+            mib: config.memory_mib,
+            backing: config.memory_backing,
+            mergeable: config.memory_mergeable,
+        })?;
         memory::register(&vm_fd, &mem)?;
         // The virtual EPC after RAM, in the slots after RAM's (before the irqchip, as RAM).
         let epc = match config.cpu_features.sgx_epc.as_slice() {

@@ -7,7 +7,9 @@
 //! paused or on disk was visible to the guest.
 //!
 //! Parameters: `ticks=N` (30), `period_ms=P` (100), `pattern_kib=K` (1024, from 16 MiB),
-//! `expect_cpus=C` (1).
+//! `expect_cpus=C` (1), `seed=S` (the pattern's), `rewrite_at=T` (none: at tick T, write the
+//! pattern again with another seed and check that one from then on; the KSM test has one of
+//! two identical guests do so, breaking pages the host had merged).
 #![no_std]
 #![no_main]
 
@@ -29,8 +31,14 @@ static CLOCKS: [Area; MAX_CPUS] = [const { Area::new() }; MAX_CPUS];
 static AP_ROUNDS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static AP_TSC_BACK: AtomicU64 = AtomicU64::new(0);
 
-fn pattern(addr: u64) -> u64 {
-    (addr ^ 0x5eed_c0de).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+fn pattern(addr: u64, seed: u64) -> u64 {
+    (addr ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn write_pattern(range: core::ops::Range<u64>, seed: u64) {
+    for addr in range.step_by(STRIDE as usize) {
+        write_phys(addr, pattern(addr, seed));
+    }
 }
 
 fn ap_work(number: u32) {
@@ -57,11 +65,11 @@ fn main(boot: &BootInfo) -> ! {
     let period_ns = number("period_ms", 100) * 1_000_000;
     let pattern_end = PATTERN_BASE + number("pattern_kib", 1024) * 1024;
     let cpus = number("expect_cpus", 1) as usize;
+    let mut seed = number("seed", 0x5eed_c0de);
+    let rewrite_at = number("rewrite_at", 0);
     check!((1..=MAX_CPUS).contains(&cpus), "{} vCPUs (at most {})", cpus, MAX_CPUS);
 
-    for addr in (PATTERN_BASE..pattern_end).step_by(STRIDE as usize) {
-        write_phys(addr, pattern(addr));
-    }
+    write_pattern(PATTERN_BASE..pattern_end, seed);
     smp::set_ap_work(ap_work);
     if cpus > 1 {
         let started = smp::start_aps(cpus as u32 - 1);
@@ -89,9 +97,15 @@ fn main(boot: &BootInfo) -> ! {
             }
             core::hint::spin_loop();
         }
+        if tick == rewrite_at {
+            seed = !seed;
+            write_pattern(PATTERN_BASE..pattern_end, seed);
+            println!("persist: tick {} rewrote the pattern with seed {:#x}", tick, seed);
+        }
         for addr in (PATTERN_BASE..pattern_end).step_by(STRIDE as usize) {
             let found = read_phys::<u64>(addr);
-            require!(found == pattern(addr), "memory at {:#x} reads {:#x}, was written {:#x}", addr, found, pattern(addr));
+            let written = pattern(addr, seed);
+            require!(found == written, "memory at {:#x} reads {:#x}, was written {:#x}", addr, found, written);
         }
         for (cpu, seen) in rounds.iter_mut().enumerate().take(cpus).skip(1) {
             let now = AP_ROUNDS[cpu].load(SeqCst);
