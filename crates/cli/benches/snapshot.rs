@@ -553,7 +553,7 @@ fn pause_resume(carve: &str, work: &Path) {
         timed(&vms[i], ControlRequest::Pause, 1 + i)
     };
     let resume = |vm: &RunningVm, row: usize| {
-        let t = timed(vm, ControlRequest::Resume, row);
+        let t = timed(vm, ControlRequest::Resume { hide_pause: false }, row);
         std::thread::sleep(Duration::from_millis(50));
         vm.request(ControlRequest::Pause);
         t
@@ -761,7 +761,7 @@ impl RunningVm {
 
     /// Resumes the VM and lets it run a moment, so what follows meets a running guest.
     fn resume_untimed(&self) {
-        self.request(ControlRequest::Resume);
+        self.request(ControlRequest::Resume { hide_pause: false });
         std::thread::sleep(Duration::from_millis(50));
     }
 }

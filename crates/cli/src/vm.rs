@@ -27,7 +27,7 @@ pub enum VmCommand {
     /// Pause a running VM: every vCPU and device backend stops at a consistent point.
     Pause(ControlArgs),
     /// Resume a paused VM exactly where it stopped.
-    Resume(ControlArgs),
+    Resume(ResumeArgs),
     /// Describe a running VM: state, uptime, time paused, exits.
     Describe(ControlArgs),
     /// Save a running VM to a new directory (it is paused meanwhile, then runs on).
@@ -135,6 +135,16 @@ pub struct ControlArgs {
 }
 
 #[derive(Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Whether the guest sees the time it spent paused: `elapsed` (its clocks ran on) or
+    /// `frozen` (they go on from their values at the pause).
+    #[arg(long, value_name = "elapsed|frozen", default_value = "elapsed", value_parser = parse_time)]
+    time: TimePolicy,
+}
+
+#[derive(Args)]
 pub struct SnapshotArgs {
     #[command(flatten)]
     control: ControlArgs,
@@ -232,7 +242,10 @@ pub fn run(command: VmCommand) -> ExitCode {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::CheckState(args) => check_state(args),
         VmCommand::Pause(args) => control(&args, ControlRequest::Pause),
-        VmCommand::Resume(args) => control(&args, ControlRequest::Resume),
+        VmCommand::Resume(args) => {
+            let hide_pause = args.time == TimePolicy::Frozen;
+            control(&args.control, ControlRequest::Resume { hide_pause })
+        }
         VmCommand::Describe(args) => control(&args, ControlRequest::Describe),
         VmCommand::Snapshot(args) => {
             control(&args.control, ControlRequest::Snapshot { to: absolute(&args.to) })

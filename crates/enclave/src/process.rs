@@ -609,7 +609,7 @@ enum Incoming {
 /// its secrets and nonces: the request is refused with nitro-cli's E38.
 fn refuse_vm_control(stream: UnixStream, request: &ControlRequest) {
     let what = match request {
-        ControlRequest::Pause | ControlRequest::Resume => "paused or resumed",
+        ControlRequest::Pause | ControlRequest::Resume { .. } => "paused or resumed",
         ControlRequest::Snapshot { .. } => "snapshotted",
         ControlRequest::Describe => "described as a VM (use describe-enclaves)",
     };

@@ -22,8 +22,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum ControlRequest {
     /// Stop every vCPU and device backend at a consistent point.
     Pause,
-    /// Continue exactly where the pause stopped.
-    Resume,
+    /// Continue exactly where the pause stopped; with `hide_pause`, the guest's KVM clock and
+    /// TSCs continue from their values at the pause, so the time paused does not show.
+    Resume {
+        #[serde(default)]
+        hide_pause: bool,
+    },
     Describe,
     /// Save the VM to a new directory `to` (pausing it meanwhile if it runs).
     Snapshot {

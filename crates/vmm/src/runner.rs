@@ -99,6 +99,7 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         context: context.clone(),
         vm_fd: parts.vm_fd,
         paused_since: None,
+        clock_at_pause: None,
         paused_total: Duration::ZERO,
         started: Instant::now(),
         halt_check_sent: false,
@@ -159,6 +160,8 @@ struct Runner {
     context: Arc<VcpuContext>,
     vm_fd: Arc<VmFd>,
     paused_since: Option<Instant>,
+    /// The KVM clock when the VM last paused.
+    clock_at_pause: Option<kvm_bindings::kvm_clock_data>,
     paused_total: Duration,
     started: Instant,
     /// A halt check went out last period; its answers decide this period.
@@ -204,7 +207,7 @@ impl Runner {
         let started = Instant::now();
         let result = match request {
             ControlRequest::Pause => self.pause(events),
-            ControlRequest::Resume => self.resume(events),
+            ControlRequest::Resume { hide_pause } => self.resume(events, hide_pause),
             ControlRequest::Describe => {
                 return ControlReply { description: Some(self.describe()), ..Default::default() }
             }
@@ -232,11 +235,20 @@ impl Runner {
         }
         self.devices.park_backends(events);
         self.paused_since = Some(Instant::now());
+        // The KVM clock runs on while the VM is paused; kept for a resume that hides the pause.
+        self.clock_at_pause = self.vm_fd.get_clock().ok();
         Ok(())
     }
 
-    fn resume(&mut self, events: &mut Loop) -> Result<(), String> {
-        let Some(since) = self.paused_since.take() else { return Ok(()) };
+    /// Runs the VM on from its pause; with `hide_pause` the guest's TSCs and KVM clock first go
+    /// back to their values at the pause, so the guest sees no time pass (as `--time frozen` at
+    /// a restore).
+    fn resume(&mut self, events: &mut Loop, hide_pause: bool) -> Result<(), String> {
+        let Some(since) = self.paused_since else { return Ok(()) };
+        if hide_pause {
+            self.hide_pause()?;
+        }
+        self.paused_since = None;
         self.paused_total += since.elapsed();
         self.devices.start_backends(events);
         self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Resume));
@@ -244,6 +256,27 @@ impl Runner {
             if vcpu.wait(|r| matches!(r, VcpuResponse::Resumed).then_some(())).is_none() {
                 return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index));
             }
+        }
+        Ok(())
+    }
+
+    /// Sets every vCPU's TSC, then the KVM clock (which KVM recomputes from the TSCs), back to
+    /// their values at the pause.
+    fn hide_pause(&mut self) -> Result<(), String> {
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::HidePause));
+        for vcpu in &self.vcpus {
+            match vcpu.wait(|r| match r {
+                VcpuResponse::PauseHidden(hidden) => Some(hidden),
+                _ => None,
+            }) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(format!("cannot hide the pause from vCPU {}: {e}", vcpu.index)),
+                None => return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index)),
+            }
+        }
+        if let Some(at_pause) = self.clock_at_pause {
+            let clock = kvm_bindings::kvm_clock_data { clock: at_pause.clock, ..Default::default() };
+            self.vm_fd.set_clock(&clock).map_err(|e| format!("KVM refused KVM_SET_CLOCK for the VM: {e}"))?;
         }
         Ok(())
     }
@@ -257,7 +290,7 @@ impl Runner {
         self.pause(events)?;
         let saved = self.save_to(dir).map_err(|e| e.to_string());
         if was_running {
-            self.resume(events)?;
+            self.resume(events, false)?;
         }
         saved
     }

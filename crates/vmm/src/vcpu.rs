@@ -152,6 +152,8 @@ impl Persist for Vcpu {
 struct VcpuThread {
     vcpu: Vcpu,
     context: Arc<VcpuContext>,
+    /// The guest TSC when the vCPU last paused, for [`VcpuRequest::HidePause`].
+    tsc_at_pause: Option<u64>,
 }
 
 /// What the VMM asks of a vCPU thread. A request is sent, then the thread is kicked out of
@@ -162,6 +164,9 @@ pub enum VcpuRequest {
     Pause,
     /// Continue running ([`VcpuResponse::Resumed`]).
     Resume,
+    /// Set the guest TSC back to its value at the pause ([`VcpuResponse::PauseHidden`]); only
+    /// answered while paused.
+    HidePause,
     /// Save KVM's state of the vCPU ([`Persist::save`]); only answered while paused.
     Save,
     /// Print the registers to standard error (SIGUSR1), no answer.
@@ -177,6 +182,7 @@ pub enum VcpuResponse {
     Paused,
     Resumed,
     Saved(Result<Box<VcpuState>, StateError>),
+    PauseHidden(Result<(), StateError>),
     Stuck(bool),
     /// A request the vCPU cannot answer in its state (saving a running vCPU).
     NotAllowed(&'static str),
@@ -221,7 +227,7 @@ impl VcpuHandle {
                     return;
                 }
             }
-            VcpuThread { vcpu, context }.run(request_rx, response_tx)
+            VcpuThread { vcpu, context, tsc_at_pause: None }.run(request_rx, response_tx)
         })?;
         Ok(VcpuHandle { index, requests, responses, thread })
     }
@@ -379,7 +385,22 @@ impl VcpuThread {
     ) -> RunState {
         let (next, response) = match (request, state) {
             (VcpuRequest::Exit, _) => (RunState::Exiting, None),
-            (VcpuRequest::Pause, _) => (RunState::Paused, Some(VcpuResponse::Paused)),
+            (VcpuRequest::Pause, RunState::Paused) => (state, Some(VcpuResponse::Paused)),
+            (VcpuRequest::Pause, _) => {
+                // Read once stopped: nothing moves the TSC but time from here on.
+                self.tsc_at_pause = kvm_state::guest_tsc(&self.vcpu.fd, self.vcpu.index).ok();
+                (RunState::Paused, Some(VcpuResponse::Paused))
+            }
+            (VcpuRequest::HidePause, RunState::Paused) => {
+                let hidden = match self.tsc_at_pause {
+                    Some(tsc) => kvm_state::rewind_tsc(&self.vcpu.fd, self.vcpu.index, tsc),
+                    None => Ok(()),
+                };
+                (state, Some(VcpuResponse::PauseHidden(hidden)))
+            }
+            (VcpuRequest::HidePause, _) => {
+                (state, Some(VcpuResponse::NotAllowed("a running vCPU's pause cannot be hidden")))
+            }
             (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
             (VcpuRequest::Save, RunState::Paused) => {
                 (state, Some(VcpuResponse::Saved(self.vcpu.save().map(Box::new))))

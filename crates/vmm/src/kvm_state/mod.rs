@@ -51,7 +51,7 @@ use crate::cpu_features::{cet, Leaves, Reg};
 
 pub use compat::{check_host, Register};
 pub use error::{Incompatible, Missing, StateError};
-pub use time::{sync_tsc_offsets, ClockApplied, ClockRestored, TimePolicy, TscSync};
+pub use time::{guest_tsc, rewind_tsc, sync_tsc_offsets, ClockApplied, ClockRestored, TimePolicy, TscSync};
 
 /// The most MSRs a saved vCPU may hold (KVM lists some 40 to 300).
 pub const MAX_MSRS: usize = 1024;

@@ -4,7 +4,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_device_attr, KVM_CLOCK_REALTIME, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
+    kvm_clock_data, kvm_device_attr, kvm_msr_entry, Msrs, KVM_CLOCK_REALTIME, KVM_VCPU_TSC_CTRL,
+    KVM_VCPU_TSC_OFFSET,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -220,4 +221,50 @@ pub fn sync_tsc_offsets(vcpus: &[&VcpuFd], states: &[VcpuState]) -> Result<TscSy
         })?;
     }
     Ok(TscSync::Synced { offset: base })
+}
+
+const MSR_IA32_TSC: u32 = super::msrs::MSR_IA32_TSC;
+
+/// The guest TSC now (IA32_TSC read by KVM_GET_MSRS): what a paused vCPU keeps, so that
+/// [`rewind_tsc`] can hide the pause.
+pub fn guest_tsc(fd: &VcpuFd, vcpu: usize) -> Result<u64, StateError> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }])
+        .expect("one MSR fits kvm_msrs");
+    match fd.get_msrs(&mut msrs) {
+        Ok(1) => Ok(msrs.as_slice()[0].data),
+        Ok(_) => Err(StateError::VcpuIoctl {
+            vcpu,
+            ioctl: "KVM_GET_MSRS (IA32_TSC)",
+            source: errno::Error::new(libc::EINVAL),
+        }),
+        Err(source) => Err(StateError::VcpuIoctl { vcpu, ioctl: "KVM_GET_MSRS (IA32_TSC)", source }),
+    }
+}
+
+/// Moves a paused vCPU's TSC back to `at_pause` if it went on past it, so that the time spent
+/// paused does not show. Through the TSC offset where KVM has the attribute (every vCPU moves
+/// by the same time, so offsets that were equal stay equal and the master clock stays on); by
+/// an IA32_TSC write otherwise. Hosts whose TSC is unstable already stop a vCPU's TSC while
+/// the vCPU is not loaded: there it has not moved, and nothing is written.
+pub fn rewind_tsc(fd: &VcpuFd, vcpu: usize, at_pause: u64) -> Result<(), StateError> {
+    let now = guest_tsc(fd, vcpu)?;
+    let Some(moved) = now.checked_sub(at_pause).filter(|&moved| moved > 0) else { return Ok(()) };
+    let refused = |ioctl| move |source| StateError::VcpuIoctl { vcpu, ioctl, source };
+    if has_tsc_offset(fd) {
+        let offset = get_tsc_offset(fd).map_err(refused("KVM_GET_DEVICE_ATTR (KVM_VCPU_TSC_OFFSET)"))?;
+        set_tsc_offset(fd, offset.wrapping_sub(moved))
+            .map_err(refused("KVM_SET_DEVICE_ATTR (KVM_VCPU_TSC_OFFSET)"))
+    } else {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: at_pause,
+            ..Default::default()
+        }])
+        .expect("one MSR fits kvm_msrs");
+        match fd.set_msrs(&msrs) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(refused("KVM_SET_MSRS (IA32_TSC)")(errno::Error::new(libc::EINVAL))),
+            Err(source) => Err(refused("KVM_SET_MSRS (IA32_TSC)")(source)),
+        }
+    }
 }
