@@ -294,7 +294,9 @@ fn run_vm(args: RunArgs) -> ExitCode {
         CpuFeatures { nested: args.nested, sgx_epc: args.sgx_epc, ..CpuFeatures::default() };
     for name in &args.cpu_features {
         if let Err(e) = cpu_features.enable(name.trim()) {
-            return fail(e);
+            // A usage error, as clap's own (status 2).
+            eprintln!("carve: error: {e}");
+            return ExitCode::from(2);
         }
     }
     let kernel = match (args.kernel, &args.eif) {

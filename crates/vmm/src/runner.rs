@@ -233,10 +233,11 @@ impl Runner {
                 return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index));
             }
         }
+        // The KVM clock runs on while the VM is paused: read as the vCPUs stopped, for a resume
+        // that hides the pause.
+        self.clock_at_pause = self.vm_fd.get_clock().ok();
         self.devices.park_backends(events);
         self.paused_since = Some(Instant::now());
-        // The KVM clock runs on while the VM is paused; kept for a resume that hides the pause.
-        self.clock_at_pause = self.vm_fd.get_clock().ok();
         Ok(())
     }
 
@@ -261,12 +262,31 @@ impl Runner {
     }
 
     /// Sets every vCPU's TSC, then the KVM clock (which KVM recomputes from the TSCs), back to
-    /// their values at the pause.
+    /// their values at the pause. Everything is measured before anything is written, so a
+    /// refusal leaves the VM paused as it was. Each vCPU's TSC moves back by the least any of
+    /// them went on (on hosts with an unstable TSC, which KVM stops while a vCPU is not loaded,
+    /// that is about nothing): offsets that were equal stay equal, and no TSC goes back past
+    /// its value at the pause.
     fn hide_pause(&mut self) -> Result<(), String> {
-        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::HidePause));
+        let Some(clock_at_pause) = self.clock_at_pause else {
+            return Err("cannot hide the pause: the KVM clock was not read when the VM paused".into());
+        };
+        let mut least = u64::MAX;
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::MeasurePause));
         for vcpu in &self.vcpus {
             match vcpu.wait(|r| match r {
-                VcpuResponse::PauseHidden(hidden) => Some(hidden),
+                VcpuResponse::PauseMeasured(moved) => Some(moved),
+                _ => None,
+            }) {
+                Some(Ok(moved)) => least = least.min(moved),
+                Some(Err(e)) => return Err(format!("cannot hide the pause from vCPU {}: {e}", vcpu.index)),
+                None => return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index)),
+            }
+        }
+        self.vcpus.iter().for_each(|v| v.send(VcpuRequest::RewindTsc(least)));
+        for vcpu in &self.vcpus {
+            match vcpu.wait(|r| match r {
+                VcpuResponse::TscRewound(rewound) => Some(rewound),
                 _ => None,
             }) {
                 Some(Ok(())) => {}
@@ -274,11 +294,8 @@ impl Runner {
                 None => return Err(format!("vCPU {} has stopped; the VM is ending", vcpu.index)),
             }
         }
-        if let Some(at_pause) = self.clock_at_pause {
-            let clock = kvm_bindings::kvm_clock_data { clock: at_pause.clock, ..Default::default() };
-            self.vm_fd.set_clock(&clock).map_err(|e| format!("KVM refused KVM_SET_CLOCK for the VM: {e}"))?;
-        }
-        Ok(())
+        let clock = kvm_bindings::kvm_clock_data { clock: clock_at_pause.clock, ..Default::default() };
+        self.vm_fd.set_clock(&clock).map_err(|e| format!("KVM refused KVM_SET_CLOCK for the VM: {e}"))
     }
 
     /// Saves the VM to `dir`: paused for the time it takes, then running again if it ran.

@@ -152,8 +152,8 @@ impl Persist for Vcpu {
 struct VcpuThread {
     vcpu: Vcpu,
     context: Arc<VcpuContext>,
-    /// The guest TSC when the vCPU last paused, for [`VcpuRequest::HidePause`].
-    tsc_at_pause: Option<u64>,
+    /// The guest TSC when the vCPU last paused, for [`VcpuRequest::MeasurePause`].
+    tsc_at_pause: Option<Result<u64, String>>,
 }
 
 /// What the VMM asks of a vCPU thread. A request is sent, then the thread is kicked out of
@@ -164,9 +164,13 @@ pub enum VcpuRequest {
     Pause,
     /// Continue running ([`VcpuResponse::Resumed`]).
     Resume,
-    /// Set the guest TSC back to its value at the pause ([`VcpuResponse::PauseHidden`]); only
-    /// answered while paused.
-    HidePause,
+    /// Tell how far the guest TSC went on since the pause ([`VcpuResponse::PauseMeasured`]);
+    /// only answered while paused.
+    MeasurePause,
+    /// Move the guest TSC back by this many ticks ([`VcpuResponse::TscRewound`]): the least any
+    /// vCPU went on, so that equal TSC offsets stay equal and no TSC goes back past its value at
+    /// the pause. Only answered while paused.
+    RewindTsc(u64),
     /// Save KVM's state of the vCPU ([`Persist::save`]); only answered while paused.
     Save,
     /// Print the registers to standard error (SIGUSR1), no answer.
@@ -182,7 +186,8 @@ pub enum VcpuResponse {
     Paused,
     Resumed,
     Saved(Result<Box<VcpuState>, StateError>),
-    PauseHidden(Result<(), StateError>),
+    PauseMeasured(Result<u64, StateError>),
+    TscRewound(Result<(), StateError>),
     Stuck(bool),
     /// A request the vCPU cannot answer in its state (saving a running vCPU).
     NotAllowed(&'static str),
@@ -388,20 +393,35 @@ impl VcpuThread {
             (VcpuRequest::Pause, RunState::Paused) => (state, Some(VcpuResponse::Paused)),
             (VcpuRequest::Pause, _) => {
                 // Read once stopped: nothing moves the TSC but time from here on.
-                self.tsc_at_pause = kvm_state::guest_tsc(&self.vcpu.fd, self.vcpu.index).ok();
+                self.tsc_at_pause =
+                    Some(kvm_state::guest_tsc(&self.vcpu.fd, self.vcpu.index).map_err(|e| e.to_string()));
                 (RunState::Paused, Some(VcpuResponse::Paused))
             }
-            (VcpuRequest::HidePause, RunState::Paused) => {
-                let hidden = match self.tsc_at_pause {
-                    Some(tsc) => kvm_state::rewind_tsc(&self.vcpu.fd, self.vcpu.index, tsc),
-                    None => Ok(()),
+            (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
+            (VcpuRequest::MeasurePause, RunState::Paused) => {
+                let index = self.vcpu.index;
+                let moved = match &self.tsc_at_pause {
+                    Some(Ok(at_pause)) => {
+                        kvm_state::guest_tsc(&self.vcpu.fd, index).map(|now| now.saturating_sub(*at_pause))
+                    }
+                    Some(Err(e)) => Err(StateError::InvalidVcpu {
+                        vcpu: index,
+                        what: format!("its TSC at the pause: {e}"),
+                    }),
+                    None => Err(StateError::InvalidVcpu {
+                        vcpu: index,
+                        what: "its TSC at the pause was not read".into(),
+                    }),
                 };
-                (state, Some(VcpuResponse::PauseHidden(hidden)))
+                (state, Some(VcpuResponse::PauseMeasured(moved)))
             }
-            (VcpuRequest::HidePause, _) => {
+            (VcpuRequest::RewindTsc(ticks), RunState::Paused) => {
+                let rewound = kvm_state::rewind_tsc(&self.vcpu.fd, self.vcpu.index, ticks);
+                (state, Some(VcpuResponse::TscRewound(rewound)))
+            }
+            (VcpuRequest::MeasurePause | VcpuRequest::RewindTsc(_), _) => {
                 (state, Some(VcpuResponse::NotAllowed("a running vCPU's pause cannot be hidden")))
             }
-            (VcpuRequest::Resume, _) => (RunState::Running, Some(VcpuResponse::Resumed)),
             (VcpuRequest::Save, RunState::Paused) => {
                 (state, Some(VcpuResponse::Saved(self.vcpu.save().map(Box::new))))
             }

@@ -241,26 +241,24 @@ pub fn guest_tsc(fd: &VcpuFd, vcpu: usize) -> Result<u64, StateError> {
     }
 }
 
-/// Moves a paused vCPU's TSC back to `at_pause` if it went on past it, so that the time spent
-/// paused does not show. Through the TSC offset where KVM has the attribute (every vCPU moves
-/// by the same time, so offsets that were equal stay equal and the master clock stays on); by
-/// an IA32_TSC write otherwise. Hosts whose TSC is unstable already stop a vCPU's TSC while
-/// the vCPU is not loaded: there it has not moved, and nothing is written.
-pub fn rewind_tsc(fd: &VcpuFd, vcpu: usize, at_pause: u64) -> Result<(), StateError> {
-    let now = guest_tsc(fd, vcpu)?;
-    let Some(moved) = now.checked_sub(at_pause).filter(|&moved| moved > 0) else { return Ok(()) };
+/// Moves a paused vCPU's TSC back by `ticks`, to hide time it spent paused: through the TSC
+/// offset where KVM has the attribute (every vCPU moved by the same ticks keeps an offset equal
+/// to the others', so KVM's master clock stays on); by an IA32_TSC write otherwise (KVM gives
+/// writes within a second of each other matching offsets).
+pub fn rewind_tsc(fd: &VcpuFd, vcpu: usize, ticks: u64) -> Result<(), StateError> {
+    if ticks == 0 {
+        return Ok(());
+    }
     let refused = |ioctl| move |source| StateError::VcpuIoctl { vcpu, ioctl, source };
     if has_tsc_offset(fd) {
         let offset = get_tsc_offset(fd).map_err(refused("KVM_GET_DEVICE_ATTR (KVM_VCPU_TSC_OFFSET)"))?;
-        set_tsc_offset(fd, offset.wrapping_sub(moved))
+        set_tsc_offset(fd, offset.wrapping_sub(ticks))
             .map_err(refused("KVM_SET_DEVICE_ATTR (KVM_VCPU_TSC_OFFSET)"))
     } else {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_TSC,
-            data: at_pause,
-            ..Default::default()
-        }])
-        .expect("one MSR fits kvm_msrs");
+        let tsc = guest_tsc(fd, vcpu)?.saturating_sub(ticks);
+        let msrs =
+            Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, data: tsc, ..Default::default() }])
+                .expect("one MSR fits kvm_msrs");
         match fd.set_msrs(&msrs) {
             Ok(1) => Ok(()),
             Ok(_) => Err(refused("KVM_SET_MSRS (IA32_TSC)")(errno::Error::new(libc::EINVAL))),
