@@ -26,15 +26,6 @@ const TICKS: usize = 40;
 /// four do; the others catch it in L1, between runs of L2).
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
-fn ticks(serial: &Path) -> Vec<String> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("tick "))
-        .map(String::from)
-        .collect()
-}
-
 fn tick_number(tick: &str) -> usize {
     tick.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a tick number")
 }
@@ -42,10 +33,6 @@ fn tick_number(tick: &str) -> usize {
 fn l2_runs(tick: &str) -> u64 {
     let runs = tick.split_whitespace().find_map(|w| w.strip_prefix("l2_runs=")).expect("l2_runs");
     runs.parse().unwrap()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// (flags, format) of a saved nested state.

@@ -8,15 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn ticks(serial: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("tick "))
-        .map(String::from)
-        .collect()
-}
-
 fn wait_for_ticks(serial: &std::path::Path, count: usize) {
     let start = Instant::now();
     while ticks(serial).len() < count {
@@ -118,10 +109,6 @@ fn start_persist(dir: &std::path::Path, vcpus: u32, cmdline: &str) -> Vm {
         .spawn()
         .unwrap();
     Vm(Some(child))
-}
-
-fn path(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -275,3 +275,18 @@ pub fn signer(dir: &Path, name: &str) -> (String, String) {
     ]);
     (key, cert)
 }
+
+/// The `tick …` lines a ticking test guest (persist, nested) has written to its serial file.
+pub fn ticks(serial: &Path) -> Vec<String> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("tick "))
+        .map(String::from)
+        .collect()
+}
+
+/// A test path as the `&str` a command line takes.
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
