@@ -568,7 +568,7 @@ fn pause_resume(carve: &str, work: &Path) {
     let rounds = interleaved(
         PAUSE_ROUNDS,
         &mut [
-            &mut || timed(&vms[0], ControlRequest::Describe, 0),
+            &mut || timed(&vms[0], ControlRequest::Describe { sample_ms: 0 }, 0),
             &mut || pause(0),
             &mut || pause(1),
             &mut || resume(&vms[0], 3),
@@ -736,7 +736,7 @@ impl RunningVm {
 
     fn wait_for_control(&self) {
         let start = Instant::now();
-        while control::request(&self.control, &ControlRequest::Describe).is_err() {
+        while control::request(&self.control, &ControlRequest::Describe { sample_ms: 0 }).is_err() {
             assert!(start.elapsed() < Duration::from_secs(30), "{}: no control socket", self.name);
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -14,6 +14,7 @@ use carve_vmm::guest_state::file::StateFile;
 use carve_vmm::guest_state::{self, Platform};
 use carve_vmm::kvm_state::TimePolicy;
 use carve_vmm::memory::MemorySpec;
+use carve_vmm::migration::{Incoming, IncomingConfig};
 use carve_vmm::snapshot::{RestoreConfig, VmSnapshot};
 use carve_vmm::{EntryCheck, ExtraDevice, KernelSpec, SerialSink, Vm, VmConfig, VmExit, VsockConfig};
 use clap::{ArgGroup, Args, Subcommand};
@@ -28,12 +29,16 @@ pub enum VmCommand {
     Pause(ControlArgs),
     /// Resume a paused VM exactly where it stopped.
     Resume(ResumeArgs),
-    /// Describe a running VM: state, uptime, time paused, exits.
-    Describe(ControlArgs),
+    /// Describe a running VM: state, uptime, time paused, exits, and its memory activity
+    /// (dirty-page rate, working set) over a short sample.
+    Describe(DescribeArgs),
     /// Save a running VM to a new directory (it is paused meanwhile, then runs on).
     Snapshot(SnapshotArgs),
     /// Run a VM from a snapshot, exactly where it was saved.
     Restore(RestoreArgs),
+    /// Send a running VM to `carve vm run --incoming` on another host (or here): it runs on
+    /// there, paused only for the last round, and ends here.
+    Migrate(MigrateArgs),
     /// List the CPU templates `--cpu-template` accepts.
     CpuTemplates {
         /// Print the templates as JSON (the data carve applies).
@@ -43,12 +48,21 @@ pub enum VmCommand {
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("image").required(true).args(["kernel", "demo", "eif"])))]
+#[command(group(ArgGroup::new("image").required(true).args(["kernel", "demo", "eif", "incoming"])))]
 #[command(group(ArgGroup::new("with_nsm").args(["nsm", "eif"]).multiple(true)))]
 pub struct RunArgs {
     /// Kernel image: bzImage, ELF vmlinux with a PVH note, or multiboot v1 ELF.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Wait on HOST:PORT for a VM that `carve vm migrate` sends, and run it. Its memory is
+    /// --memory (the VM's size; its size by default), its serial, vsock and control as given
+    /// here; the guest must use no CPU feature this host (narrowed by --cpu-template) lacks.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        conflicts_with_all = ["initrd", "dump_state", "load_state", "nsm", "testdev", "cpu_features", "nested", "sgx_epc", "vcpus"]
+    )]
+    incoming: Option<String>,
     /// Run the built-in demo guest instead of a kernel file.
     #[arg(long)]
     demo: bool,
@@ -69,18 +83,15 @@ pub struct RunArgs {
     /// default), `memfd` (shared, for vhost-user and live upgrade), `hugetlb-2m` or `hugetlb-1g`
     /// (SIZE a whole number of pages), and `mergeable=on|off` (KSM; anonymous only, never an
     /// enclave's). See docs/memory.md.
-    #[arg(
-        long,
-        value_name = "SIZE[,backing=anonymous|memfd|hugetlb-2m|hugetlb-1g][,mergeable=on|off]",
-        default_value = "128"
-    )]
-    memory: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    vcpus: u32,
-    /// CPU template masking guest CPUID (see `carve vm cpu-templates`).
-    #[arg(long, value_name = "NAME", default_value = "host")]
-    cpu_template: String,
+    #[arg(long, value_name = "SIZE[,backing=anonymous|memfd|hugetlb-2m|hugetlb-1g][,mergeable=on|off]")]
+    memory: Option<String>,
+    /// Number of vCPUs (1 by default).
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// CPU template masking guest CPUID (see `carve vm cpu-templates`); with --incoming, what
+    /// this destination offers.
+    #[arg(long, value_name = "NAME")]
+    cpu_template: Option<String>,
     /// CPU features beyond the template, comma-separated: cet, nested (see `carve host`). Each is
     /// refused, before the VM starts, on a host whose KVM cannot give it.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -132,6 +143,31 @@ pub struct ControlArgs {
     /// The VM's control socket (`carve vm run --control PATH`).
     #[arg(long, value_name = "PATH")]
     control: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DescribeArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Watch the guest's memory this long for its dirty-page rate and working set (0: do not).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    sample_ms: u64,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The destination: `carve vm run --incoming HOST:PORT` there.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The longest pause acceptable: pre-copy rounds go on until the rest fits in it (or
+    /// 30 rounds have gone).
+    #[arg(long, value_name = "MS", default_value_t = carve_vmm::migration::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+    /// Print the migration's figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -246,7 +282,10 @@ pub fn run(command: VmCommand) -> ExitCode {
             let hide_pause = args.time == TimePolicy::Frozen;
             control(&args.control, ControlRequest::Resume { hide_pause })
         }
-        VmCommand::Describe(args) => control(&args, ControlRequest::Describe),
+        VmCommand::Describe(args) => {
+            control(&args.control, ControlRequest::Describe { sample_ms: args.sample_ms })
+        }
+        VmCommand::Migrate(args) => migrate(args),
         VmCommand::Snapshot(args) => {
             control(&args.control, ControlRequest::Snapshot { to: absolute(&args.to) })
         }
@@ -286,7 +325,10 @@ fn templates_json() -> String {
 }
 
 fn run_vm(args: RunArgs) -> ExitCode {
-    let cpu_template = match CpuTemplate::named(&args.cpu_template) {
+    if args.incoming.is_some() {
+        return incoming(args);
+    }
+    let cpu_template = match CpuTemplate::named(args.cpu_template.as_deref().unwrap_or("host")) {
         Ok(template) => template,
         Err(e) => return fail(e),
     };
@@ -321,13 +363,9 @@ fn run_vm(args: RunArgs) -> ExitCode {
         }
         (serial, false) => serial.unwrap_or(SerialArg::Stdout),
     };
-    // Parsed here rather than by clap, so a bad value is one line (status 2, as clap's).
-    let memory = match MemorySpec::parse(&args.memory) {
+    let memory = match parse_memory(args.memory.as_deref().unwrap_or("128")) {
         Ok(memory) => memory,
-        Err(e) => {
-            eprintln!("carve: error: invalid --memory '{}': {e}", args.memory);
-            return ExitCode::from(2);
-        }
+        Err(status) => return status,
     };
     if memory.mergeable && args.eif.is_some() {
         eprintln!(
@@ -361,14 +399,10 @@ fn run_vm(args: RunArgs) -> ExitCode {
         memory_mib: memory.mib,
         memory_backing: memory.backing,
         memory_mergeable: memory.mergeable,
-        vcpus: args.vcpus,
+        vcpus: args.vcpus.unwrap_or(1),
         cpu_template,
         cpu_features,
-        serial: match serial {
-            SerialArg::Stdout => SerialSink::Stdout,
-            SerialArg::File(path) => SerialSink::File(path),
-            SerialArg::None => SerialSink::None,
-        },
+        serial: serial_sink(serial),
         serial_input: serial_to_stdout,
         testdev: args.testdev,
         load_state,
@@ -393,6 +427,94 @@ fn run_vm(args: RunArgs) -> ExitCode {
     run_to_end(vm, args.control.as_deref(), args.stats)
 }
 
+/// `--memory`, parsed here rather than by clap so a bad value is one line (status 2, as clap's).
+fn parse_memory(text: &str) -> Result<MemorySpec, ExitCode> {
+    MemorySpec::parse(text).map_err(|e| {
+        eprintln!("carve: error: invalid --memory '{text}': {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn serial_sink(serial: SerialArg) -> SerialSink {
+    match serial {
+        SerialArg::Stdout => SerialSink::Stdout,
+        SerialArg::File(path) => SerialSink::File(path),
+        SerialArg::None => SerialSink::None,
+    }
+}
+
+/// `vm run --incoming`: waits for one VM, then runs it as a restored one.
+fn incoming(args: RunArgs) -> ExitCode {
+    let address = args.incoming.as_deref().expect("only called with --incoming");
+    let memory = match args.memory.as_deref().map(parse_memory).transpose() {
+        Ok(memory) => memory,
+        Err(status) => return status,
+    };
+    let cpu_template = match args.cpu_template.as_deref().map(CpuTemplate::named).transpose() {
+        Ok(template) => template,
+        Err(e) => return fail(e),
+    };
+    let serial = args.serial.unwrap_or(SerialArg::Stdout);
+    let config = IncomingConfig {
+        memory,
+        cpu_template,
+        restore: RestoreConfig {
+            serial_input: matches!(serial, SerialArg::Stdout),
+            serial: serial_sink(serial),
+            vsock: args.vsock,
+            nsm_ca: None,
+            time: TimePolicy::HostElapsed,
+        },
+        nsm_ca: Some(Box::new(|| crate::attestation::open_ca().map_err(|e| e.to_string()))),
+    };
+    let listener = match Incoming::listen(address) {
+        Ok(listener) => listener,
+        Err(e) => return fail(e),
+    };
+    let bound = listener.local_addr().map_or_else(|_| address.to_string(), |a| a.to_string());
+    eprintln!("carve: waiting for a VM on {bound}");
+    match listener.receive(config) {
+        Ok(vm) => {
+            eprintln!("carve: the VM arrived; it runs here now");
+            run_to_end(vm, args.control.as_deref(), args.stats)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `vm migrate`: asks the VM to go, prints what it took.
+fn migrate(args: MigrateArgs) -> ExitCode {
+    let request = ControlRequest::Migrate { to: args.to, downtime_ms: args.downtime_ms };
+    match carve_vmm::control::request(&args.control.control, &request) {
+        Ok(reply) => {
+            let Some(report) = reply.migration else {
+                return fail("the VM answered without a migration report");
+            };
+            let text = if args.json {
+                serde_json::to_string_pretty(&report).expect("reports serialise")
+            } else {
+                format!(
+                    "migrated to {} in {:.1} ms, paused {:.1} ms; {} rounds, {} pages, {:.1} MiB sent of {} MiB",
+                    report.to,
+                    report.total_us as f64 / 1e3,
+                    report.downtime_us as f64 / 1e3,
+                    report.rounds,
+                    report.pages_sent,
+                    report.bytes_sent as f64 / (1 << 20) as f64,
+                    report.guest_bytes >> 20
+                )
+            };
+            let _ = writeln!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(ControlError::Refused { message, status: Some(status) }) => {
+            eprintln!("{message}");
+            ExitCode::from(status)
+        }
+        Err(e) => fail(e),
+    }
+}
+
 /// Runs a built or restored VM and reports how it ended.
 fn run_to_end(vm: Vm, control: Option<&Path>, stats: bool) -> ExitCode {
     let outcome = match vm.run_with_control(control) {
@@ -410,6 +532,7 @@ fn run_to_end(vm: Vm, control: Option<&Path>, stats: bool) -> ExitCode {
         VmExit::Crash(report) => eprintln!("carve: guest crashed: {}", report.explanation),
         VmExit::VmmFailure(message) => eprintln!("carve: error: {message}"),
         VmExit::Halted => eprintln!("carve: {}; the VM is over", outcome.exit),
+        VmExit::Migrated { .. } => eprintln!("carve: {}", outcome.exit),
         _ => {}
     }
     ExitCode::from(outcome.exit.status() as u8)
@@ -436,11 +559,7 @@ fn restore(args: RestoreArgs) -> ExitCode {
     let serial = args.serial.unwrap_or(SerialArg::Stdout);
     let config = RestoreConfig {
         serial_input: matches!(serial, SerialArg::Stdout),
-        serial: match serial {
-            SerialArg::Stdout => SerialSink::Stdout,
-            SerialArg::File(path) => SerialSink::File(path),
-            SerialArg::None => SerialSink::None,
-        },
+        serial: serial_sink(serial),
         vsock: args.vsock,
         nsm_ca,
         time: args.time,

@@ -611,7 +611,8 @@ fn refuse_vm_control(stream: UnixStream, request: &ControlRequest) {
     let what = match request {
         ControlRequest::Pause | ControlRequest::Resume { .. } => "paused or resumed",
         ControlRequest::Snapshot { .. } => "snapshotted",
-        ControlRequest::Describe => "described as a VM (use describe-enclaves)",
+        ControlRequest::Describe { .. } => "described as a VM (use describe-enclaves)",
+        ControlRequest::Migrate { .. } => "migrated",
     };
     let failure = Failure::new(
         ErrorCode::COMMAND_NOT_EXECUTED,

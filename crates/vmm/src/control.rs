@@ -28,12 +28,34 @@ pub enum ControlRequest {
         #[serde(default)]
         hide_pause: bool,
     },
-    Describe,
+    /// Describe the VM; with `sample_ms`, also watch its memory for that long (dirty-page
+    /// rate and working set) before answering.
+    Describe {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        sample_ms: u64,
+    },
     /// Save the VM to a new directory `to` (pausing it meanwhile if it runs).
-    Snapshot {
-        to: PathBuf,
+    Snapshot { to: PathBuf },
+    /// Send the running VM to `carve vm run --incoming` at `to` (HOST:PORT), pausing it for
+    /// about `downtime_ms` at the end; the answer comes when the VM runs there (this VM then
+    /// ends) or the migration failed (this VM runs on).
+    Migrate {
+        to: String,
+        #[serde(default = "default_downtime_ms")]
+        downtime_ms: u64,
     },
 }
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn default_downtime_ms() -> u64 {
+    crate::migration::DEFAULT_DOWNTIME_MS
+}
+
+/// The longest `describe` sample: the VM's event loop does not wait on it, but its client does.
+pub const MAX_SAMPLE_MS: u64 = 10_000;
 
 /// What `describe` reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +69,28 @@ pub struct VmDescription {
     pub vcpus: usize,
     pub memory_bytes: u64,
     pub exits: ExitCounts,
+    /// What the guest did to its memory over a sample (`describe --sample-ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryActivity>,
+    /// The migration under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<String>,
+}
+
+/// The guest's memory activity over one sample window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryActivity {
+    pub window_ms: u64,
+    /// Pages written in the window, by vCPUs (KVM's dirty log) or carve's devices.
+    pub dirty_pages: u64,
+    pub dirty_bytes_per_s: u64,
+    /// How the dirty pages were found.
+    pub dirty_method: String,
+    /// Pages the guest touched in the window: read or written with `idle-page-tracking`, only
+    /// written with `dirty-log` (the fallback where the host has no idle-page tracking).
+    pub working_set_pages: u64,
+    pub working_set_bytes: u64,
+    pub working_set_method: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +124,9 @@ pub struct ControlReply {
     pub description: Option<VmDescription>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub took_us: Option<u64>,
+    /// For `migrate`: what the migration did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationReport>,
     /// With `error`: the exit status the client should end with, when the answering side has
     /// its own scheme (an enclave's nitro-cli E-code); carve's status 4 otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,6 +218,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&snapshot).unwrap(), r#"{"op":"snapshot","to":"/tmp/s"}"#);
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"snapshot","to":"/s","extra":1}"#).is_err());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"format-disk"}"#).is_err());
+        let describe = ControlRequest::Describe { sample_ms: 0 };
+        assert_eq!(serde_json::to_string(&describe).unwrap(), r#"{"op":"describe"}"#);
+        assert_eq!(serde_json::from_str::<ControlRequest>(r#"{"op":"describe"}"#).unwrap(), describe);
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(r#"{"op":"migrate","to":"10.0.0.2:4444"}"#).unwrap(),
+            ControlRequest::Migrate { to: "10.0.0.2:4444".into(), downtime_ms: 50 }
+        );
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub enum VmExit {
     /// Every vCPU halted with interrupts disabled (or was never started): nothing can run
     /// again, as after Linux's `halt`. Nitro ends an enclave in this state; so does carve.
     Halted,
+    /// The VM was migrated to `to` and runs there now.
+    Migrated {
+        to: String,
+    },
 }
 
 impl VmExit {
@@ -53,7 +57,11 @@ impl VmExit {
     /// belong to the guest's debug-exit writes, as QEMU's isa-debug-exit defines them.
     pub fn status(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff | VmExit::Terminated | VmExit::Halted => STATUS_POWER_OFF,
+            VmExit::Reset
+            | VmExit::PowerOff
+            | VmExit::Terminated
+            | VmExit::Halted
+            | VmExit::Migrated { .. } => STATUS_POWER_OFF,
             VmExit::DebugExit(value) => (((value << 1) | 1) & 0xff) as i32,
             VmExit::Crash(_) => STATUS_GUEST_CRASH,
             VmExit::VmmFailure(_) => STATUS_CARVE_ERROR,
@@ -75,6 +83,7 @@ impl std::fmt::Display for VmExit {
             VmExit::Stopped(signal) => write!(f, "carve was stopped by signal {signal}"),
             VmExit::Terminated => write!(f, "terminated on request"),
             VmExit::Halted => write!(f, "every vCPU halted with interrupts disabled"),
+            VmExit::Migrated { to } => write!(f, "the VM migrated to {to} and runs there now"),
         }
     }
 }

@@ -10,20 +10,26 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{self, ControlReply, ControlRequest, VmDescription};
+use crate::control::{self, ControlReply, ControlRequest, VmDescription, MAX_SAMPLE_MS};
 use crate::cpu_features::sgx::Epc;
 use crate::device_manager::DeviceManager;
 use crate::devices::serial::SerialPort;
 use crate::exit::{ExitSignal, VmExit};
+use crate::kvm_state::CpuidEntry;
 use crate::memory;
+use crate::migration::protocol::Offer;
+use crate::migration::source::{FromLoop, Source, ToLoop};
 use crate::snapshot::{SaveError, VmSnapshot};
 use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
 use crate::vm::{VmError, VmOutcome};
@@ -45,6 +51,8 @@ enum Action {
     PrintState,
     HaltCheck,
     Control(ControlRequest, UnixStream),
+    /// The migration thread has news (converged, or finished).
+    Migration,
 }
 
 type Actions = Rc<RefCell<VecDeque<Action>>>;
@@ -93,8 +101,15 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         events.add_subscriber(Box::new(ControlServer { listener, actions: actions.clone() }));
     }
 
+    let guest_cpuid =
+        parts.vcpus.first().map(|v| v.cpuid.iter().map(CpuidEntry::from).collect()).unwrap_or_default();
     let mut runner = Runner {
         vcpus: Vec::new(),
+        guest_cpuid,
+        actions: actions.clone(),
+        migration: None,
+        migrated: false,
+        dirty_log_busy: Default::default(),
         devices: parts.devices,
         context: context.clone(),
         vm_fd: parts.vm_fd,
@@ -125,16 +140,22 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
             runner.act(action, &mut events);
         }
     }
+    if let Some(migration) = runner.migration.take() {
+        migration.cancel();
+    }
     for handle in runner.vcpus.drain(..) {
         handle.join();
     }
     // The guest may have handed devices work just before it stopped (say, the last packets
     // of a reply, then a power-off): queue notifications arrive through ioeventfds, so let
-    // the devices take what is already signalled before they are dropped.
-    runner.devices.start_backends(&mut events);
-    for _ in 0..DRAIN_ROUNDS {
-        if !matches!(events.run_with_timeout(0), Ok(n) if n > 0) {
-            break;
+    // the devices take what is already signalled before they are dropped. Not after a
+    // migration: that work is the destination's now (its queues carry it), done twice here.
+    if !runner.migrated {
+        runner.devices.start_backends(&mut events);
+        for _ in 0..DRAIN_ROUNDS {
+            if !matches!(events.run_with_timeout(0), Ok(n) if n > 0) {
+                break;
+            }
         }
     }
     for id in signal_ids {
@@ -156,6 +177,14 @@ fn signal_pipe(signal: i32) -> Result<(UnixStream, signal_hook::SigId), VmError>
 /// The loop's view of the running VM.
 struct Runner {
     vcpus: Vec<VcpuHandle>,
+    /// vCPU 0's CPUID: what a migration's destination must offer.
+    guest_cpuid: Vec<CpuidEntry>,
+    actions: Actions,
+    migration: Option<Migration>,
+    /// The VM ended by migrating: its devices' pending work went with it.
+    migrated: bool,
+    /// A migration or a `describe` sample has the dirty log.
+    dirty_log_busy: Arc<AtomicBool>,
     devices: DeviceManager,
     context: Arc<VcpuContext>,
     vm_fd: Arc<VmFd>,
@@ -177,10 +206,19 @@ impl Runner {
         match action {
             Action::PrintState => self.vcpus.iter().for_each(|v| v.send(VcpuRequest::PrintState)),
             Action::HaltCheck => self.halt_check(),
+            Action::Control(ControlRequest::Migrate { to, downtime_ms }, stream) => {
+                if let Err(error) = self.start_migration(to, downtime_ms, &stream, events) {
+                    control::send_reply(stream, &ControlReply::failed(error));
+                }
+            }
+            Action::Control(ControlRequest::Describe { sample_ms }, stream) if sample_ms > 0 => {
+                self.sample(sample_ms, stream)
+            }
             Action::Control(request, stream) => {
                 let reply = self.control(request, events);
                 control::send_reply(stream, &reply);
             }
+            Action::Migration => self.migration_news(events),
         }
     }
 
@@ -205,13 +243,23 @@ impl Runner {
 
     fn control(&mut self, request: ControlRequest, events: &mut Loop) -> ControlReply {
         let started = Instant::now();
+        if let (Some(migration), false) =
+            (&self.migration, matches!(request, ControlRequest::Describe { .. }))
+        {
+            return ControlReply::failed(format!(
+                "a migration to {} is under way; wait for it to end (`carve vm describe` shows it)",
+                migration.to
+            ));
+        }
         let result = match request {
             ControlRequest::Pause => self.pause(events),
             ControlRequest::Resume { hide_pause } => self.resume(events, hide_pause),
-            ControlRequest::Describe => {
+            ControlRequest::Describe { .. } => {
                 return ControlReply { description: Some(self.describe()), ..Default::default() }
             }
             ControlRequest::Snapshot { to } => self.snapshot(&to, events),
+            // `act` takes these before they reach here.
+            ControlRequest::Migrate { .. } => Err("internal: migrate reached control()".into()),
         };
         match result {
             Ok(()) => {
@@ -312,9 +360,15 @@ impl Runner {
         saved
     }
 
-    /// Each vCPU saves itself on its own thread; the rest is [`VmSnapshot::compose`], as for a
-    /// VM that does not run.
     fn save_to(&mut self, dir: &Path) -> Result<(), VmError> {
+        let snapshot = self.saved_state()?;
+        crate::snapshot::save(dir, &snapshot, &self.context.mem)?;
+        Ok(())
+    }
+
+    /// Each vCPU saves itself on its own thread; the rest is [`VmSnapshot::compose`], as for a
+    /// VM that does not run. The VM is paused.
+    fn saved_state(&mut self) -> Result<VmSnapshot, VmError> {
         self.vcpus.iter().for_each(|v| v.send(VcpuRequest::Save));
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
@@ -330,9 +384,149 @@ impl Runner {
                 }
             }
         }
-        let snapshot = VmSnapshot::compose(vcpus, &self.vm_fd, &self.context.mem, &self.devices)?;
-        crate::snapshot::save(dir, &snapshot, &self.context.mem)?;
+        VmSnapshot::compose(vcpus, &self.vm_fd, &self.context.mem, &self.devices)
+    }
+
+    /// Starts sending the VM to `to` on a thread of its own; the loop answers the client when
+    /// it ends ([`Runner::migration_news`]).
+    fn start_migration(
+        &mut self,
+        to: String,
+        downtime_ms: u64,
+        client: &UnixStream,
+        events: &mut Loop,
+    ) -> Result<(), String> {
+        if let Some(migration) = &self.migration {
+            return Err(format!("a migration to {} is already under way", migration.to));
+        }
+        if self.epc.is_some() {
+            return Err("a VM with SGX EPC sections cannot be migrated: EPC contents cannot be read out of \
+                        the enclave page cache"
+                .into());
+        }
+        if self.paused_since.is_some() {
+            return Err("the VM is paused; resume it before migrating it".into());
+        }
+        crate::migration::source::resolve(&to)?;
+        let io = |e: std::io::Error| format!("cannot start the migration: {e}");
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+        let wake_loop = wake.try_clone().map_err(io)?;
+        let client = client.try_clone().map_err(io)?;
+        let (to_loop, from_thread) = channel();
+        let (to_thread, from_loop) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mem = self.context.mem.clone();
+        let offer = Offer {
+            memory: memory::layout(&mem),
+            vcpus: self.vcpus.len() as u32,
+            cpuid: self.guest_cpuid.clone(),
+        };
+        let source = Source {
+            to: to.clone(),
+            downtime: Duration::from_millis(downtime_ms),
+            vm: self.vm_fd.clone(),
+            mem,
+            offer,
+            to_loop,
+            wake,
+            from_loop,
+            cancel: cancel.clone(),
+            dirty_log_busy: self.dirty_log_busy.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("carve-migrate".into())
+            .spawn(move || source.run())
+            .map_err(io)?;
+        let subscriber = events.add_subscriber(Box::new(Queue {
+            source: wake_loop,
+            action: || Action::Migration,
+            actions: self.actions.clone(),
+        }));
+        self.migration = Some(Migration { to, client, to_thread, from_thread, cancel, thread, subscriber });
         Ok(())
+    }
+
+    /// The migration thread converged (pause the VM, hand it the state, then wait for the end:
+    /// the VM is paused meanwhile) or ended.
+    fn migration_news(&mut self, events: &mut Loop) {
+        let Some(migration) = self.migration.take() else { return };
+        let mut outcome = None;
+        while let Ok(news) = migration.from_thread.try_recv() {
+            match news {
+                ToLoop::StopTheVm => {
+                    let paused_at = Instant::now();
+                    let state =
+                        self.pause(events).and_then(|()| self.saved_state().map_err(|e| e.to_string()));
+                    let _ = migration.to_thread.send(match state {
+                        Ok(state) => FromLoop::Stopped { state: Box::new(state), paused_at },
+                        Err(e) => FromLoop::Failed(format!("cannot stop the VM for its last round: {e}")),
+                    });
+                    outcome = Some(match migration.from_thread.recv() {
+                        Ok(ToLoop::Finished(result)) => result,
+                        _ => Err("the migration thread ended without an answer".into()),
+                    });
+                }
+                ToLoop::Finished(result) => outcome = Some(result),
+            }
+        }
+        let Some(outcome) = outcome else {
+            self.migration = Some(migration);
+            return;
+        };
+        let _ = events.remove_subscriber(migration.subscriber);
+        let _ = migration.thread.join();
+        match outcome {
+            Ok(report) => {
+                self.migrated = true;
+                self.context.exit.request(VmExit::Migrated { to: report.to.clone() });
+                let reply = ControlReply { migration: Some(report), ..Default::default() };
+                control::send_reply(migration.client, &reply);
+            }
+            Err(error) => {
+                let resumed = match self.paused_since {
+                    Some(_) => self.resume(events, false).err(),
+                    None => None,
+                };
+                eprintln!("carve: the migration to {} failed: {error}; the VM runs on here", migration.to);
+                let error = match resumed {
+                    Some(e) => format!("{error}; resuming the VM failed too: {e}"),
+                    None => error,
+                };
+                control::send_reply(migration.client, &ControlReply::failed(error));
+            }
+        }
+    }
+
+    /// Answers `describe --sample-ms` from a thread of its own once the window has passed, so the
+    /// loop runs on meanwhile.
+    fn sample(&mut self, sample_ms: u64, client: UnixStream) {
+        if sample_ms > MAX_SAMPLE_MS {
+            let error = format!("a sample of {sample_ms} ms is longer than the {MAX_SAMPLE_MS} ms allowed");
+            return control::send_reply(client, &ControlReply::failed(error));
+        }
+        if self.dirty_log_busy.swap(true, Ordering::SeqCst) {
+            let error = "the dirty log is in use (a migration or another sample); describe without \
+                         --sample-ms, or sample later";
+            return control::send_reply(client, &ControlReply::failed(error));
+        }
+        let mut description = self.describe();
+        let (vm, mem, busy) = (self.vm_fd.clone(), self.context.mem.clone(), self.dirty_log_busy.clone());
+        let window = Duration::from_millis(sample_ms);
+        let spawned = std::thread::Builder::new().name("carve-sample".into()).spawn(move || {
+            let activity = crate::activity::sample(vm, &mem, window);
+            busy.store(false, Ordering::SeqCst);
+            let reply = match activity {
+                Ok(activity) => {
+                    description.memory = Some(activity);
+                    ControlReply { description: Some(description), ..Default::default() }
+                }
+                Err(e) => ControlReply::failed(e),
+            };
+            control::send_reply(client, &reply);
+        });
+        if spawned.is_err() {
+            self.dirty_log_busy.store(false, Ordering::SeqCst);
+        }
     }
 
     fn describe(&self) -> VmDescription {
@@ -344,7 +538,32 @@ impl Runner {
             vcpus: self.vcpus.len(),
             memory_bytes: memory::total_size(&self.context.mem),
             exits: self.context.stats.snapshot().into(),
+            memory: None,
+            migrating_to: self.migration.as_ref().map(|m| m.to.clone()),
         }
+    }
+}
+
+/// A migration under way: its thread, and the client waiting for the outcome.
+struct Migration {
+    to: String,
+    client: UnixStream,
+    to_thread: Sender<FromLoop>,
+    from_thread: Receiver<ToLoop>,
+    cancel: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+    subscriber: SubscriberId,
+}
+
+impl Migration {
+    /// The VM ended meanwhile: the thread stops at its next step and tells the destination.
+    fn cancel(self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        let _ = self.to_thread.send(FromLoop::Failed("the VM ended during the migration".into()));
+        let _ = self.thread.join();
+        let reply =
+            ControlReply::failed("the VM ended during the migration; nothing runs at the destination");
+        control::send_reply(self.client, &reply);
     }
 }
 
@@ -387,6 +606,12 @@ trait Drain: AsRawFd {
 impl Drain for UnixStream {
     fn drain(&mut self) {
         let _ = self.read(&mut [0u8; 16]);
+    }
+}
+
+impl Drain for EventFd {
+    fn drain(&mut self) {
+        let _ = self.read();
     }
 }
 

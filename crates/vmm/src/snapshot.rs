@@ -187,7 +187,10 @@ impl Vm {
     /// Rebuilds the VM saved in `dir` (whose state was read into `snapshot`): its
     /// [`Persist::restore`].
     pub fn restore(dir: &Path, snapshot: &VmSnapshot, config: RestoreConfig) -> Result<Vm, VmError> {
-        <Vm as Persist>::restore(VmRestore { dir: dir.to_path_buf(), config }, snapshot)
+        <Vm as Persist>::restore(
+            VmRestore { memory: RestoreMemory::Dir(dir.to_path_buf()), config },
+            snapshot,
+        )
     }
 
     /// Saves the VM, built and not yet run, to the snapshot directory `dir` (new, or empty), as
@@ -199,11 +202,18 @@ impl Vm {
     }
 }
 
-/// What restoring a VM takes besides its state: the snapshot directory (its memory file) and
-/// how to bring it back.
+/// What restoring a VM takes besides its state: its memory and how to bring it back.
 pub struct VmRestore {
-    pub dir: PathBuf,
+    pub memory: RestoreMemory,
     pub config: RestoreConfig,
+}
+
+/// Where a restored VM's memory comes from.
+pub enum RestoreMemory {
+    /// The snapshot directory: its memory file, mapped copy-on-write.
+    Dir(PathBuf),
+    /// Memory already filled, laid out as the state says (a migration's destination).
+    Ram(GuestRam),
 }
 
 /// Everything a VM is apart from its memory's contents, which stay in their own file
@@ -227,19 +237,32 @@ impl Persist for Vm {
 
     /// Ready to run from exactly where it was saved.
     fn restore(args: VmRestore, snapshot: &VmSnapshot) -> Result<Vm, VmError> {
-        let (dir, config) = (&args.dir, args.config);
+        let config = args.config;
         let invalid = |what: String| VmError::SnapshotState(what);
         let total = snapshot.validate()?;
-        let memory_path = dir.join(MEMORY_FILE);
-        let memory_file = File::open(&memory_path)
-            .map_err(|e| invalid(format!("memory file {}: {e}", memory_path.display())))?;
-        let file_len = memory_file.metadata().map(|m| m.len()).unwrap_or(0);
-        if file_len != total {
-            return Err(invalid(format!(
-                "memory file {} holds {file_len} bytes; its state describes {total}",
-                memory_path.display()
-            )));
-        }
+        let mem = match args.memory {
+            RestoreMemory::Dir(dir) => {
+                let memory_path = dir.join(MEMORY_FILE);
+                let memory_file = File::open(&memory_path)
+                    .map_err(|e| invalid(format!("memory file {}: {e}", memory_path.display())))?;
+                let file_len = memory_file.metadata().map(|m| m.len()).unwrap_or(0);
+                if file_len != total {
+                    return Err(invalid(format!(
+                        "memory file {} holds {file_len} bytes; its state describes {total}",
+                        memory_path.display()
+                    )));
+                }
+                memory::map_file(&memory_file, &snapshot.memory)?
+            }
+            RestoreMemory::Ram(mem) if memory::layout(&mem) == snapshot.memory => mem,
+            RestoreMemory::Ram(mem) => {
+                return Err(invalid(format!(
+                    "its memory layout {:?} is not that of the memory given, {:?}",
+                    snapshot.memory,
+                    memory::layout(&mem)
+                )))
+            }
+        };
         let kvm = Kvm::new().map_err(|source| VmError::KvmUnavailable { source })?;
         let max_vcpus = kvm.get_max_vcpus().min(crate::mptable::MAX_CPUS.into());
         let count = snapshot.kvm.vcpus.len();
@@ -247,7 +270,6 @@ impl Persist for Vm {
             return Err(invalid(format!("{count} vCPUs are more than this host's KVM allows ({max_vcpus})")));
         }
         let vm_fd = Arc::new(kvm.create_vm().map_err(vm::kvm_error("create a VM"))?);
-        let mem = memory::map_file(&memory_file, &snapshot.memory)?;
         memory::register(&vm_fd, &mem)?;
         vm::create_irqchip(&vm_fd)?;
         let caps = Arc::new(HostCaps::read(&kvm, &vm_fd).map_err(|e| VmError::Host(e.to_string()))?);
@@ -314,7 +336,7 @@ impl Persist for Vm {
 
 /// The layout must be the one carve builds for its total (so the guest's e820 map, ACPI and
 /// fw_cfg, all in the saved memory, still describe it); returns the total.
-fn check_layout(layout: &[RamRange]) -> Result<u64, String> {
+pub(crate) fn check_layout(layout: &[RamRange]) -> Result<u64, String> {
     let total =
         layout.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size)).ok_or("memory layout overflows")?;
     if total % PAGE as u64 != 0

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use carve_guest_images::{path, Format};
 use carve_snapshot::Persist;
 use carve_vmm::kvm_state::TimePolicy;
-use carve_vmm::snapshot::{RestoreConfig, VmRestore, VmSnapshot};
+use carve_vmm::snapshot::{RestoreConfig, RestoreMemory, VmRestore, VmSnapshot};
 use carve_vmm::{KernelSpec, SerialSink, Vm, VmConfig, VmExit};
 
 fn kvm_usable(test: &str) -> bool {
@@ -78,7 +78,11 @@ fn a_vm_saved_before_it_runs_restores_saves_the_same_and_runs_the_same() {
         nsm_ca: None,
         time: TimePolicy::Frozen,
     };
-    let restored = <Vm as Persist>::restore(VmRestore { dir: snapshot_dir.clone(), config }, &read).unwrap();
+    let restored = <Vm as Persist>::restore(
+        VmRestore { memory: RestoreMemory::Dir(snapshot_dir.clone()), config },
+        &read,
+    )
+    .unwrap();
 
     // Saved again before it runs: the same registers and devices (time-driven state aside).
     let again = restored.save().unwrap();

@@ -9,7 +9,10 @@
 //! Parameters: `ticks=N` (30), `period_ms=P` (100), `pattern_kib=K` (1024, from 16 MiB),
 //! `expect_cpus=C` (1), `seed=S` (the pattern's), `rewrite_at=T` (none: at tick T, write the
 //! pattern again with another seed and check that one from then on; the KSM test has one of
-//! two identical guests do so, breaking pages the host had merged).
+//! two identical guests do so, breaking pages the host had merged), `churn_kib=K` (0: every
+//! tick, rewrite the next K KiB of the pattern, page by page, each page with its own new
+//! generation, so memory keeps changing at K KiB per period while every page stays checkable: a
+//! migration that lost one write shows as a page that reads an old generation).
 #![no_std]
 #![no_main]
 
@@ -30,6 +33,16 @@ static CLOCKS: [Area; MAX_CPUS] = [const { Area::new() }; MAX_CPUS];
 /// Per AP: how many times it went round its loop, and how often its TSC went back.
 static AP_ROUNDS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static AP_TSC_BACK: AtomicU64 = AtomicU64::new(0);
+const PAGE: u64 = 4096;
+/// Pattern pages churn can track (64 MiB of pattern).
+const MAX_PAGES: usize = 16384;
+/// Each pattern page's generation: its seed is the pattern's xor this.
+static GENERATIONS: [AtomicU64; MAX_PAGES] = [const { AtomicU64::new(0) }; MAX_PAGES];
+
+fn page_seed(addr: u64, seed: u64) -> u64 {
+    let page = ((addr - PATTERN_BASE) / PAGE) as usize;
+    seed ^ GENERATIONS[page].load(SeqCst)
+}
 
 fn pattern(addr: u64, seed: u64) -> u64 {
     (addr ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -37,7 +50,7 @@ fn pattern(addr: u64, seed: u64) -> u64 {
 
 fn write_pattern(range: core::ops::Range<u64>, seed: u64) {
     for addr in range.step_by(STRIDE as usize) {
-        write_phys(addr, pattern(addr, seed));
+        write_phys(addr, pattern(addr, page_seed(addr, seed)));
     }
 }
 
@@ -67,7 +80,11 @@ fn main(boot: &BootInfo) -> ! {
     let cpus = number("expect_cpus", 1) as usize;
     let mut seed = number("seed", 0x5eed_c0de);
     let rewrite_at = number("rewrite_at", 0);
+    let churn_pages = number("churn_kib", 0) * 1024 / PAGE;
+    let pattern_pages = (pattern_end - PATTERN_BASE) / PAGE;
     check!((1..=MAX_CPUS).contains(&cpus), "{} vCPUs (at most {})", cpus, MAX_CPUS);
+    check!(pattern_pages as usize <= MAX_PAGES, "a pattern of {} pages (at most {})", pattern_pages, MAX_PAGES);
+    let mut churn_cursor = 0;
 
     write_pattern(PATTERN_BASE..pattern_end, seed);
     smp::set_ap_work(ap_work);
@@ -97,6 +114,12 @@ fn main(boot: &BootInfo) -> ! {
             }
             core::hint::spin_loop();
         }
+        for _ in 0..churn_pages.min(pattern_pages) {
+            let page = PATTERN_BASE + churn_cursor * PAGE;
+            GENERATIONS[churn_cursor as usize].fetch_add(1, SeqCst);
+            write_pattern(page..page + PAGE, seed);
+            churn_cursor = (churn_cursor + 1) % pattern_pages;
+        }
         if tick == rewrite_at {
             seed = !seed;
             write_pattern(PATTERN_BASE..pattern_end, seed);
@@ -104,7 +127,7 @@ fn main(boot: &BootInfo) -> ! {
         }
         for addr in (PATTERN_BASE..pattern_end).step_by(STRIDE as usize) {
             let found = read_phys::<u64>(addr);
-            let written = pattern(addr, seed);
+            let written = pattern(addr, page_seed(addr, seed));
             require!(found == written, "memory at {:#x} reads {:#x}, was written {:#x}", addr, found, written);
         }
         for (cpu, seen) in rounds.iter_mut().enumerate().take(cpus).skip(1) {

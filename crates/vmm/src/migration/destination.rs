@@ -1,0 +1,168 @@
+//! The receiving side (`carve vm run --incoming ADDR:PORT`): one connection, one VM. The offer
+//! is checked before any memory moves; every page is checked against the layout before it is
+//! written; the state is validated as a snapshot's is. Whatever fails is sent back to the source
+//! (which runs on) and returned here.
+
+use std::io::{BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::compat::missing_features;
+use super::protocol::{self, Kind, Offer, ProtocolError};
+use super::{MigrationError, IO_TIMEOUT};
+use crate::cpuid::CpuTemplate;
+use crate::kvm_state::{CpuidEntry, TimePolicy};
+use crate::memory::{self, GuestRam, MemorySpec};
+use crate::snapshot::{check_layout, RestoreConfig, RestoreMemory, VmRestore, VmSnapshot};
+use crate::vm::Vm;
+
+/// How the destination takes a VM in.
+pub struct IncomingConfig {
+    /// The memory it gives the VM: its size must be the VM's; `None` takes the VM's size with
+    /// anonymous memory.
+    pub memory: Option<MemorySpec>,
+    /// Narrows what this destination offers (the guest must use none of what it removes).
+    pub cpu_template: Option<CpuTemplate>,
+    /// Serial, vsock and time as for a restore (time is [`TimePolicy::HostElapsed`]: the guest's
+    /// clocks run on through the migration). `nsm_ca` is asked for only if the VM has an NSM.
+    pub restore: RestoreConfig,
+    pub nsm_ca: Option<Box<dyn FnOnce() -> Result<carve_nsm::pki::CertificateAuthority, String>>>,
+}
+
+/// A destination waiting for its VM.
+pub struct Incoming {
+    listener: TcpListener,
+}
+
+impl Incoming {
+    pub fn listen(address: &str) -> Result<Incoming, MigrationError> {
+        let addr = super::source::resolve(address).map_err(MigrationError::Setup)?;
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            MigrationError::Setup(format!("cannot listen for an incoming VM on {address}: {e}"))
+        })?;
+        Ok(Incoming { listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Takes the first connection's VM: a VM ready to run, or why not (the source was told).
+    pub fn receive(self, config: IncomingConfig) -> Result<Vm, MigrationError> {
+        let (stream, peer) = self.listener.accept().map_err(|e| MigrationError::Setup(e.to_string()))?;
+        drop(self.listener);
+        let from = peer.to_string();
+        let failed = |detail: String| MigrationError::Failed { from: from.clone(), detail };
+        stream.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
+        let mut writer = stream.try_clone().map_err(|e| failed(e.to_string()))?;
+        let mut reader = BufReader::with_capacity(1 << 20, stream);
+        let refuse = |writer: &mut TcpStream, reason: String| {
+            let _ =
+                protocol::write_frame(writer, Kind::Refuse, reason.as_bytes()).and_then(|()| writer.flush());
+            MigrationError::Refused { from: from.clone(), reason }
+        };
+
+        protocol::read_preamble(&mut reader).map_err(|e| match e {
+            ProtocolError::Version { .. } => refuse(&mut writer, e.to_string()),
+            e => failed(e.to_string()),
+        })?;
+        let offer: Offer = match protocol::read_frame(&mut reader).map_err(|e| failed(e.to_string()))? {
+            (Kind::Offer, payload) => {
+                carve_snapshot::file::decode(&payload).map_err(|e| failed(format!("its offer {e}")))?
+            }
+            (kind, _) => {
+                return Err(failed(ProtocolError::Unexpected { expected: "Offer", got: kind }.to_string()))
+            }
+        };
+        let spec = check_offer(&offer, &config).map_err(|reason| refuse(&mut writer, reason))?;
+        let mem = memory::create_with(spec).map_err(|e| refuse(&mut writer, e.to_string()))?;
+        protocol::write_frame(&mut writer, Kind::Accept, b"").map_err(|e| failed(e.to_string()))?;
+
+        let state = receive_memory(&mut reader, &mem, &offer).map_err(|e| failed(e.to_string()))?;
+        let vm = start(state, mem, &offer, config).map_err(|reason| refuse(&mut writer, reason))?;
+        protocol::write_frame(&mut writer, Kind::Started, b"").map_err(|e| failed(e.to_string()))?;
+        Ok(vm)
+    }
+}
+
+/// Whether this destination can take the VM offered; the memory to give it.
+fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, String> {
+    let total = check_layout(&offer.memory)?;
+    let spec = match config.memory {
+        Some(spec) if spec.mib << 20 != total => {
+            return Err(format!(
+                "the VM has {} MiB of memory; this destination was started with --memory {}",
+                total >> 20,
+                spec.mib
+            ))
+        }
+        Some(spec) => spec,
+        None => MemorySpec { mib: total >> 20, backing: memory::MemoryBacking::Anonymous, mergeable: false },
+    };
+    let kvm = Kvm::new().map_err(|e| format!("this destination has no usable KVM: {e}"))?;
+    let max = kvm.get_max_vcpus().min(crate::mptable::MAX_CPUS.into());
+    if offer.vcpus == 0 || offer.vcpus as usize > max {
+        return Err(format!("the VM has {} vCPUs; this destination runs 1 to {max}", offer.vcpus));
+    }
+    let mut offered = crate::vm::supported_cpuid(&kvm).map_err(|e| e.to_string())?;
+    if let Some(template) = &config.cpu_template {
+        template.apply(&mut offered);
+    }
+    let offered: Vec<CpuidEntry> = offered.as_slice().iter().map(Into::into).collect();
+    let missing = missing_features(&offer.cpuid, &offered);
+    if !missing.is_empty() {
+        let template = config.cpu_template.as_ref().map(|t| format!(" with CPU template {}", t.name));
+        return Err(format!(
+            "the guest uses CPU features this destination{} does not offer: {}",
+            template.unwrap_or_default(),
+            missing.join(", ")
+        ));
+    }
+    Ok(spec)
+}
+
+/// Writes `Pages` frames into `mem` until the `State` frame, which it returns decoded.
+fn receive_memory(
+    reader: &mut impl std::io::Read,
+    mem: &GuestRam,
+    offer: &Offer,
+) -> Result<VmSnapshot, ProtocolError> {
+    static ZERO: [u8; protocol::PAGE_SIZE] = [0; protocol::PAGE_SIZE];
+    loop {
+        match protocol::read_frame(reader)? {
+            (Kind::Pages, payload) => {
+                protocol::parse_pages(&payload, &offer.memory, |gpa, data| {
+                    // parse_pages checked the page is inside RAM, so the write cannot fail.
+                    let _ = mem.write_slice(data.unwrap_or(&ZERO), GuestAddress(gpa));
+                })?;
+            }
+            (Kind::State, payload) => {
+                return carve_snapshot::file::decode(&payload)
+                    .map_err(|e| ProtocolError::Corrupted(format!("the VM's state: {e}")))
+            }
+            (kind, _) => return Err(ProtocolError::Unexpected { expected: "Pages or State", got: kind }),
+        }
+    }
+}
+
+/// The VM rebuilt from its state in the memory received, ready to run.
+fn start(state: VmSnapshot, mem: GuestRam, offer: &Offer, config: IncomingConfig) -> Result<Vm, String> {
+    if state.memory != offer.memory || state.kvm.vcpus.len() != offer.vcpus as usize {
+        return Err("the VM's state does not match its offer (memory layout or vCPU count)".into());
+    }
+    let mut restore = config.restore;
+    restore.time = TimePolicy::HostElapsed;
+    if state.has_nsm() && restore.nsm_ca.is_none() {
+        let open = config.nsm_ca.ok_or("the VM has an NSM and this destination has no CA for it")?;
+        restore.nsm_ca = Some(open()?);
+    }
+    <Vm as carve_snapshot::Persist>::restore(
+        VmRestore { memory: RestoreMemory::Ram(mem), config: restore },
+        &state,
+    )
+    .map_err(|e| e.to_string())
+}
