@@ -74,7 +74,7 @@ fi
 modules="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev
     drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci net/9p/9pnet net/9p/9pnet_virtio
     fs/netfs/netfs fs/fscache/fscache fs/9p/9p fs/overlayfs/overlay virt/lib/irqbypass
-    drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd"
+    drivers/crypto/ccp/ccp arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/veth net/sched/sch_tbf"
 
 # Kernel and initramfs, cached by kernel package, init and module list.
 key=$( (cat "$repo/scripts/kvm-host.init"; echo $modules) | sha256sum | cut -c1-12)

@@ -35,7 +35,7 @@ rm -f "$demo_log"
 # the first phase; linux_enclave covers an enclave on a pool CPU with hugepages on real KVM.)
 real_kvm_tests="carve-cli:vm_run carve-cli:vsock carve-cli:nsm carve-cli:linux carve-cli:linux_enclave
     carve-cli:nested carve-cli:vm_control carve-vmm:cpuid_on_kvm carve-vmm:guest_state_on_kvm
-    carve-vmm:kvm_state_on_kvm carve-cli:cpu_features"
+    carve-vmm:kvm_state_on_kvm carve-cli:cpu_features carve-cli:migration carve-vmm:dirty_log_on_kvm"
 list=$(mktemp)
 trap 'rm -f "$log" "$list" "$list.json" "$list.left" "$list.left.next"' EXIT
 cargo test --workspace --locked --no-run --message-format=json 2>/dev/null >"$list.json"

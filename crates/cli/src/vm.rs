@@ -88,8 +88,8 @@ pub struct RunArgs {
     /// Number of vCPUs (1 by default).
     #[arg(long, value_name = "N")]
     vcpus: Option<u32>,
-    /// CPU template masking guest CPUID (see `carve vm cpu-templates`); with --incoming, what
-    /// this destination offers.
+    /// CPU template masking guest CPUID: a name (see `carve vm cpu-templates`) or a FILE.json
+    /// of the same shape; with --incoming, what this destination offers.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<String>,
     /// CPU features beyond the template, comma-separated: cet, nested (see `carve host`). Each is
@@ -328,7 +328,7 @@ fn run_vm(args: RunArgs) -> ExitCode {
     if args.incoming.is_some() {
         return incoming(args);
     }
-    let cpu_template = match CpuTemplate::named(args.cpu_template.as_deref().unwrap_or("host")) {
+    let cpu_template = match cpu_template(args.cpu_template.as_deref().unwrap_or("host")) {
         Ok(template) => template,
         Err(e) => return fail(e),
     };
@@ -427,6 +427,17 @@ fn run_vm(args: RunArgs) -> ExitCode {
     run_to_end(vm, args.control.as_deref(), args.stats)
 }
 
+/// A built-in template by name, or one of the same JSON shape (`carve vm cpu-templates --json`)
+/// in a file ending in `.json`, as Firecracker's custom CPU templates.
+fn cpu_template(name: &str) -> Result<CpuTemplate, String> {
+    if !name.ends_with(".json") {
+        return CpuTemplate::named(name).map_err(|e| e.to_string());
+    }
+    let text =
+        std::fs::read_to_string(name).map_err(|e| format!("cannot read the CPU template {name}: {e}"))?;
+    CpuTemplate::from_json(&text).map_err(|e| format!("the CPU template {name} is not valid: {e}"))
+}
+
 /// `--memory`, parsed here rather than by clap so a bad value is one line (status 2, as clap's).
 fn parse_memory(text: &str) -> Result<MemorySpec, ExitCode> {
     MemorySpec::parse(text).map_err(|e| {
@@ -450,7 +461,7 @@ fn incoming(args: RunArgs) -> ExitCode {
         Ok(memory) => memory,
         Err(status) => return status,
     };
-    let cpu_template = match args.cpu_template.as_deref().map(CpuTemplate::named).transpose() {
+    let cpu_template = match args.cpu_template.as_deref().map(cpu_template).transpose() {
         Ok(template) => template,
         Err(e) => return fail(e),
     };

@@ -234,6 +234,11 @@ fn launch_describe_console_terminate_in_development_mode() {
         "a restored copy would repeat the enclave's secrets and nonces",
     );
     assert!(!to.exists(), "nothing was written");
+    assert_fails(
+        &host.carve(&["vm", "migrate", "--control", control, "--to", "127.0.0.1:9"]),
+        38,
+        "An enclave cannot be migrated",
+    );
 
     // An enclave process that does not answer: the others are described, then E39.
     let stopped = other["ProcessID"].to_string();

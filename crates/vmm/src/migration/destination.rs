@@ -108,7 +108,10 @@ fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, Str
     if offer.vcpus == 0 || offer.vcpus as usize > max {
         return Err(format!("the VM has {} vCPUs; this destination runs 1 to {max}", offer.vcpus));
     }
+    // What this destination would give a guest of this shape: its KVM's table with what carve
+    // sets itself (the hypervisor bit, HTT, topology), narrowed by its template.
     let mut offered = crate::vm::supported_cpuid(&kvm).map_err(|e| e.to_string())?;
+    crate::cpuid::normalize(&mut offered, 0, offer.vcpus as u8, None);
     if let Some(template) = &config.cpu_template {
         template.apply(&mut offered);
     }
