@@ -155,8 +155,10 @@ fn wait_for_ticks(serial: &Path, count: usize) {
     }
 }
 
+/// `carve vm migrate … --json`, killed (status 124) if it hangs.
 fn migrate(control: &Path, to: &str) -> std::process::Output {
-    carve(&["vm", "migrate", "--control", control.to_str().unwrap(), "--to", to, "--json"])
+    eprintln!("migrating to {to}");
+    carve_within(TIMEOUT, &["vm", "migrate", "--control", control.to_str().unwrap(), "--to", to, "--json"])
 }
 
 fn one_line_error(out: &std::process::Output) -> String {
@@ -353,9 +355,11 @@ fn a_failed_migration_leaves_the_source_running_with_one_line_each_side() {
     let source = persist_source(None, "ticks=100000 period_ms=100 pattern_kib=256", &serial, &control, &[]);
     wait_for_ticks(&serial, 2);
     let runs_on = |what: &str| {
+        eprintln!("after {what}: does the source run on?");
         let seen = ticks(&serial).len();
         wait_for_ticks(&serial, seen + 2);
-        let description = stdout(&carve(&["vm", "describe", "--control", control.to_str().unwrap()]));
+        let description =
+            stdout(&carve_within(TIMEOUT, &["vm", "describe", "--control", control.to_str().unwrap()]));
         assert!(
             description.contains("\"running\"") && !description.contains("migrating_to"),
             "{what}: {description}"
@@ -400,8 +404,17 @@ fn a_failed_migration_leaves_the_source_running_with_one_line_each_side() {
     // A destination that answers garbage.
     let liar = TcpListener::bind("127.0.0.1:0").unwrap();
     let liar_address = liar.local_addr().unwrap().to_string();
+    liar.set_nonblocking(true).unwrap();
     let answer = std::thread::spawn(move || {
-        let (mut stream, _) = liar.accept().unwrap();
+        let start = Instant::now();
+        let mut stream = loop {
+            match liar.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if start.elapsed() < TIMEOUT => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("the source never connected: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
         let mut preamble = [0u8; 16];
         stream.read_exact(&mut preamble).unwrap();
         stream.write_all(&[0x5a; 64]).unwrap();
@@ -492,7 +505,8 @@ fn a_connection_cut_mid_stream_by_either_side_is_survived() {
         ));
         let start = Instant::now();
         loop {
-            let description = stdout(&carve(&["vm", "describe", "--control", control.to_str().unwrap()]));
+            let description =
+                stdout(&carve_within(TIMEOUT, &["vm", "describe", "--control", control.to_str().unwrap()]));
             if description.contains(&format!("\"migrating_to\": \"{to}\"")) {
                 break client;
             }
