@@ -53,7 +53,7 @@ fn a_harvest_finds_exactly_the_pages_the_guest_and_the_devices_wrote() {
         VcpuExit::Hlt => {}
         exit => panic!("unexpected exit {exit:?}"),
     }
-    let dirty: Vec<u64> = log.harvest(&mem).unwrap().addresses().collect();
+    let dirty = without_code_page(log.harvest(&mem).unwrap().addresses().collect());
     assert_eq!(dirty, vec![0x3000, 0x5000, 0x9000, 0xc000], "guest writes and the device write");
     assert_eq!(log.harvest(&mem).unwrap().count(), 0, "a harvest clears what it found");
 
@@ -61,7 +61,18 @@ fn a_harvest_finds_exactly_the_pages_the_guest_and_the_devices_wrote() {
     let regs = kvm_bindings::kvm_regs { rip: CODE, rax: 0xa5, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs).unwrap();
     assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
-    let dirty: Vec<u64> = log.harvest(&mem).unwrap().addresses().collect();
+    let dirty = without_code_page(log.harvest(&mem).unwrap().addresses().collect());
     assert_eq!(dirty, vec![0x5000, 0x9000, 0xc000]);
     eprintln!("manual dirty-log protect: {}", log.manual_protect());
+}
+
+/// The harvest less the page the guest runs from: on the emulated KVM host (QEMU's TCG SVM under
+/// KVM's nested paging) that page shows as written too, though the guest only fetched from it;
+/// our nested build host does not mark it. Everything else must match exactly.
+fn without_code_page(mut dirty: Vec<u64>) -> Vec<u64> {
+    if dirty.first() == Some(&CODE) {
+        eprintln!("the code page at {CODE:#x} was marked dirty by this host's KVM");
+        dirty.remove(0);
+    }
+    dirty
 }

@@ -26,6 +26,15 @@ impl Register {
         }
     }
 
+    fn get_mut(self, entry: &mut CpuidEntry) -> &mut u32 {
+        match self {
+            Register::Eax => &mut entry.eax,
+            Register::Ebx => &mut entry.ebx,
+            Register::Ecx => &mut entry.ecx,
+            Register::Edx => &mut entry.edx,
+        }
+    }
+
     fn of_template(register: TemplateRegister) -> Register {
         match register {
             TemplateRegister::Eax => Register::Eax,
@@ -145,6 +154,57 @@ pub(super) fn feature_name(leaf: u32, subleaf: Option<u32>, register: Register, 
     })
 }
 
+/// The CPUID feature bits `guest` uses that `offered` lacks, into `missing`.
+fn missing_cpuid(
+    caps: &HostCaps,
+    offered: &[CpuidEntry],
+    guest: &[CpuidEntry],
+    missing: &mut BTreeSet<Missing>,
+) {
+    for &(leaf, subleaf, registers) in CHECKED {
+        let Some(entry) = find(guest, leaf, subleaf) else { continue };
+        let offered = find(offered, leaf, subleaf);
+        for &register in registers {
+            let used = register.get(entry);
+            let host = offered.map_or(0, |o| register.get(o));
+            for bit in (0..32u8).filter(|b| used & !host & (1 << b) != 0) {
+                if !vmm_owned(leaf, register, bit, caps) {
+                    missing.insert(Missing::Cpuid { leaf, subleaf, register, bit });
+                }
+            }
+        }
+    }
+}
+
+/// Before a migration moves any memory: the CPUID feature bits a guest uses (its vCPU 0's
+/// table) that this host's KVM, narrowed by `template` (a destination's `--cpu-template`), does
+/// not offer.
+pub fn check_cpuid(
+    caps: &HostCaps,
+    template: Option<&CpuTemplate>,
+    guest: &[CpuidEntry],
+) -> Result<(), Incompatible> {
+    let mut offered = caps.offered_cpuid.clone();
+    if let Some(template) = template {
+        offered.retain(|e| !template.remove_leaves.iter().any(|r| r.leaf == e.function));
+        for clear in &template.clear_bits {
+            let register = Register::of_template(clear.register);
+            for entry in offered.iter_mut().filter(|e| e.function == clear.leaf) {
+                if clear.subleaf.is_none_or(|s| s == entry.index) {
+                    *register.get_mut(entry) &= !(1u32 << clear.bit);
+                }
+            }
+        }
+    }
+    let mut missing = BTreeSet::new();
+    missing_cpuid(caps, &offered, guest, &mut missing);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Incompatible { missing: missing.into_iter().collect() })
+    }
+}
+
 /// CPUID.(7,0):ECX bit 7, as [`check_host`] names a missing CPUID bit.
 const SHSTK: Missing = Missing::Cpuid { leaf: 0x7, subleaf: Some(0), register: Register::Ecx, bit: 7 };
 
@@ -162,19 +222,7 @@ pub fn check_host(caps: &HostCaps, state: &[VcpuState]) -> Result<(), Incompatib
     let mut missing = BTreeSet::new();
     let host_shstk = find(&caps.offered_cpuid, 0x7, Some(0)).is_some_and(|e| e.ecx & (1 << 7) != 0);
     for vcpu in state {
-        for &(leaf, subleaf, registers) in CHECKED {
-            let Some(entry) = find(&vcpu.cpuid, leaf, subleaf) else { continue };
-            let offered = find(&caps.offered_cpuid, leaf, subleaf);
-            for &register in registers {
-                let used = register.get(entry);
-                let host = offered.map_or(0, |o| register.get(o));
-                for bit in (0..32u8).filter(|b| used & !host & (1 << b) != 0) {
-                    if !vmm_owned(leaf, register, bit, caps) {
-                        missing.insert(Missing::Cpuid { leaf, subleaf, register, bit });
-                    }
-                }
-            }
-        }
+        missing_cpuid(caps, &caps.offered_cpuid, &vcpu.cpuid, &mut missing);
         for msr in &vcpu.msrs {
             if !caps.msr_index_list.contains(&msr.index) {
                 missing.insert(Missing::Msr(msr.index));

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cpu_features::{cet, Leaves, Reg};
 
-pub use compat::{check_host, Register};
+pub use compat::{check_cpuid, check_host, Register};
 pub use error::{Incompatible, Missing, StateError};
 pub use time::{guest_tsc, rewind_tsc, sync_tsc_offsets, ClockApplied, ClockRestored, TimePolicy, TscSync};
 

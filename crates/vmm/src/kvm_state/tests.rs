@@ -571,3 +571,17 @@ fn compatibility_names_cet_a_host_lacks() {
     cet_host.msr_index_list.retain(|&i| i != 0x6a8);
     assert_eq!(check_host(&cet_host, &[state]).unwrap_err().missing, [Missing::Msr(0x6a8)]);
 }
+
+#[test]
+fn a_migration_checks_the_cpuid_alone_against_a_narrowed_host() {
+    let guest = [entry(1, 0, 0, 0, 1 | 1 << 31, 1), entry(7, 0, 0, 1, 0, 0)]; // sse3 hypervisor; fpu; fsgsbase
+    assert_eq!(check_cpuid(&caps(), None, &guest), Ok(()), "the hypervisor bit is carve's own");
+    let template = crate::cpuid::CpuTemplate::from_json(
+        r#"{"name":"t","description":"","remove_leaves":[{"leaf":"0x7","feature":"leaf 7"}],
+            "clear_bits":[{"leaf":"0x1","register":"edx","bit":0,"feature":"fpu"}]}"#,
+    )
+    .unwrap();
+    let missing = check_cpuid(&caps(), Some(&template), &guest).unwrap_err().missing;
+    let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["CPUID 1 EDX bit 0 (fpu)", "CPUID 7.0 EBX bit 0 (fsgsbase)"]);
+}

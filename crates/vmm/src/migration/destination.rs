@@ -9,11 +9,10 @@ use std::net::{TcpListener, TcpStream};
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::compat::missing_features;
 use super::protocol::{self, Kind, Offer, ProtocolError};
 use super::{MigrationError, IO_TIMEOUT};
 use crate::cpuid::CpuTemplate;
-use crate::kvm_state::{CpuidEntry, TimePolicy};
+use crate::kvm_state::{self, HostCaps, TimePolicy};
 use crate::memory::{self, GuestRam, MemorySpec};
 use crate::snapshot::{check_layout, RestoreConfig, RestoreMemory, VmRestore, VmSnapshot};
 use crate::vm::Vm;
@@ -108,23 +107,19 @@ fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, Str
     if offer.vcpus == 0 || offer.vcpus as usize > max {
         return Err(format!("the VM has {} vCPUs; this destination runs 1 to {max}", offer.vcpus));
     }
-    // What this destination would give a guest of this shape: its KVM's table with what carve
-    // sets itself (the hypervisor bit, HTT, topology), narrowed by its template.
-    let mut offered = crate::vm::supported_cpuid(&kvm).map_err(|e| e.to_string())?;
-    crate::cpuid::normalize(&mut offered, 0, offer.vcpus as u8, None);
-    if let Some(template) = &config.cpu_template {
-        template.apply(&mut offered);
-    }
-    let offered: Vec<CpuidEntry> = offered.as_slice().iter().map(Into::into).collect();
-    let missing = missing_features(&offer.cpuid, &offered);
-    if !missing.is_empty() {
+    // What a restore checks of the whole state, checked of the guest's CPUID now, before any
+    // memory moves, against this KVM narrowed by the destination's template.
+    let vm = kvm.create_vm().map_err(|e| format!("this destination cannot create a VM: {e}"))?;
+    let caps = HostCaps::read(&kvm, &vm).map_err(|e| e.to_string())?;
+    kvm_state::check_cpuid(&caps, config.cpu_template.as_ref(), &offer.cpuid).map_err(|e| {
         let template = config.cpu_template.as_ref().map(|t| format!(" with CPU template {}", t.name));
-        return Err(format!(
-            "the guest uses CPU features this destination{} does not offer: {}",
+        let missing: Vec<String> = e.missing.iter().map(ToString::to_string).collect();
+        format!(
+            "the guest uses what this destination{} does not offer: {}",
             template.unwrap_or_default(),
             missing.join(", ")
-        ));
-    }
+        )
+    })?;
     Ok(spec)
 }
 

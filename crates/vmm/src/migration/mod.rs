@@ -5,11 +5,9 @@
 //! on (TimePolicy::HostElapsed).
 //!
 //! - [`protocol`]: frames, the preamble, page entries (all checked on receipt);
-//! - [`compat`]: the CPUID check a destination makes;
 //! - [`source`]: the sending thread, driven by the event loop (runner.rs) for the pause;
 //! - [`destination`]: `carve vm run --incoming`.
 
-pub mod compat;
 pub mod destination;
 pub mod protocol;
 pub(crate) mod source;
