@@ -608,3 +608,48 @@ fn describe_samples_the_dirty_rate_and_the_working_set() {
     assert!(text.contains("longer than the 10000 ms allowed"), "{text}");
     drop(source);
 }
+
+/// A destination that fails only when it restores the VM, after every page arrived (here: the
+/// vsock socket it would take over is still the source's), hands it back: the source resumes,
+/// serves as before, and a second migration to a destination with its own socket goes through.
+#[test]
+fn a_vm_refused_at_its_restore_runs_on_and_migrates_on_a_second_try() {
+    if !kvm_usable("a_vm_refused_at_its_restore_runs_on_and_migrates_on_a_second_try") {
+        return;
+    }
+    let dir = fresh_dir("migrate-retry");
+    let (uds, other, control) = (dir.join("v.sock"), dir.join("w.sock"), dir.join("control"));
+    let vsock = format!("cid=43,uds={}", uds.display());
+    let source = Carve::spawn(
+        None,
+        &[
+            "vm",
+            "run",
+            "--demo",
+            "--serial",
+            "none",
+            "--vsock",
+            &vsock,
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    drop(echo(&uds, b"first"));
+
+    let (dest, address) = destination(None, "127.0.0.1:0", &dir.join("d1"), &[]);
+    let text = one_line_error(&migrate(&control, &address));
+    assert!(text.contains("could not start the VM") && text.contains("Address already in use"), "{text}");
+    let (status, dest_text) = dest.wait();
+    assert_eq!(status.code(), Some(4), "{dest_text}");
+    drop(echo(&uds, b"the source runs on"));
+
+    let vsock = format!("cid=43,uds={}", other.display());
+    let (dest, address) = destination(None, "127.0.0.1:0", &dir.join("d2"), &["--vsock", &vsock]);
+    let out = migrate(&control, &address);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(source.wait().0.success());
+    drop(echo(&other, b"moved"));
+    let _ = connect_guest(&other, 5007);
+    let (status, text) = dest.wait();
+    assert_eq!(status.code(), Some(0), "{text}");
+}
