@@ -74,7 +74,7 @@ pub struct VmDescription {
     pub memory: Option<MemoryActivity>,
     /// The migration under way, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migrating_to: Option<String>,
+    pub migration: Option<crate::migration::MigrationProgress>,
 }
 
 /// The guest's memory activity over one sample window.

@@ -30,6 +30,7 @@ use crate::kvm_state::CpuidEntry;
 use crate::memory;
 use crate::migration::protocol::Offer;
 use crate::migration::source::{FromLoop, Source, ToLoop};
+use crate::migration::Progress;
 use crate::snapshot::{SaveError, VmSnapshot};
 use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
 use crate::vm::{VmError, VmOutcome};
@@ -415,6 +416,7 @@ impl Runner {
         let (to_loop, from_thread) = channel();
         let (to_thread, from_loop) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
         let mem = self.context.mem.clone();
         let offer = Offer {
             memory: memory::layout(&mem),
@@ -432,6 +434,7 @@ impl Runner {
             from_loop,
             cancel: cancel.clone(),
             dirty_log_busy: self.dirty_log_busy.clone(),
+            progress: progress.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("carve-migrate".into())
@@ -442,12 +445,22 @@ impl Runner {
             action: || Action::Migration,
             actions: self.actions.clone(),
         }));
-        self.migration = Some(Migration { to, client, to_thread, from_thread, cancel, thread, subscriber });
+        self.migration = Some(Migration {
+            to,
+            started: Instant::now(),
+            progress,
+            client,
+            to_thread,
+            from_thread,
+            cancel,
+            thread,
+            subscriber,
+        });
         Ok(())
     }
 
-    /// The migration thread converged (pause the VM, hand it the state, then wait for the end:
-    /// the VM is paused meanwhile) or ended.
+    /// The migration thread converged (pause the VM and hand it the state; the VM stays paused
+    /// until the outcome) or ended (the VM ends, or resumes if the loop paused it).
     fn migration_news(&mut self, events: &mut Loop) {
         let Some(migration) = self.migration.take() else { return };
         let mut outcome = None;
@@ -457,13 +470,11 @@ impl Runner {
                     let paused_at = Instant::now();
                     let state =
                         self.pause(events).and_then(|()| self.saved_state().map_err(|e| e.to_string()));
+                    // The loop goes on serving (`describe` shows the last round) while the VM
+                    // stays paused: nothing resumes it but the outcome.
                     let _ = migration.to_thread.send(match state {
                         Ok(state) => FromLoop::Stopped { state: Box::new(state), paused_at },
                         Err(e) => FromLoop::Failed(format!("cannot stop the VM for its last round: {e}")),
-                    });
-                    outcome = Some(match migration.from_thread.recv() {
-                        Ok(ToLoop::Finished(result)) => result,
-                        _ => Err("the migration thread ended without an answer".into()),
                     });
                 }
                 ToLoop::Finished(result) => outcome = Some(result),
@@ -539,7 +550,7 @@ impl Runner {
             memory_bytes: memory::total_size(&self.context.mem),
             exits: self.context.stats.snapshot().into(),
             memory: None,
-            migrating_to: self.migration.as_ref().map(|m| m.to.clone()),
+            migration: self.migration.as_ref().map(|m| m.progress.report(&m.to, m.started)),
         }
     }
 }
@@ -547,6 +558,8 @@ impl Runner {
 /// A migration under way: its thread, and the client waiting for the outcome.
 struct Migration {
     to: String,
+    started: Instant,
+    progress: Arc<Progress>,
     client: UnixStream,
     to_thread: Sender<FromLoop>,
     from_thread: Receiver<ToLoop>,

@@ -12,7 +12,8 @@ pub mod destination;
 pub mod protocol;
 pub(crate) mod source;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,37 @@ pub struct MigrationReport {
     pub guest_bytes: u64,
     /// Whether KVM re-protected only the pages harvested (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
     pub manual_dirty_protect: bool,
+}
+
+/// A migration under way, as `carve vm describe` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub to: String,
+    pub elapsed_ms: u64,
+    /// Rounds of memory begun (the first sends every page that is not zero).
+    pub round: u64,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+}
+
+/// The sending thread's counters, read by the event loop for `describe`.
+#[derive(Default)]
+pub(crate) struct Progress {
+    pub round: AtomicU64,
+    pub pages: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Progress {
+    pub fn report(&self, to: &str, started: Instant) -> MigrationProgress {
+        MigrationProgress {
+            to: to.to_string(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            round: self.round.load(Ordering::Relaxed),
+            pages_sent: self.pages.load(Ordering::Relaxed),
+            bytes_sent: self.bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::protocol::{self, Kind, Offer, PagesFrame, PAGE_SIZE};
-use super::{MigrationReport, IO_TIMEOUT};
+use super::{MigrationReport, Progress, IO_TIMEOUT};
 use crate::dirty_log::{DirtyLog, DirtyPages};
 use crate::memory::GuestRam;
 use crate::snapshot::VmSnapshot;
@@ -51,6 +51,7 @@ pub(crate) struct Source {
     pub cancel: Arc<AtomicBool>,
     /// Held while the dirty log is in use, so a `describe` sample does not turn it off.
     pub dirty_log_busy: Arc<AtomicBool>,
+    pub progress: Arc<Progress>,
 }
 
 /// Counts as the stream goes.
@@ -125,12 +126,14 @@ impl Source {
         let mut sent = Sent::default();
 
         // Round 0: every page that is not zero (the destination's memory starts zeroed).
+        self.progress.round.store(1, Ordering::Relaxed);
         self.send_all(writer, &mut sent).map_err(io)?;
         let mut rounds = 1;
         let mut pending = self.harvest(&mut log)?;
         while rounds < MAX_ROUNDS && !self.fits(&pending, &sent) {
-            self.send_pages(writer, &pending, &mut sent).map_err(io)?;
             rounds += 1;
+            self.progress.round.store(rounds.into(), Ordering::Relaxed);
+            self.send_pages(writer, &pending, &mut sent).map_err(io)?;
             pending = self.harvest(&mut log)?;
         }
 
@@ -246,7 +249,10 @@ impl Source {
         sent.pages += frame.pages as u64;
         let payload = frame.take();
         sent.bytes += payload.len() as u64 + 12;
-        protocol::write_frame(writer, Kind::Pages, &payload)
+        protocol::write_frame(writer, Kind::Pages, &payload)?;
+        self.progress.pages.store(sent.pages, Ordering::Relaxed);
+        self.progress.bytes.store(sent.bytes, Ordering::Relaxed);
+        Ok(())
     }
 }
 
