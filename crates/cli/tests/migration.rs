@@ -381,7 +381,10 @@ fn a_failed_migration_leaves_the_source_running_with_one_line_each_side() {
     // Nobody listening.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let text = one_line_error(&migrate(&control, &closed));
-    assert!(text.contains(&format!("cannot reach the destination {closed}")), "{text}");
+    assert!(
+        text.contains(&format!("the migration to {closed} failed: cannot reach the destination")),
+        "{text}"
+    );
     runs_on("destination not listening");
 
     // A destination started for another memory size.
@@ -545,7 +548,7 @@ fn a_connection_cut_mid_stream_by_either_side_is_survived() {
     dest.kill();
     let out = client.wait();
     let text = one_line_error(&out);
-    assert!(text.contains(&format!("the connection to {address} failed")), "{text}");
+    assert!(text.contains(&format!("the migration to {address} failed: the connection failed")), "{text}");
     let seen = ticks(&serial).len();
     wait_for_ticks(&serial, seen + 2);
     assert!(source.stderr().contains("the VM runs on here"), "{}", source.stderr());

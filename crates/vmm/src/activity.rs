@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 
 use crate::control::MemoryActivity;
-use crate::dirty_log::{DirtyLog, PAGE_SIZE};
-use crate::memory::GuestRam;
+use crate::dirty_log::DirtyLog;
+use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::working_set::IdleSample;
 
 /// Watches `mem` for `window` and reports what the guest did to it.

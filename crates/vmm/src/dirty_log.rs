@@ -21,9 +21,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use crate::memory::GuestRam;
-
-pub const PAGE_SIZE: u64 = 4096;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_clear_dirty_log);
 

@@ -11,6 +11,22 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Gu
 
 use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
+/// The page size of guest RAM as carve tracks it: KVM's dirty log, vm-memory's bitmap, the
+/// snapshot's holes and migration's pages.
+pub const PAGE_SIZE: u64 = 4096;
+
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Whether `page` (at most a page) is all zeros: one memcmp, fast even in debug builds.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    page == &ZERO_PAGE[..page.len().min(ZERO_PAGE.len())]
+}
+
+/// A page of zeros, to write where a page became zero.
+pub fn zero_page() -> &'static [u8] {
+    &ZERO_PAGE
+}
+
 /// The smallest guest carve builds: room for boot structures, a kernel at 1 MiB and a stack.
 pub const MIN_MEMORY_MIB: u64 = 8;
 

@@ -29,7 +29,7 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::kvm_state::CpuidEntry;
 use crate::memory;
 use crate::migration::protocol::Offer;
-use crate::migration::source::{FromLoop, Source, ToLoop};
+use crate::migration::source::{Cancel, FromLoop, Source, ToLoop};
 use crate::migration::Progress;
 use crate::snapshot::{SaveError, VmSnapshot};
 use crate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuRequest, VcpuResponse};
@@ -142,7 +142,7 @@ pub(crate) fn run(parts: Parts, control: Option<UnixListener>) -> Result<VmOutco
         }
     }
     if let Some(migration) = runner.migration.take() {
-        migration.cancel();
+        runner.migrated = migration.cancel();
     }
     for handle in runner.vcpus.drain(..) {
         handle.join();
@@ -408,14 +408,21 @@ impl Runner {
         if self.paused_since.is_some() {
             return Err("the VM is paused; resume it before migrating it".into());
         }
-        crate::migration::source::resolve(&to)?;
-        let io = |e: std::io::Error| format!("cannot start the migration: {e}");
+        crate::migration::source::check_address(&to)?;
+        if self.dirty_log_busy.swap(true, Ordering::SeqCst) {
+            return Err("the dirty log is in use by a `describe --sample-ms`; migrate when it ends".into());
+        }
+        let claimed = self.dirty_log_busy.clone();
+        let io = |e: std::io::Error| {
+            claimed.store(false, Ordering::SeqCst);
+            format!("cannot start the migration: {e}")
+        };
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
         let wake_loop = wake.try_clone().map_err(io)?;
         let client = client.try_clone().map_err(io)?;
         let (to_loop, from_thread) = channel();
         let (to_thread, from_loop) = channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        let cancel = Cancel::default();
         let progress = Arc::new(Progress::default());
         let mem = self.context.mem.clone();
         let offer = Offer {
@@ -493,16 +500,18 @@ impl Runner {
                 let reply = ControlReply { migration: Some(report), ..Default::default() };
                 control::send_reply(migration.client, &reply);
             }
-            Err(error) => {
-                let resumed = match self.paused_since {
-                    Some(_) => self.resume(events, false).err(),
-                    None => None,
+            Err(failure) => {
+                let mut error = format!("the migration to {} failed: {}", migration.to, failure.reason);
+                if failure.may_resume && self.paused_since.is_some() {
+                    if let Err(e) = self.resume(events, false) {
+                        error = format!("{error}; resuming the VM failed too: {e}");
+                    }
+                }
+                let here = match self.paused_since {
+                    Some(_) => "the VM stays paused here",
+                    None => "the VM runs on here",
                 };
-                eprintln!("carve: the migration to {} failed: {error}; the VM runs on here", migration.to);
-                let error = match resumed {
-                    Some(e) => format!("{error}; resuming the VM failed too: {e}"),
-                    None => error,
-                };
+                eprintln!("carve: {error}; {here}");
                 control::send_reply(migration.client, &ControlReply::failed(error));
             }
         }
@@ -523,6 +532,7 @@ impl Runner {
         let mut description = self.describe();
         let (vm, mem, busy) = (self.vm_fd.clone(), self.context.mem.clone(), self.dirty_log_busy.clone());
         let window = Duration::from_millis(sample_ms);
+        let answer_here = client.try_clone();
         let spawned = std::thread::Builder::new().name("carve-sample".into()).spawn(move || {
             let activity = crate::activity::sample(vm, &mem, window);
             busy.store(false, Ordering::SeqCst);
@@ -535,8 +545,11 @@ impl Runner {
             };
             control::send_reply(client, &reply);
         });
-        if spawned.is_err() {
+        if let Err(e) = spawned {
             self.dirty_log_busy.store(false, Ordering::SeqCst);
+            if let Ok(client) = answer_here {
+                control::send_reply(client, &ControlReply::failed(format!("cannot start the sample: {e}")));
+            }
         }
     }
 
@@ -563,20 +576,33 @@ struct Migration {
     client: UnixStream,
     to_thread: Sender<FromLoop>,
     from_thread: Receiver<ToLoop>,
-    cancel: Arc<AtomicBool>,
+    cancel: Cancel,
     thread: JoinHandle<()>,
     subscriber: SubscriberId,
 }
 
 impl Migration {
-    /// The VM ended meanwhile: the thread stops at its next step and tells the destination.
-    fn cancel(self) {
-        self.cancel.store(true, Ordering::SeqCst);
+    /// The VM ended meanwhile: the thread stops at once (its connection shut down) and tells
+    /// the destination. Returns whether the VM may run at the destination all the same (it had
+    /// started there, or its state had left): its device work is then not this side's.
+    fn cancel(self) -> bool {
+        self.cancel.request();
         let _ = self.to_thread.send(FromLoop::Failed("the VM ended during the migration".into()));
         let _ = self.thread.join();
-        let reply =
-            ControlReply::failed("the VM ended during the migration; nothing runs at the destination");
+        let outcome = self.from_thread.try_iter().find_map(|news| match news {
+            ToLoop::Finished(outcome) => Some(outcome),
+            ToLoop::StopTheVm => None,
+        });
+        let (reply, elsewhere) = match outcome {
+            Some(Ok(report)) => (ControlReply { migration: Some(report), ..Default::default() }, true),
+            Some(Err(failure)) => {
+                let error = format!("the migration to {} failed: {}", self.to, failure.reason);
+                (ControlReply::failed(error), !failure.may_resume)
+            }
+            None => (ControlReply::failed("the VM ended during the migration"), false),
+        };
         control::send_reply(self.client, &reply);
+        elsewhere
     }
 }
 

@@ -33,7 +33,7 @@ use crate::vm::{self, SerialSink, Vm, VmError, VsockConfig};
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
-const PAGE: usize = 4096;
+const PAGE: usize = memory::PAGE_SIZE as usize;
 
 /// Everything a VM is apart from its memory's contents.
 #[derive(Serialize, Deserialize)]
@@ -151,11 +151,9 @@ fn write_memory(path: &Path, mem: &GuestRam) -> std::io::Result<()> {
 
 /// Writes the runs of pages of `memory` that hold anything but zeros, at `at` in the file.
 fn write_nonzero_pages(file: &File, memory: &[u8], at: u64) -> std::io::Result<()> {
-    static ZERO: [u8; PAGE] = [0; PAGE];
     let mut run: Option<usize> = None;
     for (index, page) in memory.chunks(PAGE).enumerate() {
-        // A slice comparison is one memcmp, fast even in debug builds.
-        let zero = page == &ZERO[..page.len()];
+        let zero = memory::is_zero_page(page);
         match (run, zero) {
             (None, false) => run = Some(index * PAGE),
             (Some(start), true) => {

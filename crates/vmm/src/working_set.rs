@@ -20,9 +20,8 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
-const PAGE_SIZE: u64 = 4096;
 const PAGEMAP: &str = "/proc/self/pagemap";
 const KPAGEFLAGS: &str = "/proc/kpageflags";
 const IDLE_BITMAP: &str = "/sys/kernel/mm/page_idle/bitmap";

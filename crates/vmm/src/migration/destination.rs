@@ -1,7 +1,7 @@
 //! The receiving side (`carve vm run --incoming ADDR:PORT`): one connection, one VM. The offer
 //! is checked before any memory moves; every page is checked against the layout before it is
 //! written; the state is validated as a snapshot's is. Whatever fails is sent back to the source
-//! (which runs on) and returned here.
+//! (a refusal, or an abort once memory moves), so it runs on, and returned here.
 
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,8 +13,8 @@ use super::protocol::{self, Kind, Offer, ProtocolError};
 use super::{MigrationError, IO_TIMEOUT};
 use crate::cpuid::CpuTemplate;
 use crate::kvm_state::{self, HostCaps, TimePolicy};
-use crate::memory::{self, GuestRam, MemorySpec};
-use crate::snapshot::{check_layout, RestoreConfig, RestoreMemory, VmRestore, VmSnapshot};
+use crate::memory::{self, GuestRam, MemorySpec, RamRange};
+use crate::snapshot::{RestoreConfig, RestoreMemory, VmRestore, VmSnapshot};
 use crate::vm::Vm;
 
 /// How the destination takes a VM in.
@@ -35,9 +35,19 @@ pub struct Incoming {
     listener: TcpListener,
 }
 
+/// Why a connection did not give us a VM: `refused` before memory moved (the source is told
+/// why in a `Refuse`), else the stream failed or the VM could not start (an `Abort` or a
+/// `Refuse` after the state).
+enum Failed {
+    Refused(String),
+    Stream(String),
+}
+
 impl Incoming {
     pub fn listen(address: &str) -> Result<Incoming, MigrationError> {
-        let addr = super::source::resolve(address).map_err(MigrationError::Setup)?;
+        let addr = super::source::resolve(address).map_err(|e| {
+            MigrationError::Setup(format!("cannot listen for an incoming VM on {address}: {e}"))
+        })?;
         let listener = TcpListener::bind(addr).map_err(|e| {
             MigrationError::Setup(format!("cannot listen for an incoming VM on {address}: {e}"))
         })?;
@@ -53,44 +63,64 @@ impl Incoming {
         let (stream, peer) = self.listener.accept().map_err(|e| MigrationError::Setup(e.to_string()))?;
         drop(self.listener);
         let from = peer.to_string();
-        let failed = |detail: String| MigrationError::Failed { from: from.clone(), detail };
-        stream.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| failed(e.to_string()))?;
-        let mut writer = stream.try_clone().map_err(|e| failed(e.to_string()))?;
-        let mut reader = BufReader::with_capacity(1 << 20, stream);
-        let refuse = |writer: &mut TcpStream, reason: String| {
-            let _ =
-                protocol::write_frame(writer, Kind::Refuse, reason.as_bytes()).and_then(|()| writer.flush());
-            MigrationError::Refused { from: from.clone(), reason }
+        let mut writer = stream
+            .try_clone()
+            .map_err(|e| MigrationError::Failed { from: from.clone(), detail: e.to_string() })?;
+        let answer = |writer: &mut TcpStream, kind, reason: &str| {
+            let _ = protocol::write_frame(writer, kind, reason.as_bytes()).and_then(|()| writer.flush());
         };
-
-        protocol::read_preamble(&mut reader).map_err(|e| match e {
-            ProtocolError::Version { .. } => refuse(&mut writer, e.to_string()),
-            e => failed(e.to_string()),
-        })?;
-        let offer: Offer = match protocol::read_frame(&mut reader).map_err(|e| failed(e.to_string()))? {
-            (Kind::Offer, payload) => {
-                carve_snapshot::file::decode(&payload).map_err(|e| failed(format!("its offer {e}")))?
+        match take_vm(stream, &mut writer, config) {
+            Ok(vm) => Ok(vm),
+            Err(Failed::Refused(reason)) => {
+                answer(&mut writer, Kind::Refuse, &reason);
+                Err(MigrationError::Refused { from, reason })
             }
-            (kind, _) => {
-                return Err(failed(ProtocolError::Unexpected { expected: "Offer", got: kind }.to_string()))
+            Err(Failed::Stream(detail)) => {
+                answer(&mut writer, Kind::Abort, &detail);
+                Err(MigrationError::Failed { from, detail })
             }
-        };
-        let spec = check_offer(&offer, &config).map_err(|reason| refuse(&mut writer, reason))?;
-        let mem = memory::create_with(spec).map_err(|e| refuse(&mut writer, e.to_string()))?;
-        protocol::write_frame(&mut writer, Kind::Accept, b"").map_err(|e| failed(e.to_string()))?;
-
-        let state = receive_memory(&mut reader, &mem, &offer).map_err(|e| failed(e.to_string()))?;
-        let vm = start(state, mem, &offer, config).map_err(|reason| refuse(&mut writer, reason))?;
-        protocol::write_frame(&mut writer, Kind::Started, b"").map_err(|e| failed(e.to_string()))?;
-        Ok(vm)
+        }
     }
+}
+
+fn take_vm(stream: TcpStream, writer: &mut TcpStream, config: IncomingConfig) -> Result<Vm, Failed> {
+    let stream_failed = |e: ProtocolError| Failed::Stream(e.to_string());
+    let io_failed = |e: std::io::Error| Failed::Stream(format!("the connection failed: {e}"));
+    stream.set_nodelay(true).map_err(io_failed)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_failed)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_failed)?;
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+
+    protocol::read_preamble(&mut reader).map_err(|e| match e {
+        ProtocolError::Version { .. } => Failed::Refused(e.to_string()),
+        e => stream_failed(e),
+    })?;
+    let offer: Offer = match protocol::read_frame(&mut reader).map_err(stream_failed)? {
+        (Kind::Offer, payload) => {
+            carve_snapshot::file::decode(&payload).map_err(|e| Failed::Stream(format!("its offer: {e}")))?
+        }
+        (kind, _) => return Err(stream_failed(ProtocolError::Unexpected { expected: "Offer", got: kind })),
+    };
+    let spec = check_offer(&offer, &config).map_err(Failed::Refused)?;
+    let mem = memory::create_with(spec).map_err(|e| Failed::Refused(e.to_string()))?;
+    if memory::layout(&mem) != offer.memory {
+        return Err(Failed::Refused(format!(
+            "the VM's memory layout {:?} is not this destination's {:?}",
+            offer.memory,
+            memory::layout(&mem)
+        )));
+    }
+    protocol::write_frame(writer, Kind::Accept, b"").map_err(io_failed)?;
+
+    let state = receive_memory(&mut reader, &mem, &offer.memory).map_err(stream_failed)?;
+    let vm = start(state, mem, &offer, config).map_err(Failed::Refused)?;
+    protocol::write_frame(writer, Kind::Started, b"").map_err(io_failed)?;
+    Ok(vm)
 }
 
 /// Whether this destination can take the VM offered; the memory to give it.
 fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, String> {
-    let total = check_layout(&offer.memory)?;
+    let total = offer.check()?;
     let spec = match config.memory {
         Some(spec) if spec.mib << 20 != total => {
             return Err(format!(
@@ -104,8 +134,8 @@ fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, Str
     };
     let kvm = Kvm::new().map_err(|e| format!("this destination has no usable KVM: {e}"))?;
     let max = kvm.get_max_vcpus().min(crate::mptable::MAX_CPUS.into());
-    if offer.vcpus == 0 || offer.vcpus as usize > max {
-        return Err(format!("the VM has {} vCPUs; this destination runs 1 to {max}", offer.vcpus));
+    if offer.vcpus as usize > max {
+        return Err(format!("the VM has {} vCPUs; this destination's KVM runs at most {max}", offer.vcpus));
     }
     // What a restore checks of the whole state, checked of the guest's CPUID now, before any
     // memory moves, against this KVM narrowed by the destination's template.
@@ -123,20 +153,27 @@ fn check_offer(offer: &Offer, config: &IncomingConfig) -> Result<MemorySpec, Str
     Ok(spec)
 }
 
-/// Writes `Pages` frames into `mem` until the `State` frame, which it returns decoded.
-fn receive_memory(
+/// Writes `Pages` frames into `mem` (laid out as `layout`, which carve built) until the `State`
+/// frame, which it returns decoded. Public for the fuzz target that feeds it any bytes.
+pub fn receive_memory(
     reader: &mut impl std::io::Read,
     mem: &GuestRam,
-    offer: &Offer,
+    layout: &[RamRange],
 ) -> Result<VmSnapshot, ProtocolError> {
-    static ZERO: [u8; protocol::PAGE_SIZE] = [0; protocol::PAGE_SIZE];
     loop {
         match protocol::read_frame(reader)? {
             (Kind::Pages, payload) => {
-                protocol::parse_pages(&payload, &offer.memory, |gpa, data| {
-                    // parse_pages checked the page is inside RAM, so the write cannot fail.
-                    let _ = mem.write_slice(data.unwrap_or(&ZERO), GuestAddress(gpa));
+                let mut unwritten = None;
+                protocol::parse_pages(&payload, layout, |gpa, data| {
+                    if mem.write_slice(data.unwrap_or(memory::zero_page()), GuestAddress(gpa)).is_err() {
+                        unwritten.get_or_insert(gpa);
+                    }
                 })?;
+                if let Some(gpa) = unwritten {
+                    return Err(ProtocolError::Corrupted(format!(
+                        "page {gpa:#x} is outside this guest's memory"
+                    )));
+                }
             }
             (Kind::State, payload) => {
                 return carve_snapshot::file::decode(&payload)

@@ -37,7 +37,8 @@ pub struct MigrationReport {
     pub pages_sent: u64,
     /// Pages sent while the VM was paused.
     pub last_round_pages: u64,
-    /// Everything sent: page data, page entries, frame headers and the VM's state.
+    /// Everything sent: the preamble, the offer, every frame header, page entries and data, and
+    /// the VM's state.
     pub bytes_sent: u64,
     pub guest_bytes: u64,
     /// Whether KVM re-protected only the pages harvested (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).

@@ -22,7 +22,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::kvm_state::CpuidEntry;
-use crate::memory::RamRange;
+use crate::memory::{self, RamRange};
 
 /// Sent first by the source: what the stream is and the protocol version that follows.
 pub const MAGIC: [u8; 12] = *b"CARVE-MIGRAT";
@@ -30,12 +30,12 @@ pub const MAGIC: [u8; 12] = *b"CARVE-MIGRAT";
 pub const VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 16;
 
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE: usize = memory::PAGE_SIZE as usize;
 /// Pages per `Pages` frame: about 4 MiB, big enough to stream, small enough to check at once.
 pub const PAGES_PER_FRAME: usize = 1024;
 /// The largest frame accepted: a full `Pages` frame, or a VM state well above any real one.
 pub const MAX_FRAME: u32 = 64 << 20;
-const HEADER_LEN: usize = 12;
+pub const HEADER_LEN: usize = 12;
 /// In a page entry: the page is all zeros, and no data follows.
 pub const ZERO_PAGE: u64 = 1 << 63;
 
@@ -66,6 +66,21 @@ pub struct Offer {
     pub vcpus: u32,
     /// vCPU 0's CPUID as the guest sees it: every feature it may be using.
     pub cpuid: Vec<CpuidEntry>,
+}
+
+impl Offer {
+    /// The checks that need no host: a layout carve builds, of whole MiB, and 1 to
+    /// [`crate::mptable::MAX_CPUS`] vCPUs. Returns the memory size in bytes.
+    pub fn check(&self) -> Result<u64, String> {
+        let total = crate::snapshot::check_layout(&self.memory)?;
+        if total % (1 << 20) != 0 {
+            return Err(format!("the VM's memory of {total} bytes is not a whole number of MiB"));
+        }
+        if self.vcpus == 0 || self.vcpus > crate::mptable::MAX_CPUS.into() {
+            return Err(format!("{} vCPUs are not 1 to {}", self.vcpus, crate::mptable::MAX_CPUS));
+        }
+        Ok(total)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +119,13 @@ pub fn read_preamble(reader: &mut impl Read) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// Writes one frame; a payload over [`MAX_FRAME`] is refused (no destination would read it).
 pub fn write_frame(writer: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len()).ok().filter(|&l| l <= MAX_FRAME).expect("frames are bounded");
+    let Some(len) = u32::try_from(payload.len()).ok().filter(|&l| l <= MAX_FRAME) else {
+        let detail =
+            format!("a {kind:?} frame of {} bytes is over the {MAX_FRAME}-byte limit", payload.len());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, detail));
+    };
     let mut header = [0u8; HEADER_LEN];
     header[0] = kind as u8;
     header[4..8].copy_from_slice(&len.to_le_bytes());
@@ -148,12 +168,6 @@ pub fn text(payload: &[u8]) -> String {
         .collect()
 }
 
-/// Whether a page is all zeros (one memcmp, fast even in debug builds).
-pub fn is_zero(page: &[u8]) -> bool {
-    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    page == &ZERO[..page.len().min(PAGE_SIZE)]
-}
-
 /// Builds `Pages` frames: entries of a guest-physical address (with [`ZERO_PAGE`] for a page
 /// of zeros) and, unless zero, its 4 KiB.
 #[derive(Default)]
@@ -163,14 +177,20 @@ pub struct PagesFrame {
 }
 
 impl PagesFrame {
-    /// Adds the page at `gpa`; `data` is its contents.
+    /// Adds the page at `gpa`; `data` is its contents (a zero page travels without them).
     pub fn push(&mut self, gpa: u64, data: &[u8]) {
-        if is_zero(data) {
+        if memory::is_zero_page(data) {
             self.payload.extend_from_slice(&(gpa | ZERO_PAGE).to_le_bytes());
+            self.pages += 1;
         } else {
-            self.payload.extend_from_slice(&gpa.to_le_bytes());
-            self.payload.extend_from_slice(data);
+            self.push_data(gpa, data);
         }
+    }
+
+    /// Adds the page at `gpa` with its contents, known not to be zero.
+    pub fn push_data(&mut self, gpa: u64, data: &[u8]) {
+        self.payload.extend_from_slice(&gpa.to_le_bytes());
+        self.payload.extend_from_slice(data);
         self.pages += 1;
     }
 
@@ -201,14 +221,14 @@ pub fn parse_pages(
         let entry = u64::from_le_bytes(*entry);
         let gpa = entry & !ZERO_PAGE;
         let in_ram = layout.iter().any(|r| gpa >= r.base && gpa < r.end());
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || !in_ram {
+        if !gpa.is_multiple_of(PAGE as u64) || !in_ram {
             return Err(corrupted(format!("page {gpa:#x} is not a page of the guest's RAM")));
         }
         if entry & ZERO_PAGE != 0 {
             store(gpa, None);
             rest = after;
         } else {
-            let Some((data, after)) = after.split_at_checked(PAGE_SIZE) else {
+            let Some((data, after)) = after.split_at_checked(PAGE) else {
                 return Err(corrupted(format!("page {gpa:#x} is cut short")));
             };
             store(gpa, Some(data));
@@ -264,20 +284,20 @@ mod tests {
 
     #[test]
     fn pages_are_checked_against_the_layout() {
-        let layout = [RamRange { base: 0, size: 16 * PAGE_SIZE as u64 }];
+        let layout = [RamRange { base: 0, size: 16 * PAGE as u64 }];
         let mut frame = PagesFrame::default();
-        frame.push(0, &[0; PAGE_SIZE]);
-        frame.push(PAGE_SIZE as u64, &[7; PAGE_SIZE]);
-        assert_eq!(frame.payload.len(), 8 + 8 + PAGE_SIZE, "zero pages travel without data");
+        frame.push(0, &[0; PAGE]);
+        frame.push(PAGE as u64, &[7; PAGE]);
+        assert_eq!(frame.payload.len(), 8 + 8 + PAGE, "zero pages travel without data");
         let payload = frame.take();
         let mut seen = Vec::new();
         assert_eq!(
             parse_pages(&payload, &layout, |gpa, data| seen.push((gpa, data.map(|d| d[0])))).unwrap(),
             2
         );
-        assert_eq!(seen, vec![(0, None), (PAGE_SIZE as u64, Some(7))]);
+        assert_eq!(seen, vec![(0, None), (PAGE as u64, Some(7))]);
 
-        for bad in [16 * PAGE_SIZE as u64, 5, !ZERO_PAGE & !0xfff] {
+        for bad in [16 * PAGE as u64, 5, !ZERO_PAGE & !0xfff] {
             let e = parse_pages(&(bad | ZERO_PAGE).to_le_bytes(), &layout, |_, _| {}).unwrap_err();
             assert!(e.to_string().contains("not a page of the guest's RAM"), "{e}");
         }
