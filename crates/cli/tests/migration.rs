@@ -671,3 +671,53 @@ fn a_vm_refused_at_its_restore_runs_on_and_migrates_on_a_second_try() {
     let (status, text) = dest.wait();
     assert_eq!(status.code(), Some(0), "{text}");
 }
+
+/// A destination that takes every page and the VM's state, then vanishes without answering: the
+/// VM may run there now, so the source must not run it too. It stays paused, says so, and
+/// resumes only when asked.
+#[test]
+fn a_lost_answer_after_the_state_left_keeps_the_source_paused() {
+    if !kvm_usable("a_lost_answer_after_the_state_left_keeps_the_source_paused") {
+        return;
+    }
+    let dir = fresh_dir("migrate-lost");
+    let (serial, control) = (dir.join("src.serial"), dir.join("control"));
+    let source = persist_source(None, "ticks=100000 period_ms=100 pattern_kib=256", &serial, &control, &[]);
+    wait_for_ticks(&serial, 2);
+
+    // Speaks the protocol as far as the state (frame header: kind, 3 zero bytes, length, CRC-32).
+    let vanishing = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = vanishing.local_addr().unwrap().to_string();
+    let destination = std::thread::spawn(move || {
+        let (mut stream, _) = vanishing.accept().unwrap();
+        let mut preamble = [0u8; 16];
+        stream.read_exact(&mut preamble).unwrap();
+        let mut kinds = Vec::new();
+        loop {
+            let mut header = [0u8; 12];
+            stream.read_exact(&mut header).unwrap();
+            let mut payload = vec![0u8; u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize];
+            stream.read_exact(&mut payload).unwrap();
+            kinds.push(header[0]);
+            match header[0] {
+                1 => stream.write_all(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap(), // Offer → Accept
+                5 => return kinds,                                                     // State: gone
+                _ => {}
+            }
+        }
+    });
+    let text = one_line_error(&migrate(&control, &address));
+    let kinds = destination.join().unwrap();
+    assert_eq!((kinds[0], kinds.last()), (1, Some(&5)), "offer, pages, state: {kinds:?}");
+    assert!(text.contains("so it may run at the destination: it stays paused here"), "{text}");
+    let control = control.to_str().unwrap();
+    let described = stdout(&carve_within(TIMEOUT, &["vm", "describe", "--control", control]));
+    assert!(described.contains("\"paused\""), "{described}");
+    let at = ticks(&serial).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ticks(&serial).len(), at, "the source did not run on by itself");
+    assert!(source.stderr().contains("the VM stays paused here"), "{}", source.stderr());
+
+    assert!(carve(&["vm", "resume", "--control", control]).status.success());
+    wait_for_ticks(&serial, at + 2);
+}
