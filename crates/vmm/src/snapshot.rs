@@ -143,17 +143,18 @@ fn write_memory(path: &Path, mem: &GuestRam) -> std::io::Result<()> {
         // call; the VM is paused and its device backends are off the event loop, so nothing
         // writes guest memory while it is read here.
         let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
-        write_nonzero_pages(&file, bytes, offset)?;
+        write_nonzero_pages(&file, bytes, offset, memory::touched_pages(region).as_deref())?;
         offset += len as u64;
     }
     file.sync_all()
 }
 
 /// Writes the runs of pages of `memory` that hold anything but zeros, at `at` in the file.
-fn write_nonzero_pages(file: &File, memory: &[u8], at: u64) -> std::io::Result<()> {
+/// Pages `touched` says were never touched are zeros without being read.
+fn write_nonzero_pages(file: &File, memory: &[u8], at: u64, touched: Option<&[bool]>) -> std::io::Result<()> {
     let mut run: Option<usize> = None;
     for (index, page) in memory.chunks(PAGE).enumerate() {
-        let zero = memory::is_zero_page(page);
+        let zero = touched.is_some_and(|touched| !touched[index]) || memory::is_zero_page(page);
         match (run, zero) {
             (None, false) => run = Some(index * PAGE),
             (Some(start), true) => {
@@ -375,7 +376,15 @@ mod tests {
         chunk[PAGE + 7] = 1;
         chunk[3 * PAGE] = 2;
         file.set_len(chunk.len() as u64).unwrap();
-        write_nonzero_pages(&file, &chunk, 0).unwrap();
+        write_nonzero_pages(&file, &chunk, 0, None).unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, chunk);
+        // Pages said never touched are holes even if the slice shows data there.
+        file.set_len(0).unwrap();
+        file.set_len(chunk.len() as u64).unwrap();
+        write_nonzero_pages(&file, &chunk, 0, Some(&[true, false, true, true])).unwrap();
+        chunk[PAGE + 7] = 0;
         let mut back = vec![0u8; chunk.len()];
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, chunk);

@@ -249,14 +249,18 @@ impl Source {
         bytes / rate <= self.downtime.as_secs_f64()
     }
 
-    /// Every page that is not zero.
+    /// Every page that is not zero; pages never touched are not even read.
     fn send_all(&self, writer: &mut impl Write, sent: &mut Sent) -> Result<(), String> {
         let began = Instant::now();
         let mut frame = PagesFrame::default();
         let mut page = [0u8; PAGE];
         for region in self.mem.iter() {
             let base = region.start_addr().0;
-            for offset in (0..region.len()).step_by(PAGE) {
+            let touched = memory::touched_pages(region);
+            for (index, offset) in (0..region.len()).step_by(PAGE).enumerate() {
+                if touched.as_ref().is_some_and(|touched| !touched[index]) {
+                    continue;
+                }
                 self.mem.read_slice(&mut page, GuestAddress(base + offset)).map_err(|e| e.to_string())?;
                 if !memory::is_zero_page(&page) {
                     frame.push_data(base + offset, &page);
