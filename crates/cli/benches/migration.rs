@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 
 use carve_guest_images::{path as guest, Format};
 use carve_vmm::control::{self, ControlReply, ControlRequest};
-use carve_vmm::dirty_log::{DirtyLog, PAGE_SIZE};
+use carve_vmm::dirty_log::DirtyLog;
+use carve_vmm::memory::PAGE_SIZE;
 use carve_vmm::MemoryBacking;
 use common::interleaved;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -165,7 +166,10 @@ fn migrations(carve: &str, work: &Path) {
     let labels = [
         "carve, idle guest (churn_kib=0)".to_string(),
         "carve, guest rewriting its 2 MiB pattern every tick".to_string(),
-        format!("QEMU {}, idle guest (SeaBIOS, nothing to boot), `-accel kvm`", version.unwrap_or_default()),
+        format!(
+            "QEMU {}, idle guest (SeaBIOS, nothing to boot), `-accel kvm`",
+            version.as_deref().unwrap_or("?")
+        ),
     ];
     for (row, label) in labels.iter().enumerate() {
         let samples = samples[row].borrow();
