@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use carve_enclave::nsm::EnclaveNsm;
 use carve_nsm::pcr::ParentIdentity;
-use carve_vmm::control::{ControlError, ControlRequest};
+use carve_vmm::control::{ControlError, ControlReply, ControlRequest};
 use carve_vmm::cpu_features::{sgx, CpuFeatures};
 use carve_vmm::cpuid::CpuTemplate;
 use carve_vmm::exit::STATUS_CARVE_ERROR;
@@ -496,34 +496,25 @@ fn incoming(args: RunArgs) -> ExitCode {
 /// `vm migrate`: asks the VM to go, prints what it took.
 fn migrate(args: MigrateArgs) -> ExitCode {
     let request = ControlRequest::Migrate { to: args.to, downtime_ms: args.downtime_ms };
-    match carve_vmm::control::request(&args.control.control, &request) {
-        Ok(reply) => {
-            let Some(report) = reply.migration else {
-                return fail("the VM answered without a migration report");
-            };
-            let text = if args.json {
-                serde_json::to_string_pretty(&report).expect("reports serialise")
-            } else {
-                format!(
-                    "migrated to {} in {:.1} ms, paused {:.1} ms; {} rounds, {} pages, {:.1} MiB sent of {} MiB",
-                    report.to,
-                    report.total_us as f64 / 1e3,
-                    report.downtime_us as f64 / 1e3,
-                    report.rounds,
-                    report.pages_sent,
-                    report.bytes_sent as f64 / (1 << 20) as f64,
-                    report.guest_bytes >> 20
-                )
-            };
-            let _ = writeln!(std::io::stdout(), "{text}");
-            ExitCode::SUCCESS
-        }
-        Err(ControlError::Refused { message, status: Some(status) }) => {
-            eprintln!("{message}");
-            ExitCode::from(status)
-        }
-        Err(e) => fail(e),
-    }
+    send(&args.control.control, &request, |reply| {
+        let Some(report) = reply.migration else { return fail("the VM answered without a migration report") };
+        let text = if args.json {
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        } else {
+            format!(
+                "migrated to {} in {:.1} ms, paused {:.1} ms; {} rounds, {} pages, {:.1} MiB sent of {} MiB",
+                report.to,
+                report.total_us as f64 / 1e3,
+                report.downtime_us as f64 / 1e3,
+                report.rounds,
+                report.pages_sent,
+                report.bytes_sent as f64 / (1 << 20) as f64,
+                report.guest_bytes >> 20
+            )
+        };
+        let _ = writeln!(std::io::stdout(), "{text}");
+        ExitCode::SUCCESS
+    })
 }
 
 /// Runs a built or restored VM and reports how it ended.
@@ -583,16 +574,21 @@ fn restore(args: RestoreArgs) -> ExitCode {
 
 /// Sends one request to a running VM; `describe` prints its JSON, the others print nothing.
 fn control(args: &ControlArgs, request: ControlRequest) -> ExitCode {
-    match carve_vmm::control::request(&args.control, &request) {
-        Ok(reply) => {
-            if let Some(description) = reply.description {
-                let text = serde_json::to_string_pretty(&description).expect("descriptions serialise");
-                // A reader that left (`| head`) loses the rest, nothing more.
-                let _ = writeln!(std::io::stdout(), "{text}");
-            }
-            ExitCode::SUCCESS
+    send(&args.control, &request, |reply| {
+        if let Some(description) = reply.description {
+            let text = serde_json::to_string_pretty(&description).expect("descriptions serialise");
+            // A reader that left (`| head`) loses the rest, nothing more.
+            let _ = writeln!(std::io::stdout(), "{text}");
         }
-        // The answering side's own scheme (an enclave's nitro-cli error), printed as it is.
+        ExitCode::SUCCESS
+    })
+}
+
+/// Sends `request` to the VM at `path`; `answered` prints what its reply says. A refusal is one
+/// line: the answering side's own scheme (an enclave's nitro-cli error) printed as it is.
+fn send(path: &Path, request: &ControlRequest, answered: impl FnOnce(ControlReply) -> ExitCode) -> ExitCode {
+    match carve_vmm::control::request(path, request) {
+        Ok(reply) => answered(reply),
         Err(ControlError::Refused { message, status: Some(status) }) => {
             eprintln!("{message}");
             ExitCode::from(status)

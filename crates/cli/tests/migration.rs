@@ -151,14 +151,6 @@ fn persist_source(
     Carve::spawn(netns, &args)
 }
 
-fn wait_for_ticks(serial: &Path, count: usize) {
-    let start = Instant::now();
-    while ticks(serial).len() < count {
-        assert!(start.elapsed() < TIMEOUT, "no tick {count} in time: {:?}", std::fs::read_to_string(serial));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `carve vm migrate … --json`, killed (status 124) if it hangs.
 fn migrate(control: &Path, to: &str) -> std::process::Output {
     eprintln!("migrating to {to}");

@@ -4,17 +4,9 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn wait_for_ticks(serial: &std::path::Path, count: usize) {
-    let start = Instant::now();
-    while ticks(serial).len() < count {
-        assert!(start.elapsed() < TIMEOUT, "no tick {count} in time: {:?}", std::fs::read_to_string(serial));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn gap_ms(tick: &str) -> u64 {
     let gap = tick.split_whitespace().find_map(|w| w.strip_prefix("gap_ms=")).expect("a gap");

@@ -286,6 +286,16 @@ pub fn ticks(serial: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `serial` shows `count` tick lines (the `persist` guest's), failing after
+/// [`TIMEOUT`] with what it shows.
+pub fn wait_for_ticks(serial: &Path, count: usize) {
+    let start = Instant::now();
+    while ticks(serial).len() < count {
+        assert!(start.elapsed() < TIMEOUT, "no tick {count} in time: {:?}", std::fs::read_to_string(serial));
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A test path as the `&str` a command line takes.
 pub fn path(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
