@@ -297,6 +297,8 @@ fn echo(uds: &Path, text: &[u8]) -> std::os::unix::net::UnixStream {
     stream
 }
 
+/// Across a real network hop: the demo guest's vsock echo before, reset at and after the
+/// migration; then the persist guest's checked pattern and clocks.
 #[test]
 fn a_vm_migrates_across_a_veth_pair_between_network_namespaces() {
     if !kvm_usable("a_vm_migrates_across_a_veth_pair_between_network_namespaces") {
@@ -346,6 +348,23 @@ fn a_vm_migrates_across_a_veth_pair_between_network_namespaces() {
     let _ = connect_guest(&dst_uds, 5007);
     let (status, text) = dest.wait();
     assert_eq!(status.code(), Some(0), "{text}\n{:?}", std::fs::read_to_string(dir.join("dst.serial")));
+
+    // Across the same hop, the persist guest rewriting and checking its pattern, with two vCPUs:
+    // the ticks go on at the destination where they stopped, every page as last written.
+    let (src_serial, dst_serial, control) = (dir.join("p.src"), dir.join("p.dst"), dir.join("p.control"));
+    let cmdline = "ticks=20 period_ms=100 pattern_kib=1024 expect_cpus=2 churn_kib=256";
+    let source = persist_source(Some(&pair.names[0]), cmdline, &src_serial, &control, &["--vcpus", "2"]);
+    let listen = format!("{}:7303", pair.addresses[1]);
+    let (dest, address) = destination(Some(&pair.names[1]), &listen, &dst_serial, &[]);
+    wait_for_ticks(&src_serial, 3);
+    let out = migrate(&control, &address);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(source.wait().0.success());
+    let (status, text) = dest.wait();
+    assert_eq!(status.code(), Some(1), "{text}\n{:?}", std::fs::read_to_string(&dst_serial));
+    let numbers: Vec<u64> =
+        tick_gaps(&src_serial).iter().chain(&tick_gaps(&dst_serial)).map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (1..=20).collect::<Vec<_>>());
     drop(pair);
 }
 
