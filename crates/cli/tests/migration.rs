@@ -221,7 +221,7 @@ fn a_running_vm_migrates_on_loopback_with_memory_and_clocks_intact() {
         &["vm", "describe", "--control", dir.join("dst.control").to_str().unwrap()],
     ));
     assert!(described.contains("\"running\"") && described.contains("268435456"), "{described}");
-    // The guest passed: its debug-exit write of 0 is status 1 (docs/exit-status.md).
+    // The guest passed: its debug-exit write of 0 is status 1 (the README's "Exit status").
     let (status, text) = dest.wait();
     assert_eq!(status.code(), Some(1), "{text}\n{:?}", std::fs::read_to_string(&dst_serial));
     assert!(text.contains("the VM arrived"), "{text}");

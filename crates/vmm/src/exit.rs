@@ -53,7 +53,7 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    /// The process status `carve vm run` exits with (see docs/exit-status.md): odd statuses
+    /// The process status `carve vm run` exits with (see the README's "Exit status"): odd statuses
     /// belong to the guest's debug-exit writes, as QEMU's isa-debug-exit defines them.
     pub fn status(&self) -> i32 {
         match self {
